@@ -1,0 +1,48 @@
+import subprocess
+import sys
+
+from PIL import Image
+
+from unfog.cli import main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "unfog", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_writes_a_png(tiny_model_dir, tmp_path):
+    out = tmp_path / "out.png"
+    r = run("generate", "a red circle on the left", "-o", str(out), "--model", str(tiny_model_dir), "--steps", "3", "--seed", "7", "--sampler", "euler", "--guidance", "3")
+    assert r.returncode == 0, r.stderr
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (32, 32) and im.mode == "RGB"
+    assert "seed=7" in r.stdout
+    assert "denoising" in r.stderr  # the tqdm bar
+
+
+def test_generate_several_images_and_trajectory(tiny_model_dir, tmp_path):
+    out, traj = tmp_path / "img.png", tmp_path / "traj.png"
+    code = main(["generate", "a blue square", "-o", str(out), "--model", str(tiny_model_dir), "--num-images", "2", "--steps", "5", "--trajectory", str(traj), "--trajectory-frames", "3", "--negative", "red", "-q"])
+    assert code == 0
+    assert (tmp_path / "img-0.png").is_file() and (tmp_path / "img-1.png").is_file()
+    with Image.open(traj) as im:
+        assert im.size == (3 * 32, 32)
+
+
+def test_noise_strip(tmp_path):
+    src = tmp_path / "in.png"
+    Image.new("RGB", (20, 16), (200, 30, 30)).save(src)
+    out = tmp_path / "strip.png"
+    assert main(["noise", str(src), "-o", str(out), "--frames", "5"]) == 0
+    with Image.open(out) as im:
+        assert im.size == (5 * 20, 16)
+        first, last = im.crop((0, 0, 20, 16)), im.crop((80, 0, 100, 16))
+        assert first.getpixel((3, 3))[0] > 150  # t = 0 is the image itself
+        assert abs(sum(last.convert("L").getdata()) / (20 * 16) - 128) < 40  # t = T is noise
+
+
+def test_errors_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["generate", "x", "--model", str(tmp_path / "missing"), "-o", str(tmp_path / "o.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    r = run("generate", "x", "--steps", "0", "--model", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -1,0 +1,110 @@
+"""Bad input gets one clear UnfogError, never a traceback from deep inside torch."""
+
+import json
+import math
+import shutil
+
+import pytest
+
+from unfog import Pipeline, UnfogError
+from unfog.pipeline import DEFAULT_MODEL_DIR
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"prompt": []}, "non-empty list"),
+        ({"prompt": ["ok", 3]}, "non-empty list of strings"),
+        ({"num_inference_steps": 0}, "positive integer"),
+        ({"num_inference_steps": -3}, "positive integer"),
+        ({"num_inference_steps": 2.5}, "positive integer"),
+        ({"guidance_scale": math.nan}, "finite"),
+        ({"guidance_scale": math.inf}, "finite"),
+        ({"height": 30}, "multiple of 4"),
+        ({"width": 0}, "multiple of 4"),
+        ({"sampler": "plms"}, "dpmpp_2m_sde"),
+        ({"num_images_per_prompt": 0}, "positive integer"),
+        ({"seed": "abc"}, "seed must be"),
+        ({"seed": [1, 2]}, "2 seeds for 1 images"),
+        ({"negative_prompt": ["a", "b"]}, "one per prompt"),
+        ({"sampler": "euler", "sampler_options": {"eta": 1.0}}, "does not take"),
+    ],
+)
+def test_bad_call_arguments(tiny_pipe, kwargs, match):
+    kwargs = {"prompt": "a red circle", **kwargs}
+    with pytest.raises(UnfogError, match=match):
+        tiny_pipe(kwargs.pop("prompt"), **kwargs)
+
+
+def copy_model(src, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_weight_file(tiny_model_dir, tmp_path):
+    d = copy_model(tiny_model_dir, tmp_path)
+    (d / "unet" / "model.safetensors").unlink()
+    with pytest.raises(UnfogError, match="unet/model.safetensors is missing"):
+        Pipeline.from_pretrained(d)
+
+
+def test_mismatched_weight_file(tiny_model_dir, tmp_path):
+    d = copy_model(tiny_model_dir, tmp_path)
+    cfg = json.loads((d / "unet" / "config.json").read_text())
+    cfg["block_channels"] = [32, 48]
+    (d / "unet" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnfogError, match=r"key '.*' has shape .* but the config needs"):
+        Pipeline.from_pretrained(d)
+
+
+def test_weights_from_another_component(tiny_model_dir, tmp_path):
+    d = copy_model(tiny_model_dir, tmp_path)
+    shutil.copy(d / "vae" / "model.safetensors", d / "unet" / "model.safetensors")
+    with pytest.raises(UnfogError, match="missing keys"):
+        Pipeline.from_pretrained(d)
+
+
+def test_corrupted_weight_file(tiny_model_dir, tmp_path):
+    d = copy_model(tiny_model_dir, tmp_path)
+    path = d / "text_encoder" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(UnfogError, match="not a readable safetensors file"):
+        Pipeline.from_pretrained(d)
+
+
+def test_bad_config(tiny_model_dir, tmp_path):
+    d = copy_model(tiny_model_dir, tmp_path)
+    (d / "unet" / "config.json").write_text('{"wings": 2}')
+    with pytest.raises(UnfogError, match="unknown fields"):
+        Pipeline.from_pretrained(d)
+    (d / "unet" / "config.json").write_text("{not json")
+    with pytest.raises(UnfogError, match="not valid JSON"):
+        Pipeline.from_pretrained(d)
+
+
+def test_not_a_model_folder(tmp_path):
+    with pytest.raises(UnfogError, match="does not exist"):
+        Pipeline.from_pretrained(tmp_path / "nope")
+    with pytest.raises(UnfogError, match="not an unfog model folder"):
+        Pipeline.from_pretrained(tmp_path)
+
+
+def test_save_refuses_to_overwrite_a_foreign_folder(tiny_pipe, tmp_path):
+    (tmp_path / "notes.txt").write_text("precious")
+    with pytest.raises(UnfogError, match="not an unfog model folder"):
+        tiny_pipe.save_pretrained(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+def test_save_over_an_existing_model_replaces_it(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "m")
+    tiny_pipe.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    Pipeline.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.skipif((DEFAULT_MODEL_DIR / "model_index.json").exists(), reason="a default model is bundled")
+def test_default_model_missing_is_explained():
+    with pytest.raises(UnfogError, match="no bundled default model"):
+        Pipeline.from_pretrained()

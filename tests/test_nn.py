@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from unfog.errors import UnfogError
+from unfog.nn import Autoencoder, AutoencoderConfig, TextEncoder, TextEncoderConfig, Tokenizer, TokenizerConfig, UNet, UNetConfig
+from unfog.nn.layers import timestep_embedding
+
+
+@pytest.mark.parametrize(
+    "cfg, size",
+    [
+        (UNetConfig(in_channels=3, out_channels=3, block_channels=[16, 32], layers_per_block=1, attention_levels=[False, True], num_heads=2, context_dim=24, norm_groups=8), (13, 7)),
+        (UNetConfig(in_channels=4, out_channels=8, block_channels=[16, 32, 48], layers_per_block=2, attention_levels=[True, False, True], head_dim=8, context_dim=24, norm_groups=8, linear_projection=True, transformer_depth=2), (16, 12)),
+        (UNetConfig(in_channels=1, out_channels=1, block_channels=[8], layers_per_block=1, attention_levels=[True], num_heads=[1], context_dim=24, norm_groups=4, mid_attention=False), (5, 5)),
+    ],
+)
+def test_unet_output_shapes_for_odd_configs(cfg, size):
+    torch.manual_seed(0)
+    net = UNet(cfg)
+    x = torch.randn(2, cfg.in_channels, *size)
+    out = net(x, torch.tensor([3.0, 500.5]), torch.randn(2, 5, 24))
+    assert out.shape == (2, cfg.out_channels, *size)
+    assert torch.isfinite(out).all()
+
+
+def test_unet_is_equivariant_to_batch_order():
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(in_channels=4, out_channels=4, block_channels=[16, 32], layers_per_block=1, attention_levels=[True, True], num_heads=2, context_dim=8, norm_groups=8))
+    x, t, ctx = torch.randn(4, 4, 8, 8), torch.tensor([1.0, 10.0, 100.0, 900.0]), torch.randn(4, 3, 8)
+    perm = torch.tensor([2, 0, 3, 1])
+    torch.testing.assert_close(net(x, t, ctx)[perm], net(x[perm], t[perm], ctx[perm]), atol=1e-5, rtol=1e-4)
+
+
+def test_unet_uses_timestep_and_context():
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(in_channels=4, out_channels=4, block_channels=[16], layers_per_block=1, attention_levels=[True], num_heads=2, context_dim=8, norm_groups=8))
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 8)
+    base = net(x, torch.tensor([10.0]), ctx)
+    assert not torch.allclose(base, net(x, torch.tensor([500.0]), ctx))
+    assert not torch.allclose(base, net(x, torch.tensor([10.0]), torch.randn(1, 3, 8)))
+
+
+def test_unet_config_errors_are_clear():
+    with pytest.raises(UnfogError, match="norm_groups"):
+        UNet(UNetConfig(block_channels=[20, 40], attention_levels=[False, False], norm_groups=8))
+    with pytest.raises(UnfogError, match="attention_levels"):
+        UNet(UNetConfig(block_channels=[16, 32], attention_levels=[True], norm_groups=8))
+
+
+def test_timestep_embedding():
+    e = timestep_embedding(torch.tensor([0.0, 1.0, 999.0]), 32)
+    assert e.shape == (3, 32)
+    torch.testing.assert_close(e[0, :16], torch.ones(16))  # cos(0) first with flip_sin_to_cos
+    torch.testing.assert_close(e[0, 16:], torch.zeros(16))
+    assert timestep_embedding(torch.tensor([2.0]), 7).shape == (1, 7)
+
+
+def tiny_text_encoder(**kw):
+    torch.manual_seed(0)
+    return TextEncoder(TextEncoderConfig(vocab_size=50, context_length=12, width=32, layers=3, heads=4, mlp_width=64, **kw))
+
+
+def test_text_encoder_is_causal():
+    te = tiny_text_encoder()
+    ids = torch.randint(0, 49, (2, 12))
+    ids2 = ids.clone()
+    ids2[:, 5] = (ids[:, 5] + 1) % 49
+    a, _ = te(ids)
+    b, _ = te(ids2)
+    torch.testing.assert_close(a[:, :5], b[:, :5])
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_text_encoder_pooled_is_eos_state_and_skip_layers():
+    te = tiny_text_encoder(activation="quick_gelu")
+    ids = torch.tensor([[1, 5, 7, 49, 0, 0, 0, 0, 0, 0, 0, 0]])
+    states, pooled = te(ids)
+    assert states.shape == (1, 12, 32) and pooled.shape == (1, 32)
+    torch.testing.assert_close(pooled, states[:, 3])
+    penultimate, _ = te(ids, skip_last_layers=1)
+    assert not torch.allclose(penultimate, states)
+    with pytest.raises(UnfogError, match="skip_last_layers"):
+        te(ids, skip_last_layers=3)
+    with pytest.raises(UnfogError, match="context length"):
+        te(torch.zeros(1, 13, dtype=torch.long))
+
+
+def test_autoencoder_shapes_and_latent_distribution():
+    torch.manual_seed(0)
+    vae = Autoencoder(AutoencoderConfig(block_channels=[16, 32, 32], layers_per_block=1, norm_groups=8, latent_channels=4))
+    x = torch.rand(2, 3, 32, 24) * 2 - 1
+    mean, logvar = vae.encode(x)
+    assert mean.shape == logvar.shape == (2, 4, 8, 6)
+    assert vae.decode(mean).shape == (2, 3, 32, 24)
+    rec, m, lv = vae(x, generator=torch.Generator().manual_seed(0))
+    assert rec.shape == x.shape and vae.config.downsample_factor == 4
+
+
+def test_tokenizer_pads_truncates_and_frames():
+    tok = Tokenizer.train_word_level(["a red circle", "a blue square left of a green triangle"], TokenizerConfig(context_length=6, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"))
+    ids = tok(["a red circle", "a blue square left of a green triangle", "A RED zebra"])
+    assert ids.shape == (3, 6) and ids.dtype == torch.long
+    assert ids[0].tolist()[:5] == [tok.bos_id, *tok.encode(["a red circle"])[0], tok.eos_id]
+    assert ids[0, 5] == tok.pad_id
+    assert ids[1, -1] == tok.eos_id and tok.last_truncated == [False, True, False]
+    assert ids[2].tolist()[:3] == ids[0].tolist()[:3]  # lower-cased
+    assert tok.backend.token_to_id("<unk>") in ids[2].tolist()
+
+
+def test_tokenizer_save_load(tmp_path):
+    tok = Tokenizer.train_word_level(["a red circle"])
+    tok.save(tmp_path / "tok")
+    again = Tokenizer.load(tmp_path / "tok")
+    assert torch.equal(tok(["a red circle", "red"]), again(["a red circle", "red"]))
+    with pytest.raises(UnfogError, match="missing"):
+        Tokenizer.load(tmp_path / "nothing")

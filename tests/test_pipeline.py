@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_pipeline
+from unfog import Pipeline
+from unfog.diffusion import classifier_free_guidance, make_sigmas
+from unfog.samplers import SAMPLERS
+
+
+def pixels(image):
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_same_seed_gives_identical_pixels(tiny_pipe):
+    a = tiny_pipe("a red circle", seed=5).images[0]
+    b = tiny_pipe("a red circle", seed=5).images[0]
+    assert a.size == (32, 32) and a.mode == "RGB"
+    assert np.array_equal(pixels(a), pixels(b))
+
+
+def test_different_seeds_differ(tiny_pipe):
+    a = tiny_pipe("a red circle", seed=1).images[0]
+    b = tiny_pipe("a red circle", seed=2).images[0]
+    assert np.abs(pixels(a) - pixels(b)).mean() > 1
+
+
+def test_image_k_of_a_batch_equals_its_seed_alone(tiny_pipe):
+    batch = tiny_pipe("a blue square", seed=10, num_images_per_prompt=3)
+    assert batch.seeds == [10, 11, 12]
+    alone = tiny_pipe("a blue square", seed=12)
+    assert np.abs(pixels(batch.images[2]) - pixels(alone.images[0])).max() <= 1
+    again = tiny_pipe("a blue square", seed=[10, 11, 12], num_images_per_prompt=3)
+    for x, y in zip(batch.images, again.images):
+        assert np.array_equal(pixels(x), pixels(y))
+
+
+def test_list_of_prompts_and_reported_seeds_reproduce(tiny_pipe):
+    out = tiny_pipe(["a red circle", "a green triangle"], num_images_per_prompt=2)
+    assert len(out.images) == 4 and len(out.seeds) == 4
+    again = tiny_pipe(["a red circle", "a green triangle"], num_images_per_prompt=2, seed=out.seeds)
+    for x, y in zip(out.images, again.images):
+        assert np.array_equal(pixels(x), pixels(y))
+
+
+def test_save_load_round_trip_gives_identical_outputs(tiny_pipe, tiny_model_dir):
+    loaded = Pipeline.from_pretrained(tiny_model_dir)
+    for name in ("text_encoder", "unet", "vae"):
+        a, b = getattr(tiny_pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = tiny_pipe("a small purple square", seed=3, guidance_scale=4.0).images[0]
+    y = loaded("a small purple square", seed=3, guidance_scale=4.0).images[0]
+    assert np.array_equal(pixels(x), pixels(y))
+
+
+def test_guidance_scale_one_equals_conditional_only(tiny_pipe):
+    calls = []
+    hook = tiny_pipe.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        out = tiny_pipe("a red circle", seed=4, guidance_scale=1.0, negative_prompt="blue", sampler="euler")
+    finally:
+        hook.remove()
+    assert calls == [1] * 4  # no unconditional half
+    ctx = tiny_pipe.encode_prompt(["a red circle"])
+    sigmas = make_sigmas(tiny_pipe.scheduler.sigma_schedule, 4, tiny_pipe.denoiser.alphas_cumprod)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4)) * sigmas[0]
+    with torch.inference_mode():
+        manual = SAMPLERS["euler"](lambda x, s: tiny_pipe.denoiser(x, s, context=ctx), x, sigmas)
+    assert np.array_equal(pixels(out.images[0]), pixels(tiny_pipe.decode(manual)[0]))
+
+
+def test_guidance_blends_two_halves_in_one_call():
+    calls = []
+
+    def den(x, sigma, context):
+        calls.append(x.shape[0])
+        return x * context.mean(dim=(1, 2)).view(-1, 1)
+
+    cond, uncond = torch.full((2, 3, 4), 2.0), torch.full((2, 3, 4), 0.5)
+    x, s = torch.ones(2, 5), torch.ones(2)
+    out = classifier_free_guidance(den, cond, uncond, 3.0)(x, s)
+    assert calls == [4]
+    torch.testing.assert_close(out, torch.full((2, 5), 0.5 + 3.0 * (2.0 - 0.5)))
+
+
+def test_negative_prompt_changes_the_image(tiny_pipe):
+    a = tiny_pipe("a red circle", seed=6, guidance_scale=5.0).images[0]
+    b = tiny_pipe("a red circle", seed=6, guidance_scale=5.0, negative_prompt="a blue square").images[0]
+    assert not np.array_equal(pixels(a), pixels(b))
+
+
+def test_latents_argument_replaces_seeded_noise(tiny_pipe):
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(9))
+    a = tiny_pipe("a red circle", latents=noise, seed=0, sampler="euler").images[0]
+    b = tiny_pipe("a red circle", seed=9, sampler="euler").images[0]
+    assert np.array_equal(pixels(a), pixels(b))
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_runs_through_the_pipeline(tiny_pipe, sampler):
+    steps = []
+    out = tiny_pipe("a green triangle", seed=0, sampler=sampler, num_inference_steps=3, callback=lambda i, x, x0: steps.append(i))
+    assert steps == [0, 1, 2] and out.images[0].size == (32, 32)
+
+
+@pytest.mark.parametrize("pred", ["v_prediction", "sample"])
+def test_pixel_space_model_and_other_prediction_types(pred, tmp_path):
+    pipe = tiny_pipeline(latent=False, prediction_type=pred)
+    out = pipe("a red circle", seed=0, height=8, width=12)
+    assert out.images[0].size == (12, 8)
+    pipe.save_pretrained(tmp_path / "m")
+    again = Pipeline.from_pretrained(tmp_path / "m")
+    assert again.vae is None and again.scheduler.prediction_type == pred
+    assert np.array_equal(pixels(out.images[0]), pixels(again("a red circle", seed=0, height=8, width=12).images[0]))
+
+
+def test_to_dtype_keeps_schedule_precision(tmp_path, tiny_model_dir):
+    pipe = Pipeline.from_pretrained(tiny_model_dir).to("cpu", torch.bfloat16)
+    assert pipe.dtype == torch.bfloat16 and pipe.denoiser.alphas_cumprod.dtype == torch.float64
+    ref = Pipeline.from_pretrained(tiny_model_dir)("a red circle", seed=1).images[0]
+    low = pipe("a red circle", seed=1).images[0]
+    assert np.abs(pixels(ref) - pixels(low)).mean() < 20

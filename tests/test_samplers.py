@@ -1,0 +1,91 @@
+"""Samplers on Gaussian data, where the exact denoiser and the exact ODE solution are known."""
+
+import math
+
+import pytest
+import torch
+
+from unfog.diffusion import karras_sigmas
+from unfog.errors import UnfogError
+from unfog.samplers import SAMPLERS, get_sampler, randn_like, sample_ddim, sample_ddpm, sample_euler_ancestral
+
+MU, S = 0.5, 0.8  # data: x_0 ~ N(MU, S²) in every dimension
+SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
+REQUIRED = ["ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde"]
+DETERMINISTIC = ["ddim", "euler", "heun", "dpmpp_2m"]
+
+
+def gaussian_denoiser(x, sigma):
+    """E[x_0 | x_0 + σ·n = x] for Gaussian data."""
+    s2 = sigma.view(-1, *([1] * (x.ndim - 1))) ** 2
+    return MU + S**2 / (S**2 + s2) * (x - MU)
+
+
+def sigmas(n):
+    return torch.cat([karras_sigmas(n, SIGMA_MIN, SIGMA_MAX), torch.zeros(1)]).float()
+
+
+def test_registry_has_required_samplers():
+    assert set(REQUIRED) <= set(SAMPLERS)
+
+
+def test_unknown_sampler_lists_valid_ones():
+    with pytest.raises(UnfogError) as e:
+        get_sampler("plms2")
+    for name in REQUIRED:
+        assert name in str(e.value)
+
+
+# First-order samplers converge slowly in the step count; the second-order ones need few steps.
+STEPS = {"ddpm": 1000, "ddim": 1000, "euler": 1000, "euler_ancestral": 1000, "heun": 50, "dpmpp_2m": 50, "dpmpp_2m_sde": 100}
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_output_distribution_matches_data(name):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20_000, 8, generator=g) * SIGMA_MAX
+    out = SAMPLERS[name](gaussian_denoiser, x, sigmas(STEPS[name]), generator=g)
+    assert out.mean().item() == pytest.approx(MU, abs=0.02)
+    assert out.std().item() == pytest.approx(S, rel=0.03)
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_error_falls_as_steps_rise(name):
+    x_T = torch.randn(1000, generator=torch.Generator().manual_seed(1)) * SIGMA_MAX
+    # The probability-flow ODE for Gaussian data scales x - MU by sqrt(S² + σ²).
+    exact = MU + (x_T - MU) * S / math.sqrt(S**2 + SIGMA_MAX**2)
+    errors = [(SAMPLERS[name](gaussian_denoiser, x_T.clone(), sigmas(n)) - exact).abs().max().item() for n in (10, 20, 40, 80)]
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.15 * errors[0]
+
+
+def test_ddpm_equals_ddim_with_eta_one():
+    s = sigmas(20)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(3)) * SIGMA_MAX
+    a = sample_ddpm(gaussian_denoiser, x.clone(), s, generator=torch.Generator().manual_seed(7))
+    b = sample_ddim(gaussian_denoiser, x.clone(), s, generator=torch.Generator().manual_seed(7), eta=1.0)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_callback_sees_every_step():
+    seen = []
+    SAMPLERS["heun"](gaussian_denoiser, torch.randn(4, 2) * SIGMA_MAX, sigmas(6), callback=lambda i, x, x0: seen.append((i, x.shape, x0.shape)))
+    assert [i for i, _, _ in seen] == list(range(6))
+
+
+def test_per_item_generators_make_noise_independent_of_batch():
+    x = torch.randn(3, 5)
+    gens = [torch.Generator().manual_seed(s) for s in (10, 11, 12)]
+    batch = randn_like(x, gens)
+    alone = randn_like(x[1:2], [torch.Generator().manual_seed(11)])
+    torch.testing.assert_close(batch[1:2], alone)
+    s = sigmas(8)
+    start = torch.randn(3, 5) * SIGMA_MAX
+    full = sample_euler_ancestral(gaussian_denoiser, start.clone(), s, generator=[torch.Generator().manual_seed(k) for k in (1, 2, 3)])
+    one = sample_euler_ancestral(gaussian_denoiser, start[2:].clone(), s, generator=[torch.Generator().manual_seed(3)])
+    torch.testing.assert_close(full[2:], one)
+
+
+def test_wrong_number_of_generators_is_an_error():
+    with pytest.raises(UnfogError, match="one per image"):
+        randn_like(torch.zeros(3, 2), [torch.Generator()])

@@ -1,0 +1,166 @@
+"""unfog's model folder: one subfolder per component, each a JSON config plus safetensors.
+
+    model_index.json          format version, which components exist, sampling defaults
+    scheduler/config.json     the noise process (SchedulerConfig)
+    tokenizer/                tokenizer.json + config.json
+    text_encoder/             config.json + model.safetensors
+    unet/                     config.json + model.safetensors
+    vae/                      config.json + model.safetensors (absent for pixel-space models)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..diffusion.config import SchedulerConfig
+from ..errors import UnfogError
+from ..nn import Autoencoder, AutoencoderConfig, TextEncoder, TextEncoderConfig, Tokenizer, UNet, UNetConfig
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class ModelParts:
+    """Everything a pipeline is made of, as loaded from or saved to a folder."""
+
+    tokenizer: Tokenizer
+    text_encoder: TextEncoder
+    unet: UNet
+    vae: Autoencoder | None
+    scheduler: SchedulerConfig
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def read_config(path: Path, cls):
+    """A dataclass from a JSON file; unknown or malformed fields name the file."""
+    if not path.is_file():
+        raise UnfogError(f"config file {path} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UnfogError(f"config file {path} is not valid JSON: {e}") from None
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UnfogError(f"config file {path} has unknown fields {unknown}; expected fields of {cls.__name__}: {sorted(names)}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise UnfogError(f"config file {path} does not describe a {cls.__name__}: {e}") from None
+
+
+def write_config(path: Path, config) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+
+
+def load_weights(module: nn.Module, path: Path) -> None:
+    """Load a safetensors file into `module`, requiring exactly its keys and shapes."""
+    if not path.is_file():
+        raise UnfogError(f"weight file {path} is missing")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UnfogError(f"weight file {path} is not a readable safetensors file ({e}); re-save or re-download it") from None
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UnfogError(
+            f"weight file {path} does not match its config: "
+            + (f"missing keys {missing[:5]}{' …' if len(missing) > 5 else ''} " if missing else "")
+            + (f"unexpected keys {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}" if unexpected else "")
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise UnfogError(f"weight file {path}: key {key!r} has shape {tuple(value.shape)} but the config needs {tuple(expected[key].shape)}")
+    module.load_state_dict(state, assign=True)
+
+
+def save_weights(module: nn.Module, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu().clone() for k, v in module.state_dict().items()}, str(path))
+
+
+def save_model(parts: ModelParts, directory: str | Path) -> None:
+    """Write a model folder atomically: everything goes to a temporary sibling, which then
+    replaces `directory`. An existing non-empty folder that is not a model is refused."""
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / "model_index.json").is_file())):
+        raise UnfogError(f"{target} exists and is not an unfog model folder; choose an empty or new directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        index = {
+            "format": "unfog",
+            "format_version": FORMAT_VERSION,
+            "components": {"tokenizer": True, "text_encoder": True, "unet": True, "vae": parts.vae is not None},
+            "defaults": parts.defaults,
+        }
+        write_config(tmp / "scheduler" / "config.json", parts.scheduler)
+        parts.tokenizer.save(tmp / "tokenizer")
+        for name, module in (("text_encoder", parts.text_encoder), ("unet", parts.unet), ("vae", parts.vae)):
+            if module is not None:
+                write_config(tmp / name / "config.json", module.config)
+                save_weights(module, tmp / name / WEIGHTS)
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_model_folder(directory: str | Path) -> bool:
+    return (Path(directory) / "model_index.json").is_file()
+
+
+def load_model(directory: str | Path) -> ModelParts:
+    """Read a model folder written by `save_model`."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise UnfogError(f"model folder {d} does not exist")
+    if not is_model_folder(d):
+        raise UnfogError(f"{d} is not an unfog model folder (no model_index.json); create one with Pipeline.save_pretrained or `unfog export`")
+    try:
+        index = json.loads((d / "model_index.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UnfogError(f"{d / 'model_index.json'} is not valid JSON: {e}") from None
+    if index.get("format") != "unfog" or index.get("format_version") != FORMAT_VERSION:
+        raise UnfogError(f"{d / 'model_index.json'} is not unfog format version {FORMAT_VERSION}")
+    modules = {}
+    for name, cls, cfg_cls in (("text_encoder", TextEncoder, TextEncoderConfig), ("unet", UNet, UNetConfig), ("vae", Autoencoder, AutoencoderConfig)):
+        if name == "vae" and not index.get("components", {}).get("vae", False):
+            modules[name] = None
+            continue
+        config = read_config(d / name / "config.json", cfg_cls)
+        # Built on the meta device: no time is spent initialising weights that are replaced next.
+        with torch.device("meta"):
+            module = cls(config)
+        load_weights(module, d / name / WEIGHTS)
+        modules[name] = module.eval()
+    return ModelParts(
+        tokenizer=Tokenizer.load(d / "tokenizer"),
+        scheduler=read_config(d / "scheduler" / "config.json", SchedulerConfig),
+        defaults=index.get("defaults", {}),
+        **modules,
+    )

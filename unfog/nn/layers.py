@@ -1,0 +1,171 @@
+"""Building blocks shared by the U-Net and the autoencoder."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017, §3.5),
+    frequencies max_period^(-i / (half - freq_shift)); cos first when flip_sin_to_cos."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepMLP(nn.Module):
+    """Linear → SiLU → Linear on the sinusoidal embedding."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm → SiLU → conv, plus the projected timestep embedding, twice, with a skip
+    (Ho et al. 2020, after the Wide ResNet block). `temb_dim=None` for the autoencoder."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int | None, *, groups: int = 32, eps: float = 1e-5, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, out_ch) if temb_dim is not None else None
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3×3 convolution. `asymmetric_pad` pads right/bottom only (the autoencoder's)."""
+
+    def __init__(self, ch: int, *, asymmetric_pad: bool = False):
+        super().__init__()
+        self.asymmetric_pad = asymmetric_pad
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if asymmetric_pad else 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.asymmetric_pad:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour ×2 (or to `size`, to meet an odd-sized skip), then a 3×3 convolution."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention on scaled_dot_product_attention; cross-attention when
+    `context_dim` is given (keys and values come from the context)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None, *, qkv_bias: bool = False):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
+        self.to_out = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        ctx = x if context is None else context
+        b = x.shape[0]
+        q, k, v = (
+            p(inp).view(b, -1, self.heads, p.out_features // self.heads).transpose(1, 2)
+            for p, inp in ((self.to_q, x), (self.to_k, ctx), (self.to_v, ctx))
+        )
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, -1, self.to_out.in_features))
+
+
+class GEGLU(nn.Module):
+    """Feed-forward with a GELU-gated linear unit (Shazeer 2020)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        self.proj = nn.Linear(dim, inner * 2)
+        self.out = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return self.out(h * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text context, and GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = GEGLU(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Feature map → tokens → transformer blocks → feature map, with a residual
+    (Rombach et al. 2022). Projections are 1×1 convs or, with `linear_proj`, linear layers."""
+
+    def __init__(self, ch: int, heads: int, head_dim: int, context_dim: int, *, depth: int = 1, groups: int = 32, linear_proj: bool = False):
+        super().__init__()
+        inner = heads * head_dim
+        self.linear_proj = linear_proj
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, inner) if linear_proj else nn.Conv2d(ch, inner, 1)
+        self.transformer_blocks = nn.ModuleList(TransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth))
+        self.proj_out = nn.Linear(inner, ch) if linear_proj else nn.Conv2d(inner, ch, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        y = self.norm(x)
+        if not self.linear_proj:
+            y = self.proj_in(y)
+        y = y.flatten(2).transpose(1, 2)
+        if self.linear_proj:
+            y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        if self.linear_proj:
+            y = self.proj_out(y)
+        y = y.transpose(1, 2).reshape(b, -1, h, w)
+        if not self.linear_proj:
+            y = self.proj_out(y)
+        return x + y

@@ -1,0 +1,93 @@
+"""A CLIP-style causal text transformer (Radford et al. 2021, §2.4).
+
+Returns per-token states (the context the U-Net cross-attends to) and a pooled vector (the
+state at the end-of-text token). `skip_last_layers` takes the states that many layers before
+the last, still through the final LayerNorm: 1 gives SD 2.x's penultimate layer, or clip_skip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnfogError
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "gelu": F.gelu,
+}
+
+
+@dataclass
+class TextEncoderConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_width: int = 3072
+    activation: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    # None: the end-of-text token is the highest id in each row (CLIP's BPE vocab puts it last).
+    eos_token_id: int | None = None
+    skip_last_layers: int = 0
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, c: TextEncoderConfig):
+        super().__init__()
+        self.heads = c.heads
+        self.layer_norm1 = nn.LayerNorm(c.width, eps=c.layer_norm_eps)
+        self.q_proj = nn.Linear(c.width, c.width)
+        self.k_proj = nn.Linear(c.width, c.width)
+        self.v_proj = nn.Linear(c.width, c.width)
+        self.out_proj = nn.Linear(c.width, c.width)
+        self.layer_norm2 = nn.LayerNorm(c.width, eps=c.layer_norm_eps)
+        self.fc1 = nn.Linear(c.width, c.mlp_width)
+        self.fc2 = nn.Linear(c.mlp_width, c.width)
+        self.act = ACTIVATIONS[c.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        y = self.layer_norm1(x)
+        q, k, v = (p(y).view(b, n, self.heads, d // self.heads).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out_proj(y.transpose(1, 2).reshape(b, n, d))
+        return x + self.fc2(self.act(self.fc1(self.layer_norm2(x))))
+
+
+class TextEncoder(nn.Module):
+    """`encoder(ids) -> (states (B, L, D), pooled (B, D))`."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        if config.activation not in ACTIVATIONS:
+            raise UnfogError(f"unknown text encoder activation {config.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        if config.width % config.heads:
+            raise UnfogError(f"text encoder width {config.width} is not divisible by heads={config.heads}")
+        if not 0 <= config.skip_last_layers < config.layers:
+            raise UnfogError(f"skip_last_layers must be in [0, {config.layers - 1}], got {config.skip_last_layers}")
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.position_embedding = nn.Embedding(config.context_length, config.width)
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers))
+        self.final_layer_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+
+    def forward(self, ids: torch.Tensor, *, skip_last_layers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        if ids.shape[1] > c.context_length:
+            raise UnfogError(f"token sequence of length {ids.shape[1]} exceeds the text encoder's context length {c.context_length}")
+        skip = c.skip_last_layers if skip_last_layers is None else skip_last_layers
+        if not 0 <= skip < c.layers:
+            raise UnfogError(f"skip_last_layers must be in [0, {c.layers - 1}], got {skip}")
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        x = self.token_embedding(ids) + self.position_embedding(pos)[None]
+        for layer in self.layers[: c.layers - skip]:
+            x = layer(x)
+        states = self.final_layer_norm(x)
+        eos = ids.argmax(dim=-1) if c.eos_token_id is None else (ids == c.eos_token_id).int().argmax(dim=-1)
+        pooled = states[torch.arange(ids.shape[0], device=ids.device), eos]
+        return states, pooled

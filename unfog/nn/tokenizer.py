@@ -1,0 +1,90 @@
+"""Tokenizer: a `tokenizers.Tokenizer` plus the fixed-length framing a text encoder expects:
+[bos] tokens… [eos] [pad]…, truncated to `context_length`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+from ..errors import UnfogError
+
+
+@dataclass
+class TokenizerConfig:
+    context_length: int = 77
+    bos_token: str = "<|startoftext|>"
+    eos_token: str = "<|endoftext|>"
+    pad_token: str = "<|endoftext|>"
+
+
+class Tokenizer:
+    """`tokenizer(texts) -> LongTensor (B, context_length)`."""
+
+    def __init__(self, backend: HFTokenizer, config: TokenizerConfig):
+        self.backend = backend
+        self.config = config
+        ids = []
+        for name in (config.bos_token, config.eos_token, config.pad_token):
+            i = backend.token_to_id(name)
+            if i is None:
+                raise UnfogError(f"special token {name!r} is not in the tokenizer's vocabulary")
+            ids.append(i)
+        self.bos_id, self.eos_id, self.pad_id = ids
+        self.last_truncated: list[bool] = []
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids without framing, one list per text."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        n = self.config.context_length
+        rows, truncated = [], []
+        for ids in self.encode(texts):
+            truncated.append(len(ids) > n - 2)
+            ids = [self.bos_id, *ids[: n - 2], self.eos_id]
+            rows.append(ids + [self.pad_id] * (n - len(ids)))
+        self.last_truncated = truncated
+        return torch.tensor(rows, dtype=torch.long)
+
+    @classmethod
+    def train_word_level(cls, texts: Iterable[str], config: TokenizerConfig | None = None, *, min_frequency: int = 1) -> "Tokenizer":
+        """A lower-cased word-level vocabulary built from the given captions."""
+        config = config or TokenizerConfig(context_length=32, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+        backend = HFTokenizer(models.WordLevel(unk_token="<unk>"))
+        backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        specials = list(dict.fromkeys([config.pad_token, config.bos_token, config.eos_token, "<unk>"]))
+        trainer = trainers.WordLevelTrainer(special_tokens=specials, min_frequency=min_frequency)
+        backend.train_from_iterator(texts, trainer)
+        return cls(backend, config)
+
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(d / "tokenizer.json"))
+        (d / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Tokenizer":
+        d = Path(directory)
+        for name in ("tokenizer.json", "config.json"):
+            if not (d / name).is_file():
+                raise UnfogError(f"tokenizer file {d / name} is missing")
+        try:
+            backend = HFTokenizer.from_file(str(d / "tokenizer.json"))
+            config = TokenizerConfig(**json.loads((d / "config.json").read_text()))
+        except Exception as e:  # the tokenizers library raises its own exception types
+            raise UnfogError(f"cannot read the tokenizer in {d}: {e}") from None
+        return cls(backend, config)

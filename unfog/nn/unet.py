@@ -1,0 +1,158 @@
+"""The text-conditioned U-Net (Ronneberger et al. 2015; Rombach et al. 2022's latent variant).
+
+Widths, depth, attention levels and heads come from `UNetConfig`, which can express the
+Stable Diffusion 1.x and 2.x U-Nets as well as the miniature models unfog trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnfogError
+from .layers import Downsample, ResBlock, SpatialTransformer, TimestepMLP, Upsample, timestep_embedding
+
+
+def _per_level(value, levels: int, name: str) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * levels
+    if len(values) != levels:
+        raise UnfogError(f"UNetConfig.{name} has {len(values)} entries but there are {levels} levels")
+    return values
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    block_channels: list[int] = field(default_factory=lambda: [320, 640, 1280, 1280])
+    layers_per_block: int = 2
+    attention_levels: list[bool] = field(default_factory=lambda: [True, True, True, False])
+    # Either a head count per level (SD 1.x: 8) or, when head_dim is set, heads = width / head_dim (SD 2.x: 64).
+    num_heads: int | list[int] = 8
+    head_dim: int | None = None
+    transformer_depth: int = 1
+    context_dim: int = 768
+    linear_projection: bool = False
+    mid_attention: bool = True
+    norm_groups: int = 32
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    dropout: float = 0.0
+
+    def heads_at(self, level: int) -> tuple[int, int]:
+        """(heads, head_dim) of the attention blocks at one resolution level."""
+        ch = self.block_channels[level]
+        if self.head_dim is not None:
+            return ch // self.head_dim, self.head_dim
+        heads = _per_level(self.num_heads, len(self.block_channels), "num_heads")[level]
+        return heads, ch // heads
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_channels) - 1)
+
+
+class UNetBlock(nn.Module):
+    """One resolution level: ResBlocks, each optionally followed by a SpatialTransformer, then
+    an optional down- or upsampler."""
+
+    def __init__(self, resnets: list[nn.Module], attentions: list[nn.Module] | None, resample: nn.Module | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+        self.resample = resample
+
+
+class UNet(nn.Module):
+    """ε/v/x_0 network: `unet(x, t, context) -> output` shaped like x."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        levels = len(c.block_channels)
+        attn = _per_level(c.attention_levels, levels, "attention_levels")
+        for ch in c.block_channels:
+            if ch % c.norm_groups:
+                raise UnfogError(f"UNetConfig.block_channels entry {ch} is not divisible by norm_groups={c.norm_groups}")
+        ch0 = c.block_channels[0]
+        temb = ch0 * 4
+        self.time_embedding = TimestepMLP(ch0, temb)
+        self.conv_in = nn.Conv2d(c.in_channels, ch0, 3, padding=1)
+
+        def res(i, o):
+            return ResBlock(i, o, temb, groups=c.norm_groups, dropout=c.dropout)
+
+        def transformer(level):
+            heads, hd = c.heads_at(level)
+            return SpatialTransformer(c.block_channels[level], heads, hd, c.context_dim, depth=c.transformer_depth, groups=c.norm_groups, linear_proj=c.linear_projection)
+
+        skips = [ch0]
+        self.down_blocks = nn.ModuleList()
+        ch = ch0
+        for level, out in enumerate(c.block_channels):
+            resnets, attentions = [], []
+            for _ in range(c.layers_per_block):
+                resnets.append(res(ch, out))
+                ch = out
+                if attn[level]:
+                    attentions.append(transformer(level))
+                skips.append(ch)
+            last = level == levels - 1
+            self.down_blocks.append(UNetBlock(resnets, attentions, None if last else Downsample(ch)))
+            if not last:
+                skips.append(ch)
+
+        self.mid_block = UNetBlock([res(ch, ch), res(ch, ch)], [transformer(levels - 1)] if c.mid_attention else None, None)
+
+        self.up_blocks = nn.ModuleList()
+        for level in reversed(range(levels)):
+            out = c.block_channels[level]
+            resnets, attentions = [], []
+            for _ in range(c.layers_per_block + 1):
+                resnets.append(res(ch + skips.pop(), out))
+                ch = out
+                if attn[level]:
+                    attentions.append(transformer(level))
+            self.up_blocks.append(UNetBlock(resnets, attentions, Upsample(ch) if level > 0 else None))
+
+        self.norm_out = nn.GroupNorm(c.norm_groups, ch)
+        self.conv_out = nn.Conv2d(ch, c.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = timestep_embedding(t, c.block_channels[0], flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
+        emb = self.time_embedding(emb.to(x.dtype))
+        context = context.to(x.dtype)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            for j, resnet in enumerate(block.resnets):
+                h = resnet(h, emb)
+                if block.attentions is not None:
+                    h = block.attentions[j](h, context)
+                skips.append(h)
+            if block.resample is not None:
+                h = block.resample(h)
+                skips.append(h)
+
+        mid = self.mid_block
+        h = mid.resnets[0](h, emb)
+        if mid.attentions is not None:
+            h = mid.attentions[0](h, context)
+        h = mid.resnets[1](h, emb)
+
+        for block in self.up_blocks:
+            for j, resnet in enumerate(block.resnets):
+                h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+                if block.attentions is not None:
+                    h = block.attentions[j](h, context)
+            if block.resample is not None:
+                h = block.resample(h, size=skips[-1].shape[-2:])
+        return self.conv_out(F.silu(self.norm_out(h)))

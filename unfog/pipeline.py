@@ -1,0 +1,232 @@
+"""Pipeline: prompt → context → sampler → latents → decode → images."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .diffusion import DiscreteDenoiser, SchedulerConfig, classifier_free_guidance, make_sigmas
+from .errors import UnfogError
+from .formats import ModelParts, load_model, save_model
+from .nn import Autoencoder, TextEncoder, Tokenizer, UNet
+from .samplers import get_sampler
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
+BUILTIN_DEFAULTS = {"sampler": "dpmpp_2m", "num_inference_steps": 30, "guidance_scale": 7.5, "height": 64, "width": 64}
+
+
+@dataclass
+class PipelineOutput:
+    images: list[Image.Image]
+    seeds: list[int]
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] → PIL images."""
+    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+class Pipeline:
+    """Text-to-image generation with a tokenizer, text encoder, U-Net and optional autoencoder."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        text_encoder: TextEncoder,
+        unet: UNet,
+        vae: Autoencoder | None,
+        scheduler: SchedulerConfig,
+        defaults: dict[str, Any] | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.eval()
+        self.unet = unet.eval()
+        self.vae = vae.eval() if vae is not None else None
+        self.scheduler = scheduler
+        self.defaults = {**BUILTIN_DEFAULTS, **(defaults or {})}
+        self.denoiser = DiscreteDenoiser(unet, scheduler.alphas_cumprod(), scheduler.prediction_type)
+        latent_ch = vae.config.latent_channels if vae is not None else 3
+        if unet.config.in_channels != latent_ch:
+            raise UnfogError(f"the U-Net takes {unet.config.in_channels} channels but the {'autoencoder makes' if vae else 'images have'} {latent_ch}")
+
+    # ---- loading and saving -------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None) -> "Pipeline":
+        """Load a model folder; `None` loads the default model bundled with unfog."""
+        if path is None:
+            if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
+                raise UnfogError(
+                    "this install of unfog has no bundled default model yet (it comes with the issue "
+                    "'shapes-v1 dataset, the trainer, and the bundled default model'); "
+                    "pass a model folder: Pipeline.from_pretrained('path/to/model')"
+                )
+            path = DEFAULT_MODEL_DIR
+        p = load_model(path)
+        return cls(p.tokenizer, p.text_encoder, p.unet, p.vae, p.scheduler, p.defaults)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write this pipeline as a model folder (JSON configs + safetensors)."""
+        save_model(ModelParts(self.tokenizer, self.text_encoder, self.unet, self.vae, self.scheduler, self.defaults), directory)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
+        """Move the networks to a device and/or cast them to a dtype; returns self."""
+        for m in (self.text_encoder, self.unet, self.vae):
+            if m is not None:
+                m.to(device=device, dtype=dtype)
+        if device is not None:
+            self.denoiser.to(device)  # the schedule buffers keep their float64
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixel size must be a multiple of this: autoencoder factor × U-Net factor."""
+        vae = self.vae.config.downsample_factor if self.vae is not None else 1
+        return vae * self.unet.config.downsample_factor
+
+    # ---- the pieces of a generation -----------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Per-token text states (B, L, D) that the U-Net cross-attends to."""
+        ids = self.tokenizer(list(prompts)).to(self.device)
+        return self.text_encoder(ids)[0]
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents (sampler space) → PIL images."""
+        if self.vae is None:
+            return to_pil(latents)
+        c = self.vae.config
+        z = latents / c.scaling_factor + c.shift_factor
+        return to_pil(self.vae.decode(z.to(self.device, next(self.vae.parameters()).dtype)))
+
+    def _check_size(self, height: int, width: int) -> tuple[int, int]:
+        f = self.downsample_factor
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % f:
+                raise UnfogError(f"{name} must be a positive multiple of {f} for this model (its downsampling factor), got {v!r}")
+        vf = self.vae.config.downsample_factor if self.vae is not None else 1
+        return height // vf, width // vf
+
+    @staticmethod
+    def _generators(seed, generator, total: int) -> tuple[list[torch.Generator], list[int]]:
+        if generator is not None:
+            gens = [generator] * total if isinstance(generator, torch.Generator) else list(generator)
+            if len(gens) != total:
+                raise UnfogError(f"got {len(gens)} generators for {total} images; pass one per image")
+            return gens, [g.initial_seed() for g in gens]
+        if seed is None:
+            base = random.SystemRandom().randrange(2**32)
+            seeds = [base + k for k in range(total)]
+        elif isinstance(seed, int) and not isinstance(seed, bool):
+            seeds = [seed + k for k in range(total)]
+        elif isinstance(seed, (list, tuple)) and all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
+            if len(seed) != total:
+                raise UnfogError(f"got {len(seed)} seeds for {total} images; pass one per image or a single int")
+            seeds = list(seed)
+        else:
+            raise UnfogError(f"seed must be an int or a list of ints, got {seed!r}")
+        return [torch.Generator("cpu").manual_seed(s) for s in seeds], seeds
+
+    # ---- generation ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | Sequence[int] | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        sigma_schedule: str | None = None,
+        sampler_options: dict[str, Any] | None = None,
+        progress: bool = False,
+    ) -> PipelineOutput:
+        """Generate images for one prompt or a list; image k of the batch uses its own seed.
+
+        `latents` are standard-normal starting noise (B, C, h, w), scaled here by σ_max.
+        `callback(i, x, x0_hat)` is called after each sampler step.
+        """
+        d = self.defaults
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise UnfogError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        if isinstance(negative_prompt, (list, tuple)):
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
+                raise UnfogError(f"negative_prompt must be one string or a list of {len(prompts)} strings, one per prompt")
+        elif negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt or ""] * len(prompts)
+        else:
+            raise UnfogError(f"negative_prompt must be a string or a list of strings, got {negative_prompt!r}")
+        if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) or num_images_per_prompt < 1:
+            raise UnfogError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise UnfogError(f"num_inference_steps must be a positive integer, got {steps!r}")
+        scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise UnfogError(f"guidance_scale must be a finite number, got {scale!r}")
+        sample = get_sampler(d["sampler"] if sampler is None else sampler)
+        h, w = self._check_size(d["height"] if height is None else height, d["width"] if width is None else width)
+
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        total = len(prompts)
+        gens, seeds = self._generators(seed, generator, total)
+        shape = (total, self.unet.config.in_channels, h, w)
+        if latents is None:
+            noise = torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in gens])
+        else:
+            if tuple(latents.shape) != shape:
+                raise UnfogError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")
+            noise = latents.float()
+        sigmas = make_sigmas(sigma_schedule or self.scheduler.sigma_schedule, steps, self.denoiser.alphas_cumprod, steps_offset=self.scheduler.steps_offset)
+        x = noise.to(self.device, torch.float32) * sigmas[0]
+
+        context = self.encode_prompt(prompts)
+        uncond = self.encode_prompt(negatives) if scale != 1 else None
+        guided = classifier_free_guidance(self.denoiser, context, uncond, float(scale))
+
+        bar = tqdm(total=len(sigmas) - 1, desc="denoising", disable=not progress, leave=False)
+
+        def on_step(i, x_i, x0_i):
+            bar.update(1)
+            if callback is not None:
+                callback(i, x_i, x0_i)
+
+        try:
+            x = sample(guided, x, sigmas.to(self.device), generator=gens, callback=on_step, **(sampler_options or {}))
+        except TypeError as e:
+            if sampler_options and "unexpected keyword" in str(e):
+                raise UnfogError(f"sampler does not take these options: {sorted(sampler_options)}") from None
+            raise
+        finally:
+            bar.close()
+        return PipelineOutput(images=self.decode(x), seeds=seeds)
