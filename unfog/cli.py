@@ -99,6 +99,68 @@ def cmd_noise(args: argparse.Namespace) -> None:
     print(f"{args.output}  x_t at t = {', '.join(str(int(t)) for t in ts)}")
 
 
+def cmd_data_shapes(args: argparse.Namespace) -> None:
+    from .data.shapes import write_dataset
+
+    if args.count < 1:
+        raise UnfogError("--count must be at least 1")
+    out = write_dataset(args.out_dir, args.count, args.seed)
+    print(f"{out}  {args.count} images + metadata.jsonl")
+
+
+def _data_source(args, config):
+    from .data.folder import ImageCaptionFolder
+    from .data.shapes import ShapesStream
+
+    if args.data == "shapes":
+        return ShapesStream(seed=config.seed, pool=config.data_pool, resolution=config.resolution)
+    data = ImageCaptionFolder(args.data, config.resolution, skip_bad=args.skip_bad)
+    if data.skipped:
+        print(f"skipped {len(data.skipped)} bad files, e.g. {data.skipped[0][0]}: {data.skipped[0][1]}", file=sys.stderr)
+    return data
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import Trainer, preset
+
+    overrides = {"max_steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                 "grad_accum": args.grad_accum, "precision": args.precision, "data_pool": args.pool,
+                 "checkpoint_every": args.checkpoint_every, "sample_every": args.sample_every}
+    config = preset(args.preset, **overrides)
+    trainer = Trainer(config, _data_source(args, config), args.out, vae=args.vae, device=args.device, resume=args.resume, progress=not args.quiet)
+    summary = trainer.run()
+    if trainer.rank == 0:
+        print(f"{args.out}  step {summary['step']}  loss {summary['loss']:.4f}  {summary['images_per_s']:.1f} images/s  {summary['seconds']:.0f} s"
+              + (f"  (stopped by {summary['stopped']}; continue with --resume)" if summary["stopped"] else ""))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from .train import export
+
+    dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    print(export(args.run_dir, args.out_dir, dtype))
+
+
+def cmd_eval_shapes(args: argparse.Namespace) -> None:
+    import json
+
+    from .eval.shapes import evaluate, format_table
+    from .pipeline import Pipeline
+    from .train.plots import grid
+
+    if args.prompts < 1:
+        raise UnfogError("--prompts must be at least 1")
+    pipe = Pipeline.from_pretrained(args.model).to(args.device)
+    result = evaluate(pipe, args.prompts, args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, progress=not args.quiet)
+    print(format_table(result["scores"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result["scores"], indent=2) + "\n")
+    if args.grid:
+        grid(result["images"][:64], 8).save(args.grid)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .samplers import SAMPLERS
@@ -136,6 +198,57 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--size", type=int, help="resize the image to SIZE×SIZE first")
     n.add_argument("--seed", type=int, default=0)
     n.set_defaults(func=cmd_noise)
+
+    from .train.config import PRESETS
+
+    d = sub.add_parser("data", help="make datasets")
+    dsub = d.add_subparsers(dest="dataset", required=True)
+    ds = dsub.add_parser("shapes", help="render shapes-v1 images + metadata.jsonl")
+    ds.add_argument("out_dir")
+    ds.add_argument("--count", type=int, default=1000)
+    ds.add_argument("--seed", type=int, default=0)
+    ds.set_defaults(func=cmd_data_shapes)
+
+    t = sub.add_parser("train", help="train an autoencoder or a text-to-image model")
+    t.add_argument("--data", required=True, help="an image+caption folder, or 'shapes' for the endless shapes-v1 stream")
+    t.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    t.add_argument("--out", required=True, help="run folder: config, checkpoints, metrics, samples")
+    t.add_argument("--vae", help="autoencoder run or model folder (diffusion stage)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--batch-size", type=int, help="global batch size")
+    t.add_argument("--grad-accum", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    t.add_argument("--pool", type=int, help="shapes: wrap the stream to N images and cache their latents")
+    t.add_argument("--checkpoint-every", type=int)
+    t.add_argument("--sample-every", type=int)
+    t.add_argument("--device")
+    t.add_argument("--skip-bad", action="store_true", help="skip unreadable images and missing captions")
+    t.add_argument("-q", "--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    x = sub.add_parser("export", help="write a run's EMA weights as a model folder")
+    x.add_argument("run_dir")
+    x.add_argument("out_dir")
+    x.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="storage precision")
+    x.set_defaults(func=cmd_export)
+
+    e = sub.add_parser("eval", help="measure a model")
+    esub = e.add_subparsers(dest="suite", required=True)
+    es = esub.add_parser("shapes", help="prompt adherence on shapes-v1")
+    es.add_argument("model", nargs="?", help="model folder (default: the bundled model)")
+    es.add_argument("--prompts", type=int, default=500)
+    es.add_argument("--seed", type=int, default=0)
+    es.add_argument("--steps", type=int)
+    es.add_argument("--guidance", type=float)
+    es.add_argument("--sampler")
+    es.add_argument("--device")
+    es.add_argument("--json", help="also write the scores as JSON")
+    es.add_argument("--grid", help="also save the first 64 images as a grid PNG")
+    es.add_argument("-q", "--quiet", action="store_true")
+    es.set_defaults(func=cmd_eval_shapes)
     return parser
 
 

@@ -74,9 +74,10 @@ class Pipeline:
         p = load_model(path)
         return cls(p.tokenizer, p.text_encoder, p.unet, p.vae, p.scheduler, p.defaults)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write this pipeline as a model folder (JSON configs + safetensors)."""
-        save_model(ModelParts(self.tokenizer, self.text_encoder, self.unet, self.vae, self.scheduler, self.defaults), directory)
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write this pipeline as a model folder (JSON configs + safetensors), optionally
+        storing the weights in `dtype` (float16 halves the size; loading casts back to float32)."""
+        save_model(ModelParts(self.tokenizer, self.text_encoder, self.unet, self.vae, self.scheduler, self.defaults), directory, dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move the networks to a device and/or cast them to a dtype; returns self."""

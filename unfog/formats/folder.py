@@ -67,8 +67,9 @@ def write_config(path: Path, config) -> None:
     path.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
 
-def load_weights(module: nn.Module, path: Path) -> None:
-    """Load a safetensors file into `module`, requiring exactly its keys and shapes."""
+def load_weights(module: nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Load a safetensors file into `module`, requiring exactly its keys and shapes; floating
+    tensors are cast to `dtype` (files may be stored in half precision to save space)."""
     if not path.is_file():
         raise UnfogError(f"weight file {path} is missing")
     try:
@@ -87,15 +88,17 @@ def load_weights(module: nn.Module, path: Path) -> None:
     for key, value in state.items():
         if value.shape != expected[key].shape:
             raise UnfogError(f"weight file {path}: key {key!r} has shape {tuple(value.shape)} but the config needs {tuple(expected[key].shape)}")
-    module.load_state_dict(state, assign=True)
+    module.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, assign=True)
 
 
-def save_weights(module: nn.Module, path: Path) -> None:
+def save_weights(module: nn.Module, path: Path, dtype: torch.dtype | None = None) -> None:
+    """Write `module`'s weights, optionally cast to `dtype` (e.g. float16 to halve the size)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu().clone() for k, v in module.state_dict().items()}, str(path))
+    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu().clone() for k, v in module.state_dict().items()}
+    save_file(state, str(path))
 
 
-def save_model(parts: ModelParts, directory: str | Path) -> None:
+def save_model(parts: ModelParts, directory: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write a model folder atomically: everything goes to a temporary sibling, which then
     replaces `directory`. An existing non-empty folder that is not a model is refused."""
     target = Path(directory)
@@ -115,7 +118,7 @@ def save_model(parts: ModelParts, directory: str | Path) -> None:
         for name, module in (("text_encoder", parts.text_encoder), ("unet", parts.unet), ("vae", parts.vae)):
             if module is not None:
                 write_config(tmp / name / "config.json", module.config)
-                save_weights(module, tmp / name / WEIGHTS)
+                save_weights(module, tmp / name / WEIGHTS, dtype)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if target.exists():
             old = target.with_name(f".{target.name}.old")

@@ -1,0 +1,1 @@
+"""Datasets: the procedural shapes-v1 world and image+caption folders."""

@@ -1,0 +1,109 @@
+"""Image+caption folders: `metadata.jsonl` ({"file_name", "text"} per line, the layout
+image-folder loaders in this field read) or plain `name.png` + `name.txt` pairs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import UnfogError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass
+class Item:
+    path: Path
+    text: str
+
+
+def _load_image(path: Path, resolution: int) -> np.ndarray:
+    """Resize the short side to `resolution`, center-crop, return uint8 (H, W, 3)."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = resolution / min(w, h)
+        if scale != 1:
+            im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        return np.asarray(im.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+
+
+class ImageCaptionFolder:
+    """All readable image+caption pairs of a folder, loaded into memory at `resolution`.
+
+    Unreadable images and images without a caption raise an error naming the file, or with
+    `skip_bad=True` are counted in `skipped` and left out.
+    """
+
+    def __init__(self, root: str | Path, resolution: int, *, skip_bad: bool = False, hflip: bool = False):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise UnfogError(f"dataset folder {self.root} does not exist")
+        self.resolution = resolution
+        self.hflip = hflip
+        self.skipped: list[tuple[str, str]] = []
+        items = self._metadata_items() if (self.root / "metadata.jsonl").is_file() else self._pair_items()
+        images, texts = [], []
+        for item in items:
+            if isinstance(item, tuple):  # (file, problem) found while listing
+                self._bad(*item, skip_bad)
+                continue
+            try:
+                images.append(_load_image(item.path, resolution))
+                texts.append(item.text)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                self._bad(str(item.path), f"cannot be read as an image ({e})", skip_bad)
+        if not images:
+            raise UnfogError(f"dataset folder {self.root} holds no usable image+caption pairs")
+        self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        self.texts = texts
+
+    def _bad(self, name: str, problem: str, skip: bool) -> None:
+        if not skip:
+            raise UnfogError(f"dataset file {name} {problem}; fix or remove it, or pass --skip-bad to skip such files")
+        self.skipped.append((name, problem))
+
+    def _metadata_items(self):
+        meta = self.root / "metadata.jsonl"
+        for n, line in enumerate(meta.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                name, text = row["file_name"], row["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                yield (f"{meta}:{n}", 'is not a JSON object with "file_name" and "text"')
+                continue
+            if not isinstance(text, str) or not text.strip():
+                yield (str(self.root / str(name)), "has no caption in metadata.jsonl")
+                continue
+            path = self.root / name
+            yield Item(path, text) if path.is_file() else (str(path), "is listed in metadata.jsonl but missing")
+
+    def _pair_items(self):
+        for path in sorted(p for p in self.root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            txt = path.with_suffix(".txt")
+            if not txt.is_file():
+                yield (str(path), f"has no caption file {txt.name}")
+                continue
+            text = txt.read_text().strip()
+            yield Item(path, text) if text else (str(path), f"has an empty caption file {txt.name}")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def get(self, indices: list[int], epoch_seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+        """uint8 images (B, 3, H, W) and their captions; index i wraps around the folder."""
+        idx = [i % len(self) for i in indices]
+        images = self.images[idx]
+        if self.hflip:
+            flip = torch.tensor([hash((epoch_seed, i)) % 2 == 1 for i in indices])
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return images, [self.texts[i] for i in idx]

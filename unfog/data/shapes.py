@@ -1,0 +1,244 @@
+"""shapes-v1: the procedural world of flat shapes with English captions (specs/shapes-v1.md).
+
+A `Scene` holds every attribute of an image; a `Prompt` is a scene with some attributes left
+unstated (None). Training captions are drawn from a scene by leaving attributes out at
+random, which is valid because an attribute a caption leaves out is drawn at random in the
+image. The evaluator draws prompts, and the ground-truth test renders scenes that follow them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 64
+SUPERSAMPLE = 4
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+COLOURS = {
+    "red": (220, 30, 30), "green": (40, 170, 50), "blue": (40, 80, 230),
+    "yellow": (240, 220, 30), "purple": (150, 50, 200), "orange": (250, 130, 0),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 14, "big": 24}
+SIZE_JITTER = 2
+POSITIONS = {"left": (16, None), "right": (48, None), "top": (None, 16), "bottom": (None, 48), "center": (32, 32)}
+POSITION_JITTER = 3
+POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom", "center": "in the center"}
+RELATIONS = ("left of", "right of", "above", "below")
+MIRROR = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+MIN_SEPARATION = 12
+# Paraphrases the training data may use (never in evaluation prompts).
+PARAPHRASES = [("big ", "large "), ("left of", "to the left of"), ("right of", "to the right of"), ("in the center", "in the middle"), ("above", "over")]
+
+
+@dataclass
+class Obj:
+    shape: str
+    colour: str
+    size: str | None = None  # "small" / "big"; None in a prompt = unstated
+    side: float = 0.0  # bounding-box side in pixels (scenes only)
+    cx: float = 0.0
+    cy: float = 0.0
+
+
+@dataclass
+class Scene:
+    """A fully specified image, or (with None fields) a prompt."""
+
+    objects: list[Obj]
+    background: str | None = None
+    position: str | None = None  # one-object images only
+    relation: str | None = None  # two-object images only: objects[0] RELATION objects[1]
+    paraphrase: bool = field(default=False, repr=False)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("paraphrase")
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Scene":
+        return cls(objects=[Obj(**o) for o in d["objects"]], background=d.get("background"), position=d.get("position"), relation=d.get("relation"))
+
+
+Prompt = Scene
+
+
+def _bbox(o: Obj) -> tuple[float, float, float, float]:
+    h = o.side / 2
+    return o.cx - h, o.cy - h, o.cx + h, o.cy + h
+
+
+def _overlap(a: Obj, b: Obj) -> bool:
+    ax0, ay0, ax1, ay1 = _bbox(a)
+    bx0, by0, bx1, by1 = _bbox(b)
+    return ax0 < bx1 + 1 and bx0 < ax1 + 1 and ay0 < by1 + 1 and by0 < ay1 + 1
+
+
+def _relation_holds(a: Obj, b: Obj, relation: str, gap: float) -> bool:
+    dx, dy = b.cx - a.cx, b.cy - a.cy
+    return {"left of": dx >= gap, "right of": -dx >= gap, "above": dy >= gap, "below": -dy >= gap}[relation]
+
+
+def random_prompt(rng: random.Random, objects: int | None = None, p_state: float = 0.5) -> Prompt:
+    """A prompt from the canonical grammar: each optional attribute stated with p_state."""
+    n = objects or rng.choice((1, 2))
+    colours = rng.sample(list(COLOURS), n)
+    objs = [Obj(rng.choice(SHAPES), c, rng.choice(list(SIZES)) if rng.random() < p_state else None) for c in colours]
+    bg = rng.choice(list(BACKGROUNDS)) if rng.random() < p_state else None
+    if n == 1:
+        return Scene(objs, bg, position=rng.choice(list(POSITIONS)) if rng.random() < p_state else None)
+    return Scene(objs, bg, relation=rng.choice(RELATIONS))
+
+
+def sample_scene(rng: random.Random, prompt: Prompt | None = None) -> Scene:
+    """A full scene, following `prompt` where it states something and random elsewhere."""
+    if prompt is None:
+        prompt = random_prompt(rng, p_state=1.0)
+        if len(prompt.objects) == 1 and rng.random() < 0.25:
+            prompt.position = None  # some single objects anywhere, for prompts without a position
+    objs = []
+    for o in prompt.objects:
+        size = o.size or rng.choice(list(SIZES))
+        side = SIZES[size] + rng.randint(-SIZE_JITTER, SIZE_JITTER)
+        objs.append(Obj(o.shape, o.colour, size, float(side)))
+    bg = prompt.background or rng.choice([b for b in BACKGROUNDS])
+    if len(objs) == 1:
+        o = objs[0]
+        lo, hi = o.side / 2, SIZE - o.side / 2
+        pos = prompt.position
+        fx, fy = POSITIONS[pos] if pos else (None, None)
+        o.cx = min(max(fx + rng.uniform(-POSITION_JITTER, POSITION_JITTER), lo), hi) if fx is not None else rng.uniform(lo, hi)
+        o.cy = min(max(fy + rng.uniform(-POSITION_JITTER, POSITION_JITTER), lo), hi) if fy is not None else rng.uniform(lo, hi)
+        return Scene(objs, bg, position=pos)
+    a, b = objs
+    relation = prompt.relation or rng.choice(RELATIONS)
+    for _ in range(10_000):
+        for o in (a, b):
+            o.cx, o.cy = rng.uniform(o.side / 2, SIZE - o.side / 2), rng.uniform(o.side / 2, SIZE - o.side / 2)
+        if _relation_holds(a, b, relation, MIN_SEPARATION) and not _overlap(a, b):
+            return Scene(objs, bg, relation=relation)
+    raise RuntimeError("could not place two objects; this is a bug in the shapes-v1 sampler")
+
+
+def render(scene: Scene) -> Image.Image:
+    """Draw at 4× and box-downsample to 64×64, so edges are anti-aliased."""
+    k = SUPERSAMPLE
+    im = Image.new("RGB", (SIZE * k, SIZE * k), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(im)
+    for o in scene.objects:
+        x0, y0, x1, y1 = (v * k for v in _bbox(o))
+        fill = COLOURS[o.colour]
+        # PIL's boxes include their last pixel, so the far edge is one pixel in.
+        if o.shape == "circle":
+            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        elif o.shape == "square":
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
+    return im.reduce(k)
+
+
+def _object_phrase(o: Obj) -> str:
+    return f"a {o.size + ' ' if o.size else ''}{o.colour} {o.shape}"
+
+
+def caption(prompt: Prompt) -> str:
+    """The canonical caption of a prompt (specs/shapes-v1.md, Captions)."""
+    if len(prompt.objects) == 1:
+        text = _object_phrase(prompt.objects[0])
+        if prompt.position:
+            text += " " + POSITION_PHRASES[prompt.position]
+    else:
+        text = f"{_object_phrase(prompt.objects[0])} {prompt.relation} {_object_phrase(prompt.objects[1])}"
+    if prompt.background:
+        text += f" on a {prompt.background} background"
+    if prompt.paraphrase:
+        for a, b in PARAPHRASES:
+            text = text.replace(a, b)
+    return text
+
+
+def training_prompt(scene: Scene, rng: random.Random, p_state: float = 0.6, p_paraphrase: float = 0.1) -> Prompt:
+    """A prompt the scene follows, with each optional attribute kept with p_state; two-object
+    scenes are described from either side ("A left of B" or "B right of A")."""
+    objs = [Obj(o.shape, o.colour, o.size if rng.random() < p_state else None) for o in scene.objects]
+    bg = scene.background if rng.random() < p_state else None
+    para = rng.random() < p_paraphrase
+    if len(objs) == 1:
+        pos = scene.position if scene.position and rng.random() < max(p_state, 0.75) else None
+        return Scene(objs, bg, position=pos, paraphrase=para)
+    if rng.random() < 0.5:
+        return Scene(objs[::-1], bg, relation=MIRROR[scene.relation], paraphrase=para)
+    return Scene(objs, bg, relation=scene.relation, paraphrase=para)
+
+
+def scene_for_index(seed: int, index: int) -> Scene:
+    """Scene number `index` of the stream with this seed: the same on every run and process."""
+    return sample_scene(random.Random(f"shapes-v1/{seed}/{index}"))
+
+
+def render_array(seed: int, index: int) -> np.ndarray:
+    return np.asarray(render(scene_for_index(seed, index)), dtype=np.uint8)
+
+
+def write_dataset(out_dir: str | Path, count: int, seed: int = 0, *, progress: bool = True) -> Path:
+    """Write `count` PNGs plus metadata.jsonl ({file_name, text, scene} per line)."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "metadata.jsonl.tmp"
+    with tmp.open("w") as f:
+        for i in tqdm(range(count), desc="rendering", disable=not progress):
+            scene = scene_for_index(seed, i)
+            name = f"{i:07d}.png"
+            render(scene).save(out / name)
+            text = caption(training_prompt(scene, random.Random(f"caption/{seed}/{i}"), p_paraphrase=0.0))
+            f.write(json.dumps({"file_name": name, "text": text, "scene": scene.to_json()}) + "\n")
+    tmp.replace(out / "metadata.jsonl")
+    return out
+
+
+__all__ = [
+    "Obj", "Scene", "Prompt", "COLOURS", "SHAPES", "SIZES", "BACKGROUNDS", "POSITIONS", "RELATIONS",
+    "random_prompt", "sample_scene", "render", "caption", "training_prompt", "scene_for_index", "write_dataset", "replace",
+]
+
+
+class ShapesStream:
+    """The endless in-memory shapes-v1 stream: sample i is rendered from (seed, i) on demand.
+    With `pool`, index i wraps to i % pool (so latents of a finite pool can be cached), and
+    each visit draws a fresh caption for the same image."""
+
+    def __init__(self, seed: int = 0, pool: int | None = None, p_paraphrase: float = 0.1, resolution: int = SIZE):
+        self.seed, self.pool, self.p_paraphrase, self.resolution = seed, pool, p_paraphrase, resolution
+
+    def __len__(self) -> int:
+        return self.pool or 2**62
+
+    def get(self, indices: list[int], epoch_seed: int = 0) -> tuple["torch.Tensor", list[str]]:
+        import torch
+
+        images, texts = [], []
+        for i in indices:
+            j = i % self.pool if self.pool else i
+            scene = scene_for_index(self.seed, j)
+            image = render(scene)
+            if self.resolution != SIZE:
+                image = image.resize((self.resolution, self.resolution), Image.BOX)
+            images.append(np.asarray(image, dtype=np.uint8))
+            texts.append(caption(training_prompt(scene, random.Random(f"caption/{self.seed}/{i}/{epoch_seed}"), p_paraphrase=self.p_paraphrase)))
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), texts
+
+    def vocabulary_captions(self, n: int = 3000) -> list[str]:
+        """Captions covering every word the grammar and its paraphrases use (for the tokenizer)."""
+        rng = random.Random(f"vocab/{self.seed}")
+        texts = [caption(training_prompt(sample_scene(rng), rng, p_paraphrase=0.5)) for _ in range(n)]
+        words = [*COLOURS, *SHAPES, *SIZES, *BACKGROUNDS, *POSITION_PHRASES.values(), *RELATIONS, "a on background", *(b for _, b in PARAPHRASES)]
+        return texts + [" ".join(words)]

@@ -1,0 +1,120 @@
+"""Training checkpoints, written atomically and without pickle.
+
+    checkpoints/step-0001000/
+        model.safetensors      the trained modules
+        ema.safetensors        their exponential moving average
+        optimizer.safetensors  AdamW moments, one key per parameter and slot
+        state.json             step, samples seen, LR schedule, optimizer hyperparameters, RNG
+                               states, non-finite streak
+
+A checkpoint is written to a temporary folder and renamed into place, so a step-* folder is
+always complete; a crash mid-write leaves only a temporary folder that is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import UnfogError
+
+PREFIX = "step-"
+
+
+def _flat(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, slots in sd["state"].items():
+        for name, value in slots.items():
+            tensors[f"{pid}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu().clone()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, state: dict, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically and delete all but the newest `keep`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        save_file(_flat(model), str(tmp / "model.safetensors"))
+        save_file(_flat(ema), str(tmp / "ema.safetensors"))
+        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+        save_file(opt_tensors | {f"rng.{k}": v for k, v in rng.items()}, str(tmp / "optimizer.safetensors"))
+        full = dict(state, step=step, optimizer=opt_meta, python_random=_py_state())
+        (tmp / "state.json").write_text(json.dumps(full, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _py_state():
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UnfogError(f"checkpoint file {path} is unreadable ({e}); delete that checkpoint folder to resume from an older one") from None
+
+
+def load_checkpoint(path: Path, model, ema, optimizer) -> dict:
+    """Restore modules, optimizer and RNG states; returns the saved state dict."""
+    path = Path(path)
+    model.load_state_dict(read_tensors(path / "model.safetensors"))
+    if ema is not None:
+        ema.load_state_dict(read_tensors(path / "ema.safetensors"))
+    state = json.loads((path / "state.json").read_text())
+    tensors = read_tensors(path / "optimizer.safetensors")
+    if optimizer is not None:
+        slots: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("rng."):
+                continue
+            pid, name = key.split(".", 1)
+            slots.setdefault(int(pid), {})[name] = value
+        optimizer.load_state_dict({"state": slots, "param_groups": state["optimizer"]["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = state["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+    return state

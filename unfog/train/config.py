@@ -1,0 +1,98 @@
+"""Training settings and the named presets `unfog train --preset NAME` starts from."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UnfogError
+
+SHAPES_PROMPTS = [
+    "a red circle", "a big blue square on the left", "a small green triangle at the top", "a yellow circle in the center",
+    "a purple square on the right on a black background", "an orange triangle at the bottom", "a big red square on a gray background",
+    "a small blue circle on a white background", "a red circle left of a blue square", "a green triangle above a yellow circle",
+    "a big purple circle right of a small orange square", "a blue triangle below a red square", "a yellow square left of a purple triangle on a black background",
+    "a small green circle above a big orange triangle", "an orange circle below a blue circle on a gray background", "a red triangle right of a green square",
+]
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "diffusion"  # "autoencoder" or "diffusion"
+    resolution: int = 64
+    batch_size: int = 64  # global, across processes and accumulation steps
+    grad_accum: int = 1
+    max_steps: int = 10_000
+    lr: float = 3e-4
+    warmup_steps: int = 200
+    lr_schedule: str = "cosine"  # or "constant"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16", "fp32"
+    # diffusion stage
+    caption_dropout: float = 0.1
+    loss_weighting: str = "min_snr"
+    snr_gamma: float = 5.0
+    data_pool: int | None = None  # shapes: wrap the stream to this many images and cache their latents
+    unet: dict[str, Any] = field(default_factory=dict)
+    text_encoder: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    tokenizer_context_length: int = 24
+    defaults: dict[str, Any] = field(default_factory=dict)
+    sample_prompts: list[str] = field(default_factory=lambda: list(SHAPES_PROMPTS))
+    # autoencoder stage
+    autoencoder: dict[str, Any] = field(default_factory=dict)
+    kl_weight: float = 1e-6
+    # bookkeeping
+    log_every: int = 25
+    checkpoint_every: int = 500
+    sample_every: int = 500
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 5
+
+    def __post_init__(self):
+        if self.stage not in ("autoencoder", "diffusion"):
+            raise UnfogError(f"stage must be 'autoencoder' or 'diffusion', got {self.stage!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise UnfogError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise UnfogError(f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
+        self.betas = tuple(self.betas)
+
+
+SHAPES_AE = dict(block_channels=[32, 64, 128], layers_per_block=1, latent_channels=4, norm_groups=16, mid_attention=False)
+PRESETS: dict[str, dict[str, Any]] = {
+    # The bundled default model: a 64×64 image is a 16×16×4 latent.
+    "shapes-ae": dict(stage="autoencoder", autoencoder=SHAPES_AE, batch_size=64, max_steps=4000, lr=4e-4, ema_decay=0.999),
+    "shapes": dict(
+        stage="diffusion", batch_size=128, max_steps=30_000, lr=4e-4, warmup_steps=500, ema_decay=0.9995, data_pool=None,
+        unet=dict(in_channels=4, out_channels=4, block_channels=[64, 128, 160], layers_per_block=1, attention_levels=[True, True, True],
+                  num_heads=[2, 4, 5], context_dim=128, norm_groups=16, transformer_depth=1),
+        text_encoder=dict(width=128, layers=4, heads=4, mlp_width=512, activation="gelu"),
+        scheduler=dict(beta_schedule="scaled_linear", prediction_type="v_prediction", zero_terminal_snr=True, sigma_schedule="trailing"),
+        defaults=dict(sampler="dpmpp_2m", num_inference_steps=20, guidance_scale=4.0, height=64, width=64),
+    ),
+    # Small enough for tests and a CPU smoke run.
+    "tiny-ae": dict(stage="autoencoder", resolution=32, autoencoder=dict(block_channels=[16, 32], layers_per_block=1, latent_channels=4, norm_groups=8, mid_attention=False),
+                    batch_size=8, max_steps=20, lr=1e-3, warmup_steps=2, log_every=5, checkpoint_every=10, sample_every=10),
+    "tiny": dict(
+        stage="diffusion", resolution=32, batch_size=8, max_steps=20, lr=1e-3, warmup_steps=2, log_every=5, checkpoint_every=10, sample_every=10,
+        unet=dict(in_channels=4, out_channels=4, block_channels=[32, 64], layers_per_block=1, attention_levels=[False, True], num_heads=2, context_dim=32, norm_groups=8),
+        text_encoder=dict(width=32, layers=2, heads=2, mlp_width=64, activation="gelu"),
+        tokenizer_context_length=24, sample_prompts=SHAPES_PROMPTS[:4],
+        defaults=dict(num_inference_steps=4, guidance_scale=3.0, height=32, width=32),
+    ),
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    """A preset's TrainConfig with keyword overrides."""
+    if name not in PRESETS:
+        raise UnfogError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    values = copy.deepcopy(PRESETS[name]) | {k: v for k, v in overrides.items() if v is not None}
+    return TrainConfig(**values)

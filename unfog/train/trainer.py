@@ -1,0 +1,418 @@
+"""The training loop: AdamW with warm-up, EMA, gradient clipping and accumulation, bf16
+autocast, atomic checkpoints with exact resume, non-finite-loss guard, DDP under torchrun.
+
+Every random draw of a step (which samples, their captions, timesteps, noise, caption
+dropout) comes from generators seeded by (seed, step) for the whole global batch, and each
+process takes its slice. So a run does not depend on how many processes share it, and a
+resumed run computes the same steps as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..diffusion import DiscreteDenoiser, SchedulerConfig
+from ..errors import UnfogError
+from ..formats.folder import load_weights, read_config, save_weights
+from ..nn import Autoencoder, AutoencoderConfig, TextEncoder, TextEncoderConfig, Tokenizer, TokenizerConfig, UNet, UNetConfig
+from . import plots
+from .checkpoint import latest_checkpoint, load_checkpoint, read_tensors, save_checkpoint
+from .config import TrainConfig
+
+
+class TrainingStopped(UnfogError):
+    """The run stopped early (too many non-finite losses); the last good checkpoint is kept."""
+
+
+class AutoencoderModel(nn.Module):
+    """KL autoencoder objective: L1 + L2 reconstruction plus a small KL term."""
+
+    def __init__(self, config: AutoencoderConfig, kl_weight: float):
+        super().__init__()
+        self.autoencoder = Autoencoder(config)
+        self.kl_weight = kl_weight
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        mean, logvar = self.autoencoder.encode(x)
+        rec = self.autoencoder.decode(mean + (0.5 * logvar).exp() * noise.to(mean))
+        rec, x = rec.float(), x.float()
+        kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).sum(dim=(1, 2, 3)).mean()
+        return (rec - x).abs().mean() + ((rec - x) ** 2).mean() + self.kl_weight * kl
+
+
+class DiffusionModel(nn.Module):
+    """U-Net and text encoder trained jointly; the denoiser owns the loss."""
+
+    def __init__(self, unet: UNet, text_encoder: TextEncoder, scheduler: SchedulerConfig, weighting: str, snr_gamma: float):
+        super().__init__()
+        self.denoiser = DiscreteDenoiser(unet, scheduler.alphas_cumprod(), scheduler.prediction_type)
+        self.text_encoder = text_encoder
+        self.weighting, self.snr_gamma = weighting, snr_gamma
+
+    @property
+    def unet(self) -> UNet:
+        return self.denoiser.network
+
+    def forward(self, x0: torch.Tensor, ids: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        context = self.text_encoder(ids)[0]
+        return self.denoiser.loss(x0, t=t, noise=noise, weighting=self.weighting, snr_gamma=self.snr_gamma, context=context)
+
+
+def _step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63))
+
+
+def load_autoencoder(source: str | Path) -> tuple[Autoencoder, bool]:
+    """An autoencoder from an autoencoder training run (its newest EMA weights) or from a model
+    folder's vae/. Returns (autoencoder, came_from_a_run)."""
+    src = Path(source)
+    if (src / "config.json").is_file() and (src / "checkpoints").is_dir():
+        cfg = read_config(src / "config.json", TrainConfig)
+        if cfg.stage != "autoencoder":
+            raise UnfogError(f"{src} is a {cfg.stage} run, not an autoencoder run")
+        ckpt = latest_checkpoint(src)
+        if ckpt is None:
+            raise UnfogError(f"autoencoder run {src} has no checkpoint yet")
+        model = AutoencoderModel(AutoencoderConfig(**cfg.autoencoder), 0.0)
+        model.load_state_dict(read_tensors(ckpt / "ema.safetensors"))
+        return model.autoencoder.eval(), True
+    vae_dir = src / "vae" if (src / "vae").is_dir() else src
+    if not (vae_dir / "config.json").is_file():
+        raise UnfogError(f"{src} is neither an autoencoder training run nor a model folder with a vae/")
+    vae = Autoencoder(read_config(vae_dir / "config.json", AutoencoderConfig))
+    load_weights(vae, vae_dir / "model.safetensors")
+    return vae.eval(), False
+
+
+class Trainer:
+    """One training run in `out_dir`; `run()` trains until max_steps or a stop."""
+
+    def __init__(self, config: TrainConfig, data, out_dir: str | Path, *, vae: str | Path | None = None,
+                 device: str | None = None, resume: bool = False, progress: bool = True):
+        self.out = Path(out_dir)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is None:
+            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.world > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is not None and not resume:
+            raise UnfogError(f"{self.out} already holds checkpoints; pass --resume to continue that run or choose a new --out")
+        if resume and (self.out / "config.json").is_file():
+            config = read_config(self.out / "config.json", TrainConfig)
+        self.config = c = config
+        per_step = self.world * c.grad_accum
+        if c.batch_size % per_step:
+            raise UnfogError(f"batch_size {c.batch_size} must be divisible by processes × grad_accum = {per_step}")
+        self.data = data
+        self.progress = progress and self.rank == 0
+        self.autocast = c.precision == "bf16" or (c.precision == "auto" and self.device.type == "cuda")
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
+        torch.manual_seed(c.seed)
+        if c.stage == "autoencoder":
+            self.model = AutoencoderModel(AutoencoderConfig(**c.autoencoder), c.kl_weight)
+            self.latent_shape = None
+        else:
+            self._build_diffusion(vae, resume)
+        self.model.to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        self.train_model = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.step, self.nonfinite, self.latent_cache = 0, 0, {}
+        if resume and ckpt is not None:
+            state = load_checkpoint(ckpt, self.model, self.ema, self.optimizer)
+            self.step, self.nonfinite = state["step"], state["nonfinite"]
+            self._say(f"resumed from {ckpt} at step {self.step}")
+        self.stop_signal = None
+
+    # ---- setup --------------------------------------------------------------------------
+
+    def _build_diffusion(self, vae_source, resume: bool) -> None:
+        c = self.config
+        tok_dir, vae_dir = self.out / "tokenizer", self.out / "vae"
+        if resume and tok_dir.is_dir():
+            self.tokenizer = Tokenizer.load(tok_dir)
+        else:
+            texts = self.data.vocabulary_captions() if hasattr(self.data, "vocabulary_captions") else self.data.texts
+            tcfg = TokenizerConfig(context_length=c.tokenizer_context_length, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+            self.tokenizer = Tokenizer.train_word_level(texts, tcfg)
+            if self.rank == 0:
+                self.tokenizer.save(tok_dir)
+        if resume and (vae_dir / "config.json").is_file():
+            self.vae, from_run = load_autoencoder(vae_dir)
+        elif vae_source is not None:
+            self.vae, from_run = load_autoencoder(vae_source)
+        else:
+            raise UnfogError("the diffusion stage needs an autoencoder: pass --vae with an autoencoder run or a model folder")
+        self.vae.to(self.device).requires_grad_(False)
+        if from_run or not (vae_dir / "config.json").is_file():
+            if from_run:
+                self.vae.config.scaling_factor = self._measure_scaling_factor()
+            if self.rank == 0:
+                vae_dir.mkdir(parents=True, exist_ok=True)
+                (vae_dir / "config.json").write_text(json.dumps(asdict(self.vae.config), indent=2) + "\n")
+                save_weights(self.vae, vae_dir / "model.safetensors")
+        f = self.vae.config.downsample_factor
+        if c.resolution % f:
+            raise UnfogError(f"resolution {c.resolution} is not a multiple of the autoencoder's factor {f}")
+        self.latent_shape = (self.vae.config.latent_channels, c.resolution // f, c.resolution // f)
+        self.scheduler = SchedulerConfig(**c.scheduler)
+        te_cfg = TextEncoderConfig(vocab_size=self.tokenizer.vocab_size, context_length=c.tokenizer_context_length, eos_token_id=self.tokenizer.eos_id, **c.text_encoder)
+        unet_cfg = UNetConfig(**c.unet)
+        if unet_cfg.in_channels != self.vae.config.latent_channels:
+            raise UnfogError(f"the U-Net preset takes {unet_cfg.in_channels} channels but the autoencoder makes {self.vae.config.latent_channels}")
+        if unet_cfg.context_dim != te_cfg.width:
+            raise UnfogError(f"the U-Net's context_dim {unet_cfg.context_dim} must equal the text encoder width {te_cfg.width}")
+        self.model = DiffusionModel(UNet(unet_cfg), TextEncoder(te_cfg), self.scheduler, c.loss_weighting, c.snr_gamma)
+
+    @torch.no_grad()
+    def _measure_scaling_factor(self, n: int = 512) -> float:
+        """1 / std of the latents, so the diffusion model sees roughly unit variance (Rombach
+        et al. 2022, App. D.1)."""
+        images, _ = self.data.get(list(range(n)))
+        mean, _ = self.vae.encode(self._to_pixels(images))
+        return 1.0 / mean.float().std().item()
+
+    def _to_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True).float() / 127.5 - 1
+
+    def _say(self, message: str) -> None:
+        if self.rank == 0:
+            tqdm.write(message)
+
+    # ---- one step -----------------------------------------------------------------------
+
+    def _indices(self, step: int) -> list[int]:
+        B, n = self.config.batch_size, len(self.data)
+        if n >= 2**62:  # the endless stream: every sample is new
+            return list(range(step * B, (step + 1) * B))
+        return torch.randint(n, (B,), generator=_step_generator(self.config.seed, step, 1)).tolist()
+
+    @torch.no_grad()
+    def _latents(self, indices: list[int], images: torch.Tensor) -> torch.Tensor:
+        cacheable = len(self.data) < 2**62
+        missing = [k for k, i in enumerate(indices) if not (cacheable and i % len(self.data) in self.latent_cache)]
+        if missing:
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                mean, _ = self.vae.encode(self._to_pixels(images[missing]))
+            z = mean.float() * self.vae.config.scaling_factor
+            if not cacheable:
+                return z
+            for k, zk in zip(missing, z):
+                self.latent_cache[indices[k] % len(self.data)] = zk
+        return torch.stack([self.latent_cache[i % len(self.data)] for i in indices])
+
+    def _lr(self, step: int) -> float:
+        c = self.config
+        if step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        if c.lr_schedule == "constant":
+            return c.lr
+        progress = (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps)
+        return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+    def _batch(self, step: int):
+        """This process's share of the step's global batch, as model inputs."""
+        c = self.config
+        B = c.batch_size
+        indices = self._indices(step)
+        lo, hi = self.rank * B // self.world, (self.rank + 1) * B // self.world
+        g = _step_generator(c.seed, step, 2)
+        images, texts = self.data.get(indices[lo:hi], epoch_seed=step)
+        if c.stage == "autoencoder":
+            ae = self.model.autoencoder.config
+            lat = c.resolution // ae.downsample_factor
+            noise = torch.randn(B, ae.latent_channels, lat, lat, generator=g)[lo:hi]
+            return (self._to_pixels(images), noise.to(self.device))
+        t = torch.randint(0, self.scheduler.num_train_timesteps, (B,), generator=g)[lo:hi]
+        noise = torch.randn(B, *self.latent_shape, generator=g)[lo:hi]
+        drop = (torch.rand(B, generator=g) < c.caption_dropout)[lo:hi]
+        texts = ["" if d else s for d, s in zip(drop.tolist(), texts)]
+        x0 = self._latents(indices[lo:hi], images)
+        return (x0, self.tokenizer(texts).to(self.device), t.to(self.device), noise.to(self.device))
+
+    def _train_step(self, step: int) -> float:
+        c = self.config
+        batch = self._batch(step)
+        n = batch[0].shape[0]
+        micro = n // c.grad_accum
+        total = torch.zeros((), device=self.device)
+        for k in range(c.grad_accum):
+            part = [b[k * micro : (k + 1) * micro] for b in batch]
+            sync = k == c.grad_accum - 1 or self.world == 1
+            ctx = self.train_model.no_sync() if not sync else contextlib.nullcontext()
+            with ctx, torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                loss = self.train_model(*part) / c.grad_accum
+            loss.backward()
+            total += loss.detach().float()
+        flags = torch.stack([total, torch.tensor(float(self.stop_signal is not None), device=self.device)])
+        if self.world > 1:
+            dist.all_reduce(flags)
+            flags[0] /= self.world
+        if flags[1] > 0 and self.stop_signal is None:
+            self.stop_signal = "peer"
+        loss_value = flags[0].item()
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss_value
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(step)
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        decay = min(c.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                e.lerp_(p.detach(), 1 - decay)
+        return loss_value
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        if self.rank == 0:
+            save_checkpoint(self.out, self.step, self.model, self.ema, self.optimizer, {"nonfinite": self.nonfinite}, keep=self.config.keep_checkpoints)
+
+    def _log(self, row: dict) -> None:
+        if self.rank == 0:
+            with (self.out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def run(self, until: int | None = None) -> dict:
+        """Train to max_steps (or `until`); checkpoint every K steps, at the end, and on
+        SIGINT/SIGTERM. Returns a summary."""
+        c = self.config
+        end = min(c.max_steps, until) if until is not None else c.max_steps
+        handlers = {}
+
+        def on_signal(signum, frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                handlers[s] = signal.signal(s, on_signal)
+            except ValueError:  # not the main thread
+                pass
+        bar = tqdm(total=end, initial=self.step, desc=f"train {c.stage}", disable=not self.progress, dynamic_ncols=True)
+        start, start_step, last_loss = time.perf_counter(), self.step, float("nan")
+        window = []
+        try:
+            while self.step < end:
+                loss = self._train_step(self.step)
+                self.step += 1
+                bar.update(1)
+                if not math.isfinite(loss):
+                    self.nonfinite += 1
+                    self._log({"step": self.step, "nonfinite": True, "loss": None})
+                    self._say(f"step {self.step}: non-finite loss ({loss}); step skipped ({self.nonfinite} in a row)")
+                    if self.nonfinite >= c.max_nonfinite:
+                        raise TrainingStopped(
+                            f"{self.nonfinite} non-finite losses in a row at step {self.step}; stopped. The last good checkpoint in "
+                            f"{self.out / 'checkpoints'} is kept: lower --lr, check the data, or resume with --resume"
+                        )
+                    continue
+                self.nonfinite, last_loss = 0, loss
+                window.append(loss)
+                elapsed = time.perf_counter() - start
+                ips = (self.step - start_step) * c.batch_size / max(elapsed, 1e-9)
+                if self.step % c.log_every == 0 or self.step == end:
+                    self._log({"step": self.step, "loss": sum(window) / len(window), "lr": self._lr(self.step - 1), "images_per_s": ips, "elapsed_s": elapsed})
+                    bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", img_s=f"{ips:.0f}")
+                    window = []
+                if self.step % c.checkpoint_every == 0:
+                    self.checkpoint()
+                if self.step % c.sample_every == 0 or self.step == c.max_steps:
+                    self.save_samples()
+                if self.stop_signal is not None:
+                    self._say(f"stopping on {self.stop_signal} at step {self.step}")
+                    break
+            if self.step % c.checkpoint_every != 0 or self.stop_signal is not None:
+                self.checkpoint()
+        finally:
+            bar.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        if self.rank == 0 and (self.out / "metrics.jsonl").is_file():
+            plots.loss_curve(self.out / "metrics.jsonl", self.out / "loss.png")
+        elapsed = time.perf_counter() - start
+        return {"step": self.step, "loss": last_loss, "seconds": elapsed, "images_per_s": (self.step - start_step) * c.batch_size / max(elapsed, 1e-9), "stopped": self.stop_signal}
+
+    @torch.no_grad()
+    def save_samples(self) -> Path | None:
+        """A PNG grid: generated images for the fixed prompts (diffusion) or originals above
+        reconstructions (autoencoder), from the EMA weights."""
+        if self.rank != 0:
+            return None
+        out = self.out / "samples" / f"step-{self.step:07d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if self.config.stage == "autoencoder":
+            images, _ = self.data.get(list(range(8)))
+            rec = self.ema.autoencoder.decode(self.ema.autoencoder.encode(self._to_pixels(images))[0])
+            from ..pipeline import to_pil
+
+            plots.grid(to_pil(self._to_pixels(images)) + to_pil(rec), 8).save(out)
+            return out
+        pipe = self.pipeline()
+        prompts = self.config.sample_prompts
+        images = pipe(prompts, seed=0).images
+        plots.grid(images, math.ceil(math.sqrt(len(images)))).save(out)
+        self.ema.train(False)
+        return out
+
+    def pipeline(self):
+        """A Pipeline over the EMA weights (diffusion runs)."""
+        from ..pipeline import Pipeline
+
+        return Pipeline(self.tokenizer, self.ema.text_encoder, self.ema.unet, self.vae, self.scheduler, self.config.defaults)
+
+
+def export(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a diffusion run's newest EMA weights as a model folder for Pipeline.from_pretrained."""
+    from ..pipeline import Pipeline
+
+    run = Path(run_dir)
+    if not (run / "config.json").is_file():
+        raise UnfogError(f"{run} is not a training run (no config.json)")
+    c = read_config(run / "config.json", TrainConfig)
+    if c.stage != "diffusion":
+        raise UnfogError(f"{run} is an autoencoder run; pass it to the diffusion stage with --vae instead of exporting it")
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise UnfogError(f"run {run} has no checkpoint yet")
+    tokenizer = Tokenizer.load(run / "tokenizer")
+    vae, _ = load_autoencoder(run / "vae")
+    te_cfg = TextEncoderConfig(vocab_size=tokenizer.vocab_size, context_length=c.tokenizer_context_length, eos_token_id=tokenizer.eos_id, **c.text_encoder)
+    scheduler = SchedulerConfig(**c.scheduler)
+    with torch.device("meta"):
+        model = DiffusionModel(UNet(UNetConfig(**c.unet)), TextEncoder(te_cfg), SchedulerConfig(), c.loss_weighting, c.snr_gamma)
+    model.load_state_dict(read_tensors(ckpt / "ema.safetensors"), assign=True)
+    pipe = Pipeline(tokenizer, model.text_encoder, model.unet, vae, scheduler, c.defaults)
+    pipe.save_pretrained(out_dir, dtype)
+    return Path(out_dir)
