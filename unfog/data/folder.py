@@ -62,7 +62,7 @@ class ImageCaptionFolder:
                 self._bad(str(item.path), f"cannot be read as an image ({e})", skip_bad)
         if not images:
             raise UnfogError(f"dataset folder {self.root} holds no usable image+caption pairs")
-        self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        self.images_all = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
         self.texts = texts
 
     def _bad(self, name: str, problem: str, skip: bool) -> None:
@@ -99,11 +99,14 @@ class ImageCaptionFolder:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def get(self, indices: list[int], epoch_seed: int = 0) -> tuple[torch.Tensor, list[str]]:
-        """uint8 images (B, 3, H, W) and their captions; index i wraps around the folder."""
+    def images(self, indices: list[int]) -> torch.Tensor:
+        """uint8 images (B, 3, H, W); index i wraps around the folder."""
         idx = [i % len(self) for i in indices]
-        images = self.images[idx]
+        images = self.images_all[idx]
         if self.hflip:
-            flip = torch.tensor([hash((epoch_seed, i)) % 2 == 1 for i in indices])
+            flip = torch.tensor([(i // len(self)) % 2 == 1 for i in indices])
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        return images, [self.texts[i] for i in idx]
+        return images
+
+    def captions(self, indices: list[int], epoch_seed: int = 0) -> list[str]:
+        return [self.texts[i % len(self)] for i in indices]

@@ -218,23 +218,37 @@ class ShapesStream:
 
     def __init__(self, seed: int = 0, pool: int | None = None, p_paraphrase: float = 0.1, resolution: int = SIZE):
         self.seed, self.pool, self.p_paraphrase, self.resolution = seed, pool, p_paraphrase, resolution
+        self._scenes: dict[int, Scene] = {}
 
     def __len__(self) -> int:
         return self.pool or 2**62
 
-    def get(self, indices: list[int], epoch_seed: int = 0) -> tuple["torch.Tensor", list[str]]:
+    def _scene(self, i: int) -> Scene:
+        if not self.pool:
+            return scene_for_index(self.seed, i)
+        j = i % self.pool
+        if j not in self._scenes:
+            self._scenes[j] = scene_for_index(self.seed, j)
+        return self._scenes[j]
+
+    def images(self, indices: list[int]) -> "torch.Tensor":
+        """uint8 images (B, 3, H, W)."""
         import torch
 
-        images, texts = [], []
+        out = []
         for i in indices:
-            j = i % self.pool if self.pool else i
-            scene = scene_for_index(self.seed, j)
-            image = render(scene)
+            image = render(self._scene(i))
             if self.resolution != SIZE:
                 image = image.resize((self.resolution, self.resolution), Image.BOX)
-            images.append(np.asarray(image, dtype=np.uint8))
-            texts.append(caption(training_prompt(scene, random.Random(f"caption/{self.seed}/{i}/{epoch_seed}"), p_paraphrase=self.p_paraphrase)))
-        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), texts
+            out.append(np.asarray(image, dtype=np.uint8))
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+    def captions(self, indices: list[int], epoch_seed: int = 0) -> list[str]:
+        """A caption per image; pooled images get a fresh one for each `epoch_seed`."""
+        return [
+            caption(training_prompt(self._scene(i), random.Random(f"caption/{self.seed}/{i}/{epoch_seed}"), p_paraphrase=self.p_paraphrase))
+            for i in indices
+        ]
 
     def vocabulary_captions(self, n: int = 3000) -> list[str]:
         """Captions covering every word the grammar and its paraphrases use (for the tokenizer)."""

@@ -120,6 +120,8 @@ def save_model(parts: ModelParts, directory: str | Path, dtype: torch.dtype | No
                 write_config(tmp / name / "config.json", module.config)
                 save_weights(module, tmp / name / WEIGHTS, dtype)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for p in [tmp, *tmp.rglob("*")]:  # mkdtemp makes the folder private; a model is for sharing
+            p.chmod(0o755 if p.is_dir() else 0o644)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -10,10 +10,10 @@ from ..errors import UnfogError
 
 SHAPES_PROMPTS = [
     "a red circle", "a big blue square on the left", "a small green triangle at the top", "a yellow circle in the center",
-    "a purple square on the right on a black background", "an orange triangle at the bottom", "a big red square on a gray background",
+    "a purple square on the right on a black background", "a orange triangle at the bottom", "a big red square on a gray background",
     "a small blue circle on a white background", "a red circle left of a blue square", "a green triangle above a yellow circle",
     "a big purple circle right of a small orange square", "a blue triangle below a red square", "a yellow square left of a purple triangle on a black background",
-    "a small green circle above a big orange triangle", "an orange circle below a blue circle on a gray background", "a red triangle right of a green square",
+    "a small green circle above a big orange triangle", "a orange circle below a blue circle on a gray background", "a red triangle right of a green square",
 ]
 
 
@@ -70,7 +70,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The bundled default model: a 64×64 image is a 16×16×4 latent.
     "shapes-ae": dict(stage="autoencoder", autoencoder=SHAPES_AE, batch_size=64, max_steps=4000, lr=4e-4, ema_decay=0.999),
     "shapes": dict(
-        stage="diffusion", batch_size=128, max_steps=30_000, lr=4e-4, warmup_steps=500, ema_decay=0.9995, data_pool=None,
+        # v-prediction on a zero-terminal-SNR schedule, so the first step from pure noise is
+        # trained (Lin et al. 2023); uniform weighting because min-SNR gives that step weight 0.
+        stage="diffusion", batch_size=256, max_steps=30_000, lr=4e-4, warmup_steps=500, ema_decay=0.9995, data_pool=300_000,
+        loss_weighting="uniform",
         unet=dict(in_channels=4, out_channels=4, block_channels=[64, 128, 160], layers_per_block=1, attention_levels=[True, True, True],
                   num_heads=[2, 4, 5], context_dim=128, norm_groups=16, transformer_depth=1),
         text_encoder=dict(width=128, layers=4, heads=4, mlp_width=512, activation="gelu"),

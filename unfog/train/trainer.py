@@ -196,8 +196,7 @@ class Trainer:
     def _measure_scaling_factor(self, n: int = 512) -> float:
         """1 / std of the latents, so the diffusion model sees roughly unit variance (Rombach
         et al. 2022, App. D.1)."""
-        images, _ = self.data.get(list(range(n)))
-        mean, _ = self.vae.encode(self._to_pixels(images))
+        mean, _ = self.vae.encode(self._to_pixels(self.data.images(list(range(n)))))
         return 1.0 / mean.float().std().item()
 
     def _to_pixels(self, images: torch.Tensor) -> torch.Tensor:
@@ -216,12 +215,15 @@ class Trainer:
         return torch.randint(n, (B,), generator=_step_generator(self.config.seed, step, 1)).tolist()
 
     @torch.no_grad()
-    def _latents(self, indices: list[int], images: torch.Tensor) -> torch.Tensor:
+    def _latents(self, indices: list[int]) -> torch.Tensor:
+        """Scaled latents of these samples; finite datasets cache them, so each image is
+        rendered or decoded and encoded once."""
         cacheable = len(self.data) < 2**62
         missing = [k for k, i in enumerate(indices) if not (cacheable and i % len(self.data) in self.latent_cache)]
         if missing:
+            images = self.data.images([indices[k] for k in missing])
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                mean, _ = self.vae.encode(self._to_pixels(images[missing]))
+                mean, _ = self.vae.encode(self._to_pixels(images))
             z = mean.float() * self.vae.config.scaling_factor
             if not cacheable:
                 return z
@@ -245,8 +247,8 @@ class Trainer:
         indices = self._indices(step)
         lo, hi = self.rank * B // self.world, (self.rank + 1) * B // self.world
         g = _step_generator(c.seed, step, 2)
-        images, texts = self.data.get(indices[lo:hi], epoch_seed=step)
         if c.stage == "autoencoder":
+            images = self.data.images(indices[lo:hi])
             ae = self.model.autoencoder.config
             lat = c.resolution // ae.downsample_factor
             noise = torch.randn(B, ae.latent_channels, lat, lat, generator=g)[lo:hi]
@@ -254,8 +256,8 @@ class Trainer:
         t = torch.randint(0, self.scheduler.num_train_timesteps, (B,), generator=g)[lo:hi]
         noise = torch.randn(B, *self.latent_shape, generator=g)[lo:hi]
         drop = (torch.rand(B, generator=g) < c.caption_dropout)[lo:hi]
-        texts = ["" if d else s for d, s in zip(drop.tolist(), texts)]
-        x0 = self._latents(indices[lo:hi], images)
+        texts = ["" if d else s for d, s in zip(drop.tolist(), self.data.captions(indices[lo:hi], epoch_seed=step))]
+        x0 = self._latents(indices[lo:hi])
         return (x0, self.tokenizer(texts).to(self.device), t.to(self.device), noise.to(self.device))
 
     def _train_step(self, step: int) -> float:
@@ -373,7 +375,7 @@ class Trainer:
         out = self.out / "samples" / f"step-{self.step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         if self.config.stage == "autoencoder":
-            images, _ = self.data.get(list(range(8)))
+            images = self.data.images(list(range(8)))
             rec = self.ema.autoencoder.decode(self.ema.autoencoder.encode(self._to_pixels(images))[0])
             from ..pipeline import to_pil
 
