@@ -208,7 +208,7 @@ class Pipeline:
             if tuple(latents.shape) != shape:
                 raise UnfogError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")
             noise = latents.float()
-        sigmas = make_sigmas(sigma_schedule or self.scheduler.sigma_schedule, steps, self.denoiser.alphas_cumprod, steps_offset=self.scheduler.steps_offset)
+        sigmas = make_sigmas(sigma_schedule or self.scheduler.sigma_schedule, steps, self.denoiser.alphas_cumprod.cpu(), steps_offset=self.scheduler.steps_offset)
         x = noise.to(self.device, torch.float32) * sigmas[0]
 
         context = self.encode_prompt(prompts)
