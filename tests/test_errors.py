@@ -7,7 +7,6 @@ import shutil
 import pytest
 
 from unfog import Pipeline, UnfogError
-from unfog.pipeline import DEFAULT_MODEL_DIR
 
 
 @pytest.mark.parametrize(
@@ -104,7 +103,9 @@ def test_save_over_an_existing_model_replaces_it(tiny_pipe, tmp_path):
     Pipeline.from_pretrained(tmp_path / "m")
 
 
-@pytest.mark.skipif((DEFAULT_MODEL_DIR / "model_index.json").exists(), reason="a default model is bundled")
-def test_default_model_missing_is_explained():
+def test_default_model_missing_is_explained(tmp_path, monkeypatch):
+    import unfog.pipeline
+
+    monkeypatch.setattr(unfog.pipeline, "DEFAULT_MODEL_DIR", tmp_path / "absent")
     with pytest.raises(UnfogError, match="no bundled default model"):
         Pipeline.from_pretrained()

@@ -123,11 +123,11 @@ def _data_source(args, config):
 def cmd_train(args: argparse.Namespace) -> None:
     from .train import Trainer, preset
 
-    overrides = {"max_steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+    overrides = {"max_steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "warmup_steps": args.warmup_steps, "ema_decay": args.ema_decay,
                  "grad_accum": args.grad_accum, "precision": args.precision, "data_pool": args.pool,
                  "checkpoint_every": args.checkpoint_every, "sample_every": args.sample_every}
     config = preset(args.preset, **overrides)
-    trainer = Trainer(config, _data_source(args, config), args.out, vae=args.vae, device=args.device, resume=args.resume, progress=not args.quiet)
+    trainer = Trainer(config, _data_source(args, config), args.out, vae=args.vae, init=args.init, device=args.device, resume=args.resume, progress=not args.quiet)
     summary = trainer.run()
     if trainer.rank == 0:
         print(f"{args.out}  step {summary['step']}  loss {summary['loss']:.4f}  {summary['images_per_s']:.1f} images/s  {summary['seconds']:.0f} s"
@@ -214,11 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", required=True, choices=sorted(PRESETS))
     t.add_argument("--out", required=True, help="run folder: config, checkpoints, metrics, samples")
     t.add_argument("--vae", help="autoencoder run or model folder (diffusion stage)")
+    t.add_argument("--init", help="fine-tune: start from this model folder's weights (diffusion stage)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--max-steps", type=int)
     t.add_argument("--batch-size", type=int, help="global batch size")
     t.add_argument("--grad-accum", type=int)
     t.add_argument("--lr", type=float)
+    t.add_argument("--warmup-steps", type=int)
+    t.add_argument("--ema-decay", type=float)
     t.add_argument("--seed", type=int)
     t.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     t.add_argument("--pool", type=int, help="shapes: wrap the stream to N images and cache their latents")

@@ -101,7 +101,7 @@ class Trainer:
     """One training run in `out_dir`; `run()` trains until max_steps or a stop."""
 
     def __init__(self, config: TrainConfig, data, out_dir: str | Path, *, vae: str | Path | None = None,
-                 device: str | None = None, resume: bool = False, progress: bool = True):
+                 init: str | Path | None = None, device: str | None = None, resume: bool = False, progress: bool = True):
         self.out = Path(out_dir)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -130,13 +130,18 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
         torch.manual_seed(c.seed)
         if c.stage == "autoencoder":
+            if init is not None:
+                raise UnfogError("--init applies to the diffusion stage; it starts from a model folder")
             self.model = AutoencoderModel(AutoencoderConfig(**c.autoencoder), c.kl_weight)
             self.latent_shape = None
+        elif init is not None and ckpt is None:
+            self._init_from_model(init)
         else:
             self._build_diffusion(vae, resume)
+        if self.rank == 0:
+            (self.out / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
         self.model.to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -191,6 +196,32 @@ class Trainer:
         if unet_cfg.context_dim != te_cfg.width:
             raise UnfogError(f"the U-Net's context_dim {unet_cfg.context_dim} must equal the text encoder width {te_cfg.width}")
         self.model = DiffusionModel(UNet(unet_cfg), TextEncoder(te_cfg), self.scheduler, c.loss_weighting, c.snr_gamma)
+
+    def _init_from_model(self, init) -> None:
+        """Fine-tune: start from a model folder's tokenizer, text encoder, U-Net and
+        autoencoder; the run's config takes the folder's architecture and noise process."""
+        from ..formats import load_model
+
+        c = self.config
+        parts = load_model(init)
+        if parts.vae is None:
+            raise UnfogError(f"{init} is a pixel-space model; the trainer's diffusion stage trains latent models")
+        self.tokenizer, self.vae, self.scheduler = parts.tokenizer, parts.vae.to(self.device).requires_grad_(False), parts.scheduler
+        te = asdict(parts.text_encoder.config)
+        c.tokenizer_context_length = te.pop("context_length")
+        for key in ("vocab_size", "eos_token_id"):
+            te.pop(key)
+        c.text_encoder, c.unet, c.scheduler = te, asdict(parts.unet.config), asdict(parts.scheduler)
+        c.defaults = {**c.defaults, **parts.defaults}
+        f = self.vae.config.downsample_factor
+        self.latent_shape = (self.vae.config.latent_channels, c.resolution // f, c.resolution // f)
+        self.model = DiffusionModel(parts.unet.train(), parts.text_encoder.train(), self.scheduler, c.loss_weighting, c.snr_gamma)
+        if self.rank == 0:
+            self.tokenizer.save(self.out / "tokenizer")
+            vae_dir = self.out / "vae"
+            vae_dir.mkdir(parents=True, exist_ok=True)
+            (vae_dir / "config.json").write_text(json.dumps(asdict(self.vae.config), indent=2) + "\n")
+            save_weights(self.vae, vae_dir / "model.safetensors")
 
     @torch.no_grad()
     def _measure_scaling_factor(self, n: int = 512) -> float:

@@ -1,0 +1,38 @@
+"""The bundled default model: present, small, fast to load, and following its prompts."""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from unfog import Pipeline
+from unfog.cli import main
+from unfog.data.shapes import random_prompt, caption
+from unfog.eval.shapes import check
+from unfog.pipeline import DEFAULT_MODEL_DIR
+
+
+def test_bundled_model_is_small():
+    size = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file())
+    assert size <= 30 * 2**20
+
+
+def test_default_model_follows_simple_prompts():
+    import random
+
+    pipe = Pipeline.from_pretrained()
+    rng = random.Random(123)
+    prompts = [random_prompt(rng, objects=1) for _ in range(12)]
+    images = pipe([caption(p) for p in prompts], seed=0).images
+    followed = sum(all(check(im, p).values()) for im, p in zip(images, prompts))
+    assert followed >= 9, followed
+
+
+def test_cli_generates_with_the_bundled_model(tmp_path):
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red circle on the left", "-o", str(out), "--seed", "1", "-q"]) == 0
+    with Image.open(out) as im:
+        pixels = np.asarray(im.convert("RGB")).astype(int)
+    red = (np.abs(pixels - [220, 30, 30]).sum(-1) < 90)
+    ys, xs = np.nonzero(red)
+    assert red.sum() > 50 and xs.mean() < 26
