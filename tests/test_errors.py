@@ -85,7 +85,7 @@ def test_bad_config(tiny_model_dir, tmp_path):
 def test_not_a_model_folder(tmp_path):
     with pytest.raises(UnfogError, match="does not exist"):
         Pipeline.from_pretrained(tmp_path / "nope")
-    with pytest.raises(UnfogError, match="not an unfog model folder"):
+    with pytest.raises(UnfogError, match="neither an unfog model folder nor a diffusers"):
         Pipeline.from_pretrained(tmp_path)
 
 

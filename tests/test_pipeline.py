@@ -63,7 +63,7 @@ def test_guidance_scale_one_equals_conditional_only(tiny_pipe):
     assert calls == [1] * 4  # no unconditional half
     ctx = tiny_pipe.encode_prompt(["a red circle"])
     sigmas = make_sigmas(tiny_pipe.scheduler.sigma_schedule, 4, tiny_pipe.denoiser.alphas_cumprod)
-    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4)) * sigmas[0]
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4)) * (1 + sigmas[0] ** 2).sqrt()
     with torch.inference_mode():
         manual = SAMPLERS["euler"](lambda x, s: tiny_pipe.denoiser(x, s, context=ctx), x, sigmas)
     assert np.array_equal(pixels(out.images[0]), pixels(tiny_pipe.decode(manual)[0]))

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .diffusion import DiscreteDenoiser, SchedulerConfig, classifier_free_guidance, make_sigmas
 from .errors import UnfogError
-from .formats import ModelParts, load_model, save_model
+from .formats import ModelParts, load_any, save_model
 from .nn import Autoencoder, TextEncoder, Tokenizer, UNet
 from .samplers import get_sampler
 
@@ -61,8 +61,10 @@ class Pipeline:
     # ---- loading and saving -------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None) -> "Pipeline":
-        """Load a model folder; `None` loads the default model bundled with unfog."""
+    def from_pretrained(cls, path: str | Path | None = None, *, clip_skip: int = 0) -> "Pipeline":
+        """Load an unfog model folder or a diffusers-layout Stable Diffusion folder; `None`
+        loads the default model bundled with unfog. `clip_skip` (Stable Diffusion folders)
+        takes the text states that many layers before the last."""
         if path is None:
             if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
                 raise UnfogError(
@@ -71,7 +73,7 @@ class Pipeline:
                     "pass a model folder: Pipeline.from_pretrained('path/to/model')"
                 )
             path = DEFAULT_MODEL_DIR
-        p = load_model(path)
+        p = load_any(path, clip_skip=clip_skip) if clip_skip else load_any(path)
         return cls(p.tokenizer, p.text_encoder, p.unet, p.vae, p.scheduler, p.defaults)
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
@@ -171,7 +173,7 @@ class Pipeline:
     ) -> PipelineOutput:
         """Generate images for one prompt or a list; image k of the batch uses its own seed.
 
-        `latents` are standard-normal starting noise (B, C, h, w), scaled here by σ_max.
+        `latents` are standard-normal starting noise (B, C, h, w), scaled here by sqrt(1 + σ_0²).
         `callback(i, x, x0_hat)` is called after each sampler step.
         """
         d = self.defaults
@@ -209,7 +211,9 @@ class Pipeline:
                 raise UnfogError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")
             noise = latents.float()
         sigmas = make_sigmas(sigma_schedule or self.scheduler.sigma_schedule, steps, self.denoiser.alphas_cumprod.cpu(), steps_offset=self.scheduler.steps_offset)
-        x = noise.to(self.device, torch.float32) * sigmas[0]
+        # Start from the forward process's marginal at σ_0 for unit-variance data: x_0 + σ_0·n has
+        # standard deviation sqrt(1 + σ_0²) (diffusers' init_noise_sigma for VP models).
+        x = noise.to(self.device, torch.float32) * (1 + sigmas[0] ** 2).sqrt()
 
         context = self.encode_prompt(prompts)
         uncond = self.encode_prompt(negatives) if scale != 1 else None

@@ -67,15 +67,20 @@ def write_config(path: Path, config) -> None:
     path.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
 
-def load_weights(module: nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> None:
-    """Load a safetensors file into `module`, requiring exactly its keys and shapes; floating
-    tensors are cast to `dtype` (files may be stored in half precision to save space)."""
+def read_tensors_file(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a damaged file gives an error naming it."""
     if not path.is_file():
         raise UnfogError(f"weight file {path} is missing")
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise UnfogError(f"weight file {path} is not a readable safetensors file ({e}); re-save or re-download it") from None
+
+
+def load_weights(module: nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Load a safetensors file into `module`, requiring exactly its keys and shapes; floating
+    tensors are cast to `dtype` (files may be stored in half precision to save space)."""
+    state = read_tensors_file(path)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

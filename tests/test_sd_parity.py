@@ -1,0 +1,191 @@
+"""unfog computes what diffusers and transformers compute, on tiny random Stable Diffusion
+1.x- and 2.x-style models saved in the diffusers folder layout."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from unfog import Pipeline  # noqa: E402
+from unfog.errors import UnfogError  # noqa: E402
+
+WORDS = ["a", "red", "circle", "photo", "of", "cat", "dog", "astronaut", "riding", "horse", "on", "mars", "blue", "square"]
+
+
+def bytes_to_unicode():
+    """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_tiny_clip_vocab(directory):
+    """A small but real CLIP-format BPE vocabulary: all bytes, with and without </w>, plus
+    merges that build a handful of whole words."""
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars]
+    merges = []
+    for w in WORDS:
+        pieces = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(pieces) > 1:
+            a, b = pieces[0], pieces[1]
+            merges.append(f"{a} {b}")
+            if a + b not in vocab:
+                vocab.append(a + b)
+            pieces = [a + b] + pieces[2:]
+    merges = list(dict.fromkeys(merges))
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return len(vocab)
+
+
+def build_sd(root, *, v2: bool, scheduler_cls="DDIMScheduler"):
+    """Build a tiny SD pipeline with diffusers/transformers and save it in diffusers' layout."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    vocab = write_tiny_clip_vocab(root / "_tok")
+    tokenizer = CLIPTokenizer(str(root / "_tok" / "vocab.json"), str(root / "_tok" / "merges.txt"), pad_token="!" if v2 else "<|endoftext|>", model_max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+        hidden_act="gelu" if v2 else "quick_gelu", bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=1))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D") if not v2 else ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D") if not v2 else ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4) if v2 else 2, use_linear_projection=v2)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16)
+    # Random weights are tiny near init; spread them so every layer matters to the output.
+    for m in (unet, vae, text_encoder):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    sched_cls = getattr(diffusers, scheduler_cls)
+    scheduler = sched_cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+                          prediction_type="v_prediction" if v2 else "epsilon", **({"set_alpha_to_one": True, "clip_sample": False} if scheduler_cls == "DDIMScheduler" else {}))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "sd", safe_serialization=True)
+    return pipe
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def sd(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    ref = build_sd(root, v2=request.param == "sd2")
+    return ref, Pipeline.from_pretrained(root / "sd"), root / "sd"
+
+
+PROMPTS = ["a photo of a cat", "An astronaut riding a horse on Mars!", "", "  red   circle\tblue square ", "dog " * 40, "café naïve 123"]
+
+
+def test_tokenizer_matches_clip_tokenizer(sd):
+    ref, ours, _ = sd
+    expected = ref.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ours.tokenizer(PROMPTS), expected)
+
+
+def test_tokenizer_from_vocab_and_merges_files(sd, tmp_path):
+    """Older folders carry vocab.json + merges.txt instead of tokenizer.json."""
+    from unfog.formats.diffusers_folder import clip_tokenizer
+
+    ref, ours, path = sd
+    old = tmp_path / "tok"
+    old.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (old / name).write_bytes((path.parent / "_tok" / name).read_bytes())
+    (old / "tokenizer_config.json").write_text((path / "tokenizer" / "tokenizer_config.json").read_text())
+    assert torch.equal(clip_tokenizer(old)(PROMPTS), ours.tokenizer(PROMPTS))
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_text_encoder_matches(sd):
+    ref, ours, _ = sd
+    ids = ref.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = ref.text_encoder(ids)
+        states, pooled = ours.text_encoder(ids)
+    assert rel_err(states, out.last_hidden_state) < 1e-5
+    assert rel_err(pooled, out.pooler_output) < 1e-5
+
+
+def test_unet_matches(sd):
+    ref, ours, _ = sd
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        expected = ref.unet(x, t, encoder_hidden_states=ctx).sample
+        got = ours.unet(x, t, ctx)
+    assert rel_err(got, expected) < 1e-5
+
+
+def test_vae_matches(sd):
+    ref, ours, _ = sd
+    g = torch.Generator().manual_seed(2)
+    z, img = torch.randn(1, 4, 8, 8, generator=g), torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        assert rel_err(ours.vae.decode(z), ref.vae.decode(z).sample) < 1e-5
+        assert rel_err(ours.vae.encode(img)[0], ref.vae.encode(img).latent_dist.mean) < 1e-5
+
+
+SAMPLERS = [("DDIMScheduler", "ddim"), ("EulerDiscreteScheduler", "euler"), ("HeunDiscreteScheduler", "heun"),
+            ("DPMSolverMultistepScheduler", "dpmpp_2m"), ("EulerAncestralDiscreteScheduler", "euler_ancestral")]
+
+
+@pytest.mark.parametrize("scheduler_cls, sampler", SAMPLERS)
+def test_pipeline_images_match(sd, scheduler_cls, sampler):
+    ref, ours, _ = sd
+    # diffusers' DPM-Solver multistep reads "leading" as n+1 divisions, unlike DDIM and Euler;
+    # its "trailing" is the common definition.
+    spacing = "trailing" if sampler == "dpmpp_2m" else "leading"
+    ref.scheduler = getattr(diffusers, scheduler_cls).from_config(ref.scheduler.config, timestep_spacing=spacing)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(num_inference_steps=8, guidance_scale=6.0)
+    expected = ref("a photo of a cat", negative_prompt="dog", latents=latents.clone(), output_type="np",
+                   generator=torch.Generator().manual_seed(11), **kwargs).images[0]
+    got = ours("a photo of a cat", negative_prompt="dog", latents=latents, sampler=sampler, sigma_schedule=spacing,
+               generator=torch.Generator().manual_seed(11), **kwargs).images[0]
+    got = np.asarray(got, dtype=np.float32) / 255
+    assert np.abs(got - expected).max() <= 1e-3 + 0.5 / 255  # ours is rounded to 8 bits
+
+
+def test_bad_diffusers_folders(sd, tmp_path):
+    import shutil
+
+    _, _, path = sd
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    (bad / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (bad / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(UnfogError, match="pickled weights .* unfog convert --allow-pickle"):
+        Pipeline.from_pretrained(bad)
+    shutil.rmtree(bad)
+    shutil.copytree(path, bad)
+    cfg = json.loads((bad / "unet" / "config.json").read_text())
+    cfg["block_out_channels"] = [32, 48]
+    (bad / "unet" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnfogError, match=r"weight '.*' has shape"):
+        Pipeline.from_pretrained(bad)
+    shutil.rmtree(bad / "vae")
+    with pytest.raises(UnfogError, match="lacks the vae/"):
+        Pipeline.from_pretrained(bad)

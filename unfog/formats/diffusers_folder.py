@@ -1,0 +1,158 @@
+"""Loading the diffusers folder layout (model_index.json, unet/, vae/, text_encoder/,
+tokenizer/, scheduler/) into unfog's own networks, through explicit key maps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+from torch import nn
+
+from ..errors import UnfogError
+from ..nn import Autoencoder, TextEncoder, Tokenizer, TokenizerConfig, UNet
+from .folder import ModelParts, read_tensors_file
+from .keymaps import (
+    map_text_encoder_key, map_unet_key, map_vae_key, scheduler_config_from_diffusers, text_encoder_config_from_transformers,
+    unet_config_from_diffusers, vae_config_from_diffusers,
+)
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+# CLIP's pre-tokenizer pattern: special tokens, English contractions, letter runs, single
+# digits, and runs of other non-space characters.
+CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+SAMPLER_FOR_SCHEDULER = {
+    "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_ancestral",
+    "HeunDiscreteScheduler": "heun", "DPMSolverMultistepScheduler": "dpmpp_2m",
+}
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return "_diffusers_version" in data or "_class_name" in data
+
+
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        raise UnfogError(f"{path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UnfogError(f"{path} is not valid JSON: {e}") from None
+
+
+def component_state(directory: Path, stem: str) -> dict[str, torch.Tensor]:
+    """All tensors of one component: `stem.safetensors`, its fp16 variant, or shards listed
+    in `stem.safetensors.index.json`. Pickled weights are refused."""
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
+        if (directory / name).is_file():
+            return read_tensors_file(directory / name)
+    index = directory / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        state = {}
+        for shard in sorted(set(_json(index).get("weight_map", {}).values())):
+            state.update(read_tensors_file(directory / shard))
+        return state
+    pickles = [p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise UnfogError(
+            f"{directory} holds only pickled weights ({', '.join(pickles)}); unfog does not load pickles because loading one can run "
+            f"arbitrary code. Convert them to safetensors first: unfog convert --allow-pickle {directory / pickles[0]} OUT_DIR"
+        )
+    raise UnfogError(f"no {stem}.safetensors in {directory}")
+
+
+def load_mapped(module: nn.Module, state: dict[str, torch.Tensor], key_map: Callable[[str], str | None], source: str, dtype=torch.float32) -> nn.Module:
+    """Rename foreign keys with `key_map`, check every key and shape, and load them."""
+    expected = module.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        new = key_map(key)
+        if new is None:
+            continue
+        if new not in expected:
+            raise UnfogError(f"{source}: weight {key!r} has no place in unfog's network (mapped to {new!r}); is this the right architecture?")
+        if tuple(value.shape) != tuple(expected[new].shape):
+            raise UnfogError(f"{source}: weight {key!r} has shape {tuple(value.shape)} but the config needs {tuple(expected[new].shape)}")
+        mapped[new] = value.to(dtype) if value.is_floating_point() else value
+    missing = sorted(set(expected) - set(mapped))
+    if missing:
+        raise UnfogError(f"{source}: missing weights for {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    for key, value in mapped.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise UnfogError(f"{source}: weight {key!r} holds NaN or infinite values")
+    module.load_state_dict(mapped, assign=True)
+    return module.eval()
+
+
+def _clip_bpe(directory: Path) -> HFTokenizer:
+    vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
+    for p in (vocab_path, merges_path):
+        if not p.is_file():
+            raise UnfogError(f"tokenizer file {p} is missing (a CLIP tokenizer needs tokenizer.json, or vocab.json and merges.txt)")
+    vocab = _json(vocab_path)
+    lines = merges_path.read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<|endoftext|>", end_of_word_suffix="</w>", continuing_subword_prefix="", fuse_unk=False))
+    backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def clip_tokenizer(directory: Path, context_length: int = 77) -> Tokenizer:
+    """CLIP's byte-level BPE from vocab.json + merges.txt, framed like transformers'
+    CLIPTokenizer: NFC, whitespace collapsed, lower-cased, <|startoftext|> … <|endoftext|>, padded."""
+    if (directory / "tokenizer.json").is_file():  # transformers 5 saves the whole pipeline in one file
+        try:
+            backend = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises its own exception types
+            raise UnfogError(f"cannot read {directory / 'tokenizer.json'}: {e}") from None
+    else:
+        backend = _clip_bpe(directory)
+    pad = "<|endoftext|>"
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (directory / name).is_file():
+            value = _json(directory / name).get("pad_token")
+            pad = (value.get("content") if isinstance(value, dict) else value) or pad
+            break
+    # transformers registers the special tokens, the pad token included, as whole-text matches:
+    # with SD 2.x's pad "!", a "!" in a prompt becomes the pad id, not the BPE piece "!</w>".
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys([pad, "<|startoftext|>", "<|endoftext|>"])])
+    cfg = _json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
+    length = min(int(cfg.get("model_max_length", context_length)), context_length)
+    return Tokenizer(backend, TokenizerConfig(context_length=length, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token=pad))
+
+
+def load_diffusers(path: str | Path, *, clip_skip: int = 0) -> ModelParts:
+    """A Stable Diffusion 1.x / 2.x folder in diffusers' layout."""
+    root = Path(path)
+    index = _json(root / "model_index.json")
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if part not in index or not (root / part).is_dir():
+            raise UnfogError(f"{root} lacks the {part}/ component that unfog needs")
+    unet_cfg = unet_config_from_diffusers(_json(root / "unet" / "config.json"))
+    vae_cfg = vae_config_from_diffusers(_json(root / "vae" / "config.json"))
+    te_cfg = text_encoder_config_from_transformers(_json(root / "text_encoder" / "config.json"), clip_skip)
+    sched, hints = scheduler_config_from_diffusers(_json(root / "scheduler" / "scheduler_config.json"))
+    with torch.device("meta"):
+        unet, vae, te = UNet(unet_cfg), Autoencoder(vae_cfg), TextEncoder(te_cfg)
+    load_mapped(unet, component_state(root / "unet", "diffusion_pytorch_model"), map_unet_key, str(root / "unet"))
+    load_mapped(vae, component_state(root / "vae", "diffusion_pytorch_model"), map_vae_key, str(root / "vae"))
+    load_mapped(te, component_state(root / "text_encoder", "model"), map_text_encoder_key, str(root / "text_encoder"))
+    tokenizer = clip_tokenizer(root / "tokenizer", te_cfg.context_length)
+    sample = _json(root / "unet" / "config.json").get("sample_size", 64)
+    size = (sample if isinstance(sample, int) else sample[0]) * vae_cfg.downsample_factor
+    defaults = {"sampler": SAMPLER_FOR_SCHEDULER.get(hints["class"], "dpmpp_2m"), "num_inference_steps": 50, "guidance_scale": 7.5, "height": size, "width": size}
+    return ModelParts(tokenizer=tokenizer, text_encoder=te, unet=unet, vae=vae, scheduler=sched, defaults=defaults)
