@@ -189,3 +189,92 @@ def test_bad_diffusers_folders(sd, tmp_path):
     shutil.rmtree(bad / "vae")
     with pytest.raises(UnfogError, match="lacks the vae/"):
         Pipeline.from_pretrained(bad)
+
+
+def test_single_file_checkpoint_matches_diffusers_from_single_file(sd, tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ldm_layout import write_ldm_checkpoint
+
+    ref, ours, folder = sd
+    ckpt = tmp_path / "model.safetensors"
+    write_ldm_checkpoint(ours, ckpt, open_clip=ours.unet.config.linear_projection)
+    theirs = StableDiffusionPipeline.from_single_file(str(ckpt), config=str(folder), local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    mine = Pipeline.from_pretrained(ckpt, config=folder)
+    g = torch.Generator().manual_seed(4)
+    x, ctx, z = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    ids = ours.tokenizer(["a photo of a cat"])
+    with torch.no_grad():
+        assert rel_err(mine.unet(x, torch.tensor([500]), ctx), theirs.unet(x, torch.tensor([500]), encoder_hidden_states=ctx).sample) < 1e-5
+        assert rel_err(mine.vae.decode(z), theirs.vae.decode(z).sample) < 1e-5
+        assert rel_err(mine.text_encoder(ids)[0], theirs.text_encoder(ids).last_hidden_state) < 1e-5
+    theirs.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    expected = theirs("a photo of a cat", latents=latents.clone(), num_inference_steps=6, guidance_scale=5.0, output_type="np").images[0]
+    got = np.asarray(mine("a photo of a cat", latents=latents, num_inference_steps=6, guidance_scale=5.0, sampler="ddim", sigma_schedule="leading", height=16, width=16).images[0], dtype=np.float32) / 255
+    assert np.abs(got - expected).max() <= 1e-3 + 0.5 / 255
+
+
+def test_single_file_needs_a_tokenizer_and_refuses_pickles(sd, tmp_path):
+    from ldm_layout import write_ldm_checkpoint
+
+    _, ours, folder = sd
+    ckpt = tmp_path / "model.safetensors"
+    write_ldm_checkpoint(ours, ckpt, open_clip=ours.unet.config.linear_projection)
+    with pytest.raises(UnfogError, match="carries no tokenizer"):
+        Pipeline.from_pretrained(ckpt)
+    (tmp_path / "model.ckpt").write_bytes(b"x")
+    with pytest.raises(UnfogError, match="can run arbitrary code.*unfog convert --allow-pickle"):
+        Pipeline.from_pretrained(tmp_path / "model.ckpt")
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(UnfogError, match="not a readable safetensors file"):
+        Pipeline.from_pretrained(tmp_path / "bad.safetensors")
+
+
+def test_convert_every_layout_to_an_unfog_folder(sd, tmp_path):
+    from ldm_layout import write_ldm_checkpoint
+    from unfog.cli import main
+
+    ref, ours, folder = sd
+    ckpt = tmp_path / "model.safetensors"
+    write_ldm_checkpoint(ours, ckpt, open_clip=ours.unet.config.linear_projection)
+    pickle = tmp_path / "model.ckpt"
+    torch.save({"state_dict": __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(ckpt))}, pickle)
+    assert main(["convert", str(folder), str(tmp_path / "a")]) == 0
+    assert main(["convert", str(ckpt), str(tmp_path / "b"), "--config", str(folder)]) == 0
+    assert main(["convert", str(pickle), str(tmp_path / "c")]) == 2 and not (tmp_path / "c").exists()
+    assert main(["convert", str(pickle), str(tmp_path / "c"), "--allow-pickle", "--config", str(folder)]) == 0
+    kwargs = dict(seed=0, num_inference_steps=4, height=16, width=16, sampler="euler")
+    images = [np.asarray(Pipeline.from_pretrained(tmp_path / d)("a red circle", **kwargs).images[0]) for d in "abc"]
+    assert np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
+    # a failed conversion leaves nothing behind
+    assert main(["convert", str(tmp_path / "missing.safetensors"), str(tmp_path / "d")]) == 2 and not (tmp_path / "d").exists()
+
+
+def test_generate_cli_with_diffusers_folder_and_single_file(sd, tmp_path):
+    from ldm_layout import write_ldm_checkpoint
+    from unfog.cli import main
+
+    _, ours, folder = sd
+    ckpt = tmp_path / "model.safetensors"
+    write_ldm_checkpoint(ours, ckpt, open_clip=ours.unet.config.linear_projection)
+    common = ["--steps", "3", "--height", "16", "--width", "16", "-q"]
+    assert main(["generate", "a cat", "--model", str(folder), "-o", str(tmp_path / "x.png"), *common]) == 0
+    assert main(["generate", "a cat", "--model", str(ckpt), "--config", str(folder), "-o", str(tmp_path / "y.png"), *common]) == 0
+
+
+def test_architecture_is_inferred_from_a_single_file(sd, tmp_path):
+    from ldm_layout import write_ldm_checkpoint
+    from safetensors.torch import load_file
+
+    from unfog.formats.single_file import detect, infer_unet_config, infer_vae_config
+
+    _, ours, _ = sd
+    ckpt = tmp_path / "model.safetensors"
+    v2 = ours.unet.config.linear_projection
+    write_ldm_checkpoint(ours, ckpt, open_clip=v2)
+    state = load_file(str(ckpt))
+    assert detect(state) == ("sd2" if v2 else "sd1")
+    u, c = infer_unet_config(state, detect(state)), ours.unet.config
+    assert (u.block_channels, u.layers_per_block, u.attention_levels, u.context_dim, u.linear_projection) == (c.block_channels, c.layers_per_block, c.attention_levels, c.context_dim, c.linear_projection)
+    assert infer_vae_config(state).block_channels == ours.vae.config.block_channels

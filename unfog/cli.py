@@ -34,7 +34,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.trajectory_frames < 2:
         raise UnfogError("--trajectory-frames must be at least 2")
-    pipe = Pipeline.from_pretrained(args.model)
+    options = {k: v for k, v in (("config", args.config), ("tokenizer", args.tokenizer), ("clip_skip", args.clip_skip)) if v}
+    pipe = Pipeline.from_pretrained(args.model, **options)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype] if args.dtype else None
     pipe.to(args.device, dtype)
     trajectory: list = []
@@ -143,6 +144,26 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(export(args.run_dir, args.out_dir, dtype))
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from .formats import ModelParts, load_any, save_model
+    from .formats.single_file import parts_from_state, read_pickle_checkpoint
+
+    src = Path(args.input)
+    options = {"config": args.config, "tokenizer": args.tokenizer, "prediction_type": args.prediction_type}
+    if src.is_file() and src.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        if not args.allow_pickle:
+            raise UnfogError(f"{src} is a pickle; loading one can run arbitrary code. If you trust its source, pass --allow-pickle "
+                             "(it is then read with torch.load(weights_only=True), which only builds tensors)")
+        parts = parts_from_state(read_pickle_checkpoint(src), str(src), **options)
+    else:
+        parts = load_any(src, **options) if src.is_file() else load_any(src)
+    dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    save_model(parts, args.output, dtype)  # written to a temporary folder, renamed into place at the end
+    print(f"{args.output}  (from {src})")
+
+
 def cmd_eval_shapes(args: argparse.Namespace) -> None:
     import json
 
@@ -180,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
-    g.add_argument("--model", help="model folder (default: the bundled model)")
+    g.add_argument("--model", help="unfog or diffusers model folder, or single-file SD checkpoint (default: the bundled model)")
+    g.add_argument("--config", help="single-file checkpoints: a diffusers-layout config folder")
+    g.add_argument("--tokenizer", help="single-file checkpoints: a CLIP tokenizer folder")
+    g.add_argument("--clip-skip", type=int, default=0)
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps …")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--trajectory", help="also save a strip of the x0 estimates along the way")
@@ -237,6 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out_dir")
     x.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="storage precision")
     x.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("convert", help="convert Stable Diffusion weights (diffusers folder, single file, pickle) to an unfog model folder")
+    c.add_argument("input", help="diffusers-layout folder, single-file .safetensors, or .ckpt/.pt with --allow-pickle")
+    c.add_argument("output", help="unfog model folder to write")
+    c.add_argument("--allow-pickle", action="store_true", help="read a pickle checkpoint with torch.load(weights_only=True)")
+    c.add_argument("--config", help="single files: a diffusers-layout config folder (configs, tokenizer, scheduler)")
+    c.add_argument("--tokenizer", help="single files without --config: a CLIP tokenizer folder")
+    c.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"])
+    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    c.set_defaults(func=cmd_convert)
 
     e = sub.add_parser("eval", help="measure a model")
     esub = e.add_subparsers(dest="suite", required=True)

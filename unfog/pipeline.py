@@ -61,10 +61,12 @@ class Pipeline:
     # ---- loading and saving -------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, *, clip_skip: int = 0) -> "Pipeline":
-        """Load an unfog model folder or a diffusers-layout Stable Diffusion folder; `None`
-        loads the default model bundled with unfog. `clip_skip` (Stable Diffusion folders)
-        takes the text states that many layers before the last."""
+    def from_pretrained(cls, path: str | Path | None = None, **options) -> "Pipeline":
+        """Load an unfog model folder, a diffusers-layout Stable Diffusion folder or a
+        single-file SD 1.x/2.x `.safetensors`; `None` loads the default model bundled with
+        unfog. Options for Stable Diffusion weights: `clip_skip` (text states that many layers
+        before the last), and for single files `config` (a diffusers-layout config folder),
+        `tokenizer` (a CLIP tokenizer folder), `prediction_type`."""
         if path is None:
             if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
                 raise UnfogError(
@@ -73,7 +75,7 @@ class Pipeline:
                     "pass a model folder: Pipeline.from_pretrained('path/to/model')"
                 )
             path = DEFAULT_MODEL_DIR
-        p = load_any(path, clip_skip=clip_skip) if clip_skip else load_any(path)
+        p = load_any(path, **options)
         return cls(p.tokenizer, p.text_encoder, p.unet, p.vae, p.scheduler, p.defaults)
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:

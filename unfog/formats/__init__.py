@@ -7,10 +7,15 @@ from .folder import ModelParts, is_model_folder, load_model, save_model
 
 
 def load_any(path: str | Path, **kwargs) -> ModelParts:
-    """An unfog model folder or a diffusers-layout Stable Diffusion folder."""
+    """An unfog model folder, a diffusers-layout Stable Diffusion folder, or a single-file
+    Stable Diffusion checkpoint (`kwargs`: config, tokenizer, prediction_type, clip_skip)."""
     from .diffusers_folder import is_diffusers_folder, load_diffusers
+    from .single_file import load_single_file
 
     p = Path(path)
+    if p.is_file():
+        return load_single_file(p, **kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k == "clip_skip" and v}
     if is_model_folder(p) and not is_diffusers_folder(p):
         return load_model(p)
     if is_diffusers_folder(p):

@@ -1,0 +1,282 @@
+"""Single-file Stable Diffusion checkpoints in the original latent-diffusion key layout
+(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`), SD 1.x and 2.x.
+
+Each `convert_*` turns the foreign tensors of one component into unfog's names (one foreign
+tensor may become several, as OpenCLIP's fused q/k/v projection does). The architecture is
+read from the weights' shapes, or taken from a diffusers-layout config folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import UnfogError
+from ..nn import Autoencoder, AutoencoderConfig, TextEncoder, TextEncoderConfig, UNet, UNetConfig
+from .diffusers_folder import _json, clip_tokenizer, load_mapped
+from .folder import ModelParts, read_tensors_file
+from .keymaps import map_text_encoder_key, scheduler_config_from_diffusers, text_encoder_config_from_transformers, unet_config_from_diffusers, vae_config_from_diffusers
+from ..diffusion.config import SchedulerConfig
+
+UNET, VAE, SD1_TEXT, SD2_TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", "cond_stage_model.model."
+RES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+VAE_RES = {"nin_shortcut": "conv_shortcut"}
+
+
+def _sub(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _transformer_key(rest: str) -> str:
+    return rest.replace("to_out.0.", "to_out.").replace("ff.net.0.proj.", "ff.proj.").replace("ff.net.2.", "ff.out.")
+
+
+def _res_key(rest: str, table: dict) -> str:
+    for a, b in table.items():
+        if rest.startswith(a + "."):
+            return b + rest[len(a):]
+    return rest
+
+
+def unet_layout(levels: int, lpb: int):
+    """Which LDM input/output block index holds which (level, position) of unfog's U-Net."""
+    inputs, k = {}, 1
+    for level in range(levels):
+        for j in range(lpb):
+            inputs[k] = (level, j)
+            k += 1
+        if level < levels - 1:
+            inputs[k] = (level, "down")
+            k += 1
+    outputs, k = {}, 0
+    for up in range(levels):
+        for j in range(lpb + 1):
+            outputs[k] = (up, j)
+            k += 1
+    return inputs, outputs
+
+
+def convert_unet(state: dict, config: UNetConfig) -> dict:
+    """LDM U-Net tensors → unfog UNet tensors."""
+    levels, lpb = len(config.block_channels), config.layers_per_block
+    inputs, outputs = unet_layout(levels, lpb)
+    out = {}
+    for key, value in state.items():
+        if key.startswith("time_embed."):
+            new = key.replace("time_embed.0.", "time_embedding.linear_1.").replace("time_embed.2.", "time_embedding.linear_2.")
+        elif key.startswith("input_blocks.0.0."):
+            new = "conv_in." + key[len("input_blocks.0.0."):]
+        elif key.startswith("out.0."):
+            new = "norm_out." + key[len("out.0."):]
+        elif key.startswith("out.2."):
+            new = "conv_out." + key[len("out.2."):]
+        elif key.startswith("middle_block."):
+            m = re.match(r"middle_block\.(\d)\.(.*)", key)
+            idx, rest = int(m[1]), m[2]
+            new = f"mid_block.attentions.0.{_transformer_key(rest)}" if idx == 1 else f"mid_block.resnets.{idx // 2}.{_res_key(rest, RES)}"
+        elif key.startswith("input_blocks."):
+            m = re.match(r"input_blocks\.(\d+)\.(\d)\.(.*)", key)
+            if not m or int(m[1]) not in inputs:
+                raise UnfogError(f"U-Net weight {UNET + key!r} does not fit a {levels}-level U-Net with {lpb} blocks per level")
+            level, j = inputs[int(m[1])]
+            sub, rest = int(m[2]), m[3]
+            if j == "down":
+                new = f"down_blocks.{level}.resample.{rest.replace('op.', 'conv.')}"
+            elif sub == 0:
+                new = f"down_blocks.{level}.resnets.{j}.{_res_key(rest, RES)}"
+            else:
+                new = f"down_blocks.{level}.attentions.{j}.{_transformer_key(rest)}"
+        elif key.startswith("output_blocks."):
+            m = re.match(r"output_blocks\.(\d+)\.(\d)\.(.*)", key)
+            if not m or int(m[1]) not in outputs:
+                raise UnfogError(f"U-Net weight {UNET + key!r} does not fit a {levels}-level U-Net with {lpb} blocks per level")
+            up, j = outputs[int(m[1])]
+            sub, rest = int(m[2]), m[3]
+            has_attn = config.attention_levels[levels - 1 - up]
+            if sub == 0:
+                new = f"up_blocks.{up}.resnets.{j}.{_res_key(rest, RES)}"
+            elif sub == 1 and has_attn:
+                new = f"up_blocks.{up}.attentions.{j}.{_transformer_key(rest)}"
+            else:
+                new = f"up_blocks.{up}.resample.{rest}"
+        else:
+            raise UnfogError(f"U-Net weight {UNET + key!r} is not part of a Stable Diffusion 1.x/2.x U-Net")
+        out[new] = value
+    return out
+
+
+def convert_vae(state: dict, config: AutoencoderConfig) -> dict:
+    """LDM autoencoder tensors → unfog Autoencoder tensors (1×1-conv attention → linear)."""
+    levels = len(config.block_channels)
+    out = {}
+    for key, value in state.items():
+        new = key
+        m = re.match(r"(encoder|decoder)\.(down|up)\.(\d+)\.(block\.(\d+)|downsample|upsample)\.(.*)", key)
+        if m:
+            part, direction, i, kind, j, rest = m[1], m[2], int(m[3]), m[4], m[5], m[6]
+            level = i if direction == "down" else levels - 1 - i
+            group = "down_blocks" if direction == "down" else "up_blocks"
+            new = f"{part}.{group}.{level}." + (f"resnets.{j}.{_res_key(rest, VAE_RES)}" if j is not None else f"resample.{rest}")
+        else:
+            m = re.match(r"(encoder|decoder)\.mid\.(block_1|block_2|attn_1)\.(.*)", key)
+            if m:
+                part, which, rest = m[1], m[2], m[3]
+                if which == "attn_1":
+                    name, _, tail = rest.partition(".")
+                    new = f"{part}.mid_block.attention.{ {'norm': 'group_norm', 'q': 'to_q', 'k': 'to_k', 'v': 'to_v', 'proj_out': 'to_out'}[name] }.{tail}"
+                    if value.ndim == 4:
+                        value = value[:, :, 0, 0]
+                else:
+                    new = f"{part}.mid_block.resnets.{0 if which == 'block_1' else 1}.{_res_key(rest, VAE_RES)}"
+        out[new] = value
+    return out
+
+
+def convert_open_clip(state: dict) -> dict:
+    """OpenCLIP text tower (SD 2.x) → unfog TextEncoder; the fused q/k/v is split."""
+    out = {}
+    for key, value in state.items():
+        if key in ("text_projection", "logit_scale") or key.startswith("visual."):
+            continue
+        if key == "positional_embedding":
+            out["position_embedding.weight"] = value
+            continue
+        m = re.match(r"transformer\.resblocks\.(\d+)\.(.*)", key)
+        if not m:
+            out[key.replace("ln_final.", "final_layer_norm.")] = value
+            continue
+        i, rest = m[1], m[2]
+        if rest.startswith("attn.in_proj_"):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3)):
+                out[f"layers.{i}.{name}.{rest.split('_')[-1]}"] = part
+            continue
+        rest = rest.replace("ln_1.", "layer_norm1.").replace("ln_2.", "layer_norm2.").replace("attn.out_proj.", "out_proj.").replace("mlp.c_fc.", "fc1.").replace("mlp.c_proj.", "fc2.")
+        out[f"layers.{i}.{rest}"] = value
+    return out
+
+
+def detect(state: dict) -> str:
+    """'sd1' or 'sd2' from the text encoder's keys."""
+    if not any(k.startswith(UNET) for k in state):
+        raise UnfogError("this file has no model.diffusion_model.* weights: it is not a Stable Diffusion checkpoint in the original layout")
+    if f"{SD2_TEXT}transformer.resblocks.0.attn.in_proj_weight" in state:
+        return "sd2"
+    if any(k.startswith(SD1_TEXT) for k in state):
+        return "sd1"
+    raise UnfogError("unknown text encoder in this checkpoint (neither CLIP ViT-L/14 as in SD 1.x nor OpenCLIP ViT-H/14 as in SD 2.x)")
+
+
+def infer_unet_config(state: dict, family: str) -> UNetConfig:
+    """Stable Diffusion's U-Net as the weights' shapes describe it (heads: SD 1.x 8 per block,
+    SD 2.x 64 channels per head)."""
+    u = _sub(state, UNET)
+    downs = sorted(int(m[1]) for k in u if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight", k)))
+    levels = len(downs) + 1
+    n_inputs = 1 + max(int(re.match(r"input_blocks\.(\d+)", k)[1]) for k in u if k.startswith("input_blocks."))
+    lpb = (n_inputs - 1 - (levels - 1)) // levels
+    inputs, _ = unet_layout(levels, lpb)
+    first = {level: k for k, (level, j) in sorted(inputs.items(), reverse=True) if j == 0}
+    channels = [u[f"input_blocks.{first[l]}.0.out_layers.3.weight"].shape[0] for l in range(levels)]
+    attention = [f"input_blocks.{first[l]}.1.proj_in.weight" in u for l in range(levels)]
+    proj = next(v for k, v in u.items() if k.endswith("proj_in.weight"))
+    to_k = next(v for k, v in u.items() if k.endswith("attn2.to_k.weight"))
+    depth = 1 + max(int(m[1]) for k in u if (m := re.match(r"input_blocks\.\d+\.1\.transformer_blocks\.(\d+)\.", k)))
+    conv_in = u["input_blocks.0.0.weight"]
+    return UNetConfig(
+        in_channels=conv_in.shape[1], out_channels=u["out.2.weight"].shape[0], block_channels=channels, layers_per_block=lpb,
+        attention_levels=attention, num_heads=8, head_dim=64 if family == "sd2" else None, transformer_depth=depth,
+        context_dim=to_k.shape[1], linear_projection=proj.ndim == 2,
+    )
+
+
+def infer_vae_config(state: dict) -> AutoencoderConfig:
+    v = _sub(state, VAE + "encoder.")
+    levels = 1 + max(int(m[1]) for k in v if (m := re.match(r"down\.(\d+)\.", k)))
+    lpb = 1 + max(int(m[1]) for k in v if (m := re.match(r"down\.0\.block\.(\d+)\.", k)))
+    channels = [v[f"down.{l}.block.0.conv2.weight"].shape[0] for l in range(levels)]
+    return AutoencoderConfig(block_channels=channels, layers_per_block=lpb, latent_channels=v["conv_out.weight"].shape[0] // 2)
+
+
+def infer_text_config(state: dict, family: str) -> TextEncoderConfig:
+    if family == "sd1":
+        t = _sub(state, SD1_TEXT + "text_model.")
+        layers = 1 + max(int(m[1]) for k in t if (m := re.match(r"encoder\.layers\.(\d+)\.", k)))
+        vocab, width = t["embeddings.token_embedding.weight"].shape
+        return TextEncoderConfig(vocab_size=vocab, context_length=t["embeddings.position_embedding.weight"].shape[0], width=width, layers=layers,
+                                 heads=width // 64, mlp_width=t["encoder.layers.0.mlp.fc1.weight"].shape[0], activation="quick_gelu")
+    t = _sub(state, SD2_TEXT)
+    layers = 1 + max(int(m[1]) for k in t if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k)))
+    vocab, width = t["token_embedding.weight"].shape
+    return TextEncoderConfig(vocab_size=vocab, context_length=t["positional_embedding"].shape[0], width=width, layers=layers, heads=width // 64,
+                             mlp_width=t["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], activation="gelu", skip_last_layers=1)
+
+
+def load_single_file(path: str | Path, *, config: str | Path | None = None, tokenizer: str | Path | None = None,
+                     prediction_type: str | None = None, clip_skip: int = 0) -> ModelParts:
+    """A single-file SD 1.x / 2.x checkpoint. `config` is a diffusers-layout folder whose
+    configs, tokenizer and scheduler are used (its weights are not needed); without it the
+    architecture comes from the weights and `tokenizer` must name a CLIP tokenizer folder."""
+    path = Path(path)
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise UnfogError(
+            f"{path} is a pickle checkpoint; unfog does not load pickles because loading one can run arbitrary code. "
+            f"Convert it once with: unfog convert --allow-pickle {path} OUT_DIR"
+        )
+    return parts_from_state(read_tensors_file(path), str(path), config=config, tokenizer=tokenizer, prediction_type=prediction_type, clip_skip=clip_skip)
+
+
+def read_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .ckpt/.pt through torch.load(weights_only=True), which refuses to build
+    anything but tensors and plain containers; only `unfog convert --allow-pickle` calls this."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError and others here
+        raise UnfogError(f"{path} could not be read as a weights-only pickle: {e}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UnfogError(f"{path} does not hold a flat dictionary of tensors")
+    return obj
+
+
+def parts_from_state(state: dict, source: str, *, config=None, tokenizer=None, prediction_type=None, clip_skip: int = 0) -> ModelParts:
+    """ModelParts from the tensors of a single-file checkpoint (see load_single_file)."""
+    path = source
+    family = detect(state)
+    if config is not None:
+        root = Path(config)
+        unet_cfg = unet_config_from_diffusers(_json(root / "unet" / "config.json"))
+        vae_cfg = vae_config_from_diffusers(_json(root / "vae" / "config.json"))
+        te_raw = _json(root / "text_encoder" / "config.json")
+        te_cfg = text_encoder_config_from_transformers(te_raw, 0)
+        # diffusers' SD 2.x folders drop OpenCLIP's last layer; the single file still has it.
+        file_layers = infer_text_config(state, family).layers
+        te_cfg.skip_last_layers = file_layers - te_cfg.layers + clip_skip
+        te_cfg.layers = file_layers
+        sched, _ = scheduler_config_from_diffusers(_json(root / "scheduler" / "scheduler_config.json"))
+        tok = clip_tokenizer(root / "tokenizer", te_cfg.context_length)
+    else:
+        if tokenizer is None:
+            raise UnfogError("a single-file checkpoint carries no tokenizer: pass tokenizer=DIR (a CLIP tokenizer folder) or config=DIR (a diffusers-layout config folder)")
+        unet_cfg, vae_cfg, te_cfg = infer_unet_config(state, family), infer_vae_config(state), infer_text_config(state, family)
+        te_cfg.skip_last_layers += clip_skip
+        sched = SchedulerConfig(beta_schedule="scaled_linear", prediction_type=prediction_type or ("v_prediction" if family == "sd2" else "epsilon"),
+                                sigma_schedule="leading", steps_offset=1)
+        tok = clip_tokenizer(Path(tokenizer), te_cfg.context_length)
+    if prediction_type:
+        sched.prediction_type = prediction_type
+    with torch.device("meta"):
+        unet, vae, te = UNet(unet_cfg), Autoencoder(vae_cfg), TextEncoder(te_cfg)
+    load_mapped(unet, convert_unet(_sub(state, UNET), unet_cfg), lambda k: k, f"{path} (U-Net)")
+    load_mapped(vae, convert_vae(_sub(state, VAE), vae_cfg), lambda k: k, f"{path} (autoencoder)")
+    if family == "sd1":
+        text = {map_text_encoder_key(k): v for k, v in _sub(state, SD1_TEXT).items()}
+        text.pop(None, None)
+    else:
+        text = convert_open_clip(_sub(state, SD2_TEXT))
+    load_mapped(te, text, lambda k: k, f"{path} (text encoder)")
+    size = 64 * vae_cfg.downsample_factor
+    defaults = {"sampler": "dpmpp_2m", "num_inference_steps": 30, "guidance_scale": 7.5, "height": size, "width": size}
+    return ModelParts(tokenizer=tok, text_encoder=te, unet=unet, vae=vae, scheduler=sched, defaults=defaults)
