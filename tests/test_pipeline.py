@@ -120,3 +120,28 @@ def test_to_dtype_keeps_schedule_precision(tmp_path, tiny_model_dir):
     ref = Pipeline.from_pretrained(tiny_model_dir)("a red circle", seed=1).images[0]
     low = pipe("a red circle", seed=1).images[0]
     assert np.abs(pixels(ref) - pixels(low)).mean() < 20
+
+
+def test_long_prompts_are_chunked_not_truncated(tiny_pipe):
+    n = tiny_pipe.tokenizer.config.context_length
+    long = " ".join(["a red circle"] * n)  # 3n words: several windows
+    states = tiny_pipe.encode_prompt([long, "a red circle"])
+    windows = -(-3 * n // (n - 2))
+    assert states.shape[:2] == (2, windows * n)
+    first = tiny_pipe.encode_prompt([" ".join(long.split()[: n - 2])])
+    torch.testing.assert_close(states[:1, :n], first[:, :n])
+    # a change in the last window changes only that window (truncation would have lost it)
+    words = long.split()
+    words[-1] = "square"
+    changed = tiny_pipe.encode_prompt([" ".join(words), "a red circle"])
+    assert changed.shape == states.shape
+    torch.testing.assert_close(changed[0, :n], states[0, :n])
+    assert not torch.allclose(changed[0, -n:], states[0, -n:])
+    out = tiny_pipe(long, seed=0, negative_prompt="blue")
+    assert out.images[0].size == (32, 32)
+
+
+def test_truncation_warns(tiny_pipe):
+    long = " ".join(["a red circle"] * tiny_pipe.tokenizer.config.context_length)
+    with pytest.warns(UserWarning, match="truncated"):
+        tiny_pipe(long, seed=0, long_prompts="truncate")

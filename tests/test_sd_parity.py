@@ -208,7 +208,7 @@ def test_single_file_checkpoint_matches_diffusers_from_single_file(sd, tmp_path)
         assert rel_err(mine.unet(x, torch.tensor([500]), ctx), theirs.unet(x, torch.tensor([500]), encoder_hidden_states=ctx).sample) < 1e-5
         assert rel_err(mine.vae.decode(z), theirs.vae.decode(z).sample) < 1e-5
         assert rel_err(mine.text_encoder(ids)[0], theirs.text_encoder(ids).last_hidden_state) < 1e-5
-    theirs.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    theirs.scheduler = DDIMScheduler.from_config(ref.scheduler.config, timestep_spacing="leading", clip_sample=False, set_alpha_to_one=True)
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     expected = theirs("a photo of a cat", latents=latents.clone(), num_inference_steps=6, guidance_scale=5.0, output_type="np").images[0]
     got = np.asarray(mine("a photo of a cat", latents=latents, num_inference_steps=6, guidance_scale=5.0, sampler="ddim", sigma_schedule="leading", height=16, width=16).images[0], dtype=np.float32) / 255
@@ -278,3 +278,73 @@ def test_architecture_is_inferred_from_a_single_file(sd, tmp_path):
     u, c = infer_unet_config(state, detect(state)), ours.unet.config
     assert (u.block_channels, u.layers_per_block, u.attention_levels, u.context_dim, u.linear_projection) == (c.block_channels, c.layers_per_block, c.attention_levels, c.context_dim, c.linear_projection)
     assert infer_vae_config(state).block_channels == ours.vae.config.block_channels
+
+
+def _picture(seed, size=16):
+    rng = np.random.default_rng(seed)
+    from PIL import Image
+
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _mask(size=16):
+    from PIL import Image
+
+    m = np.zeros((size, size), dtype=np.uint8)
+    m[4:12, 2:10] = 255
+    return Image.fromarray(m)
+
+
+@pytest.mark.parametrize("scheduler_cls, sampler", [("DDIMScheduler", "ddim"), ("EulerAncestralDiscreteScheduler", "euler_ancestral")])
+def test_img2img_matches_diffusers(sd, scheduler_cls, sampler):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    ref, ours, _ = sd
+    pipe = StableDiffusionImg2ImgPipeline(**{k: getattr(ref, k) for k in ("vae", "text_encoder", "tokenizer", "unet")}, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False,
+                                          scheduler=getattr(diffusers, scheduler_cls).from_config(ref.scheduler.config, timestep_spacing="leading"))
+    init = _picture(0)
+    kwargs = dict(num_inference_steps=10, guidance_scale=5.0, strength=0.6)
+    expected = pipe("a red circle", image=init, generator=torch.Generator().manual_seed(7), output_type="np", **kwargs).images[0]
+    got = ours("a red circle", image=init, sampler=sampler, sigma_schedule="leading", generator=torch.Generator().manual_seed(7), **kwargs).images[0]
+    assert np.abs(np.asarray(got, dtype=np.float32) / 255 - expected).max() <= 1e-3 + 0.5 / 255
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpainting_with_an_ordinary_model_matches_diffusers(sd, strength):
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+
+    ref, ours, _ = sd
+    pipe = StableDiffusionInpaintPipeline(**{k: getattr(ref, k) for k in ("vae", "text_encoder", "tokenizer", "unet")}, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False, scheduler=DDIMScheduler.from_config(ref.scheduler.config, timestep_spacing="leading", clip_sample=False, set_alpha_to_one=True))
+    init, mask = _picture(1), _mask()
+    kwargs = dict(num_inference_steps=8, guidance_scale=4.0, strength=strength, height=16, width=16)
+    expected = pipe("a blue square", image=init, mask_image=mask, generator=torch.Generator().manual_seed(3), output_type="np", **kwargs).images[0]
+    got = ours("a blue square", image=init, mask_image=mask, sampler="ddim", sigma_schedule="leading", generator=torch.Generator().manual_seed(3), **kwargs).images[0]
+    assert np.abs(np.asarray(got, dtype=np.float32) / 255 - expected).max() <= 1e-3 + 0.5 / 255
+
+
+def test_nine_channel_inpainting_model_matches_diffusers(sd, tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
+
+    _, _, folder = sd
+    ref = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)  # fresh components, untouched by other tests
+    torch.manual_seed(1)
+    cfg = dict(ref.unet.config)
+    cfg["in_channels"] = 9
+    unet = UNet2DConditionModel.from_config(cfg)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    pipe = StableDiffusionInpaintPipeline(vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=ref.tokenizer, unet=unet, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False, scheduler=DDIMScheduler.from_config(ref.scheduler.config, timestep_spacing="leading", clip_sample=False, set_alpha_to_one=True))
+    pipe.save_pretrained(tmp_path / "inpaint", safe_serialization=True)
+    ours = Pipeline.from_pretrained(tmp_path / "inpaint")
+    assert ours.is_inpainting_model
+    with pytest.raises(UnfogError, match="inpainting model"):
+        ours("a cat", height=16, width=16)
+    init, mask = _picture(2), _mask()
+    kwargs = dict(num_inference_steps=8, guidance_scale=4.0, height=16, width=16)
+    expected = pipe("a cat", image=init, mask_image=mask, generator=torch.Generator().manual_seed(5), output_type="np", **kwargs).images[0]
+    got = ours("a cat", image=init, mask_image=mask, sampler="ddim", sigma_schedule="leading", generator=torch.Generator().manual_seed(5), **kwargs).images[0]
+    assert np.abs(np.asarray(got, dtype=np.float32) / 255 - expected).max() <= 1e-3 + 0.5 / 255

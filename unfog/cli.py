@@ -46,8 +46,26 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.trajectory and i in keep:
             trajectory.append(x0[:1].clone())
 
+    init_image = mask = None
+    from PIL import Image
+
+    for name, attr in (("init_image", "init_image"), ("mask", "mask")):
+        path = getattr(args, attr)
+        if path:
+            try:
+                loaded = Image.open(path)
+                loaded.load()
+            except (OSError, ValueError) as e:
+                raise UnfogError(f"cannot read --{name.replace('_', '-')} {path}: {e}") from None
+            if name == "init_image":
+                init_image = loaded
+            else:
+                mask = loaded
     result = pipe(
         args.prompt,
+        image=init_image,
+        mask_image=mask,
+        strength=args.strength,
         negative_prompt=args.negative,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
@@ -207,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-skip", type=int, default=0)
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps …")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--init-image", help="img2img / inpainting: the starting picture")
+    g.add_argument("--strength", type=float, help="img2img: how far to re-noise the init image, (0, 1] (default 0.8; 1 with --mask)")
+    g.add_argument("--mask", help="inpainting: a mask image, white = repaint")
     g.add_argument("--trajectory", help="also save a strip of the x0 estimates along the way")
     g.add_argument("--trajectory-frames", type=int, default=8)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

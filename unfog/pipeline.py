@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -54,9 +55,11 @@ class Pipeline:
         self.scheduler = scheduler
         self.defaults = {**BUILTIN_DEFAULTS, **(defaults or {})}
         self.denoiser = DiscreteDenoiser(unet, scheduler.alphas_cumprod(), scheduler.prediction_type)
-        latent_ch = vae.config.latent_channels if vae is not None else 3
-        if unet.config.in_channels != latent_ch:
-            raise UnfogError(f"the U-Net takes {unet.config.in_channels} channels but the {'autoencoder makes' if vae else 'images have'} {latent_ch}")
+        self.latent_channels = vae.config.latent_channels if vae is not None else 3
+        # An inpainting U-Net (SD's 9-channel one) also takes the mask and the masked image's latents.
+        self.is_inpainting_model = unet.config.in_channels == 2 * self.latent_channels + 1
+        if unet.config.in_channels != self.latent_channels and not self.is_inpainting_model:
+            raise UnfogError(f"the U-Net takes {unet.config.in_channels} channels but the {'autoencoder makes' if vae else 'images have'} {self.latent_channels}")
 
     # ---- loading and saving -------------------------------------------------------------
 
@@ -109,10 +112,23 @@ class Pipeline:
     # ---- the pieces of a generation -----------------------------------------------------
 
     @torch.inference_mode()
-    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Per-token text states (B, L, D) that the U-Net cross-attends to."""
-        ids = self.tokenizer(list(prompts)).to(self.device)
-        return self.text_encoder(ids)[0]
+    def encode_prompt(self, prompts: Sequence[str], long_prompts: str = "chunk") -> torch.Tensor:
+        """Per-token text states (B, L, D) that the U-Net cross-attends to. A prompt longer
+        than the text encoder's context is, with `long_prompts="chunk"`, cut into windows
+        that are encoded separately and concatenated (L = windows × context), as the popular
+        UIs do; with "truncate" it is cut off, with a warning."""
+        if long_prompts == "truncate":
+            ids = self.tokenizer(list(prompts))
+            cut = [p for p, t in zip(prompts, self.tokenizer.last_truncated) if t]
+            if cut:
+                warnings.warn(f"{len(cut)} prompt(s) exceed the {self.tokenizer.config.context_length}-token context and were truncated: {cut[0][:60]!r}…", stacklevel=3)
+            return self.text_encoder(ids.to(self.device))[0]
+        if long_prompts != "chunk":
+            raise UnfogError(f"long_prompts must be 'chunk' or 'truncate', got {long_prompts!r}")
+        ids = self.tokenizer.windows(list(prompts)).to(self.device)
+        b, windows, length = ids.shape
+        states = self.text_encoder(ids.reshape(b * windows, length))[0]
+        return states.reshape(b, windows * length, -1)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -122,6 +138,37 @@ class Pipeline:
         c = self.vae.config
         z = latents / c.scaling_factor + c.shift_factor
         return to_pil(self.vae.decode(z.to(self.device, next(self.vae.parameters()).dtype)))
+
+    def _pixels(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
+        """PIL → (1, 3, H, W) in [-1, 1] at the requested size."""
+        if not isinstance(image, Image.Image):
+            raise UnfogError(f"image must be a PIL image, got {type(image).__name__}")
+        image = image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.LANCZOS)
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+
+    def _mask(self, mask: Image.Image, width: int, height: int) -> torch.Tensor:
+        """PIL mask → (1, 1, H, W) of 0/1, where 1 (white) marks pixels to repaint."""
+        if not isinstance(mask, Image.Image):
+            raise UnfogError(f"mask_image must be a PIL image, got {type(mask).__name__}")
+        mask = mask.convert("L")
+        if mask.size != (width, height):
+            mask = mask.resize((width, height), Image.LANCZOS)
+        return (torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)[None, None] >= 0.5).float()
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Pixels in [-1, 1] → sampler-space latents, a posterior sample per image drawn from
+        that image's generator (pixel-space models return the pixels)."""
+        if self.vae is None:
+            return pixels.float()
+        vae_dtype = next(self.vae.parameters()).dtype
+        mean, logvar = self.vae.encode(pixels.to(self.device, vae_dtype))
+        noise = torch.stack([torch.randn(mean.shape[1:], generator=g, device=g.device) for g in generators]).to(mean.device)
+        z = mean.float() + (0.5 * logvar.float()).exp() * noise
+        c = self.vae.config
+        return (z - c.shift_factor) * c.scaling_factor
 
     def _check_size(self, height: int, width: int) -> tuple[int, int]:
         f = self.downsample_factor
@@ -171,12 +218,21 @@ class Pipeline:
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         sigma_schedule: str | None = None,
         sampler_options: dict[str, Any] | None = None,
+        image: Image.Image | None = None,
+        mask_image: Image.Image | None = None,
+        strength: float | None = None,
+        long_prompts: str = "chunk",
         progress: bool = False,
     ) -> PipelineOutput:
         """Generate images for one prompt or a list; image k of the batch uses its own seed.
 
         `latents` are standard-normal starting noise (B, C, h, w), scaled here by sqrt(1 + σ_0²).
         `callback(i, x, x0_hat)` is called after each sampler step.
+
+        img2img: `image` with `strength` in (0, 1] (default 0.8) starts that far along the
+        schedule from the encoded image. Inpainting: also `mask_image` (white = repaint,
+        strength default 1); a 9-channel inpainting U-Net sees the mask and the masked image,
+        an ordinary one has the known region re-imposed after every step.
         """
         d = self.defaults
         prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
@@ -199,34 +255,79 @@ class Pipeline:
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
             raise UnfogError(f"guidance_scale must be a finite number, got {scale!r}")
         sample = get_sampler(d["sampler"] if sampler is None else sampler)
+        if mask_image is not None and image is None:
+            raise UnfogError("mask_image needs image: pass the picture to inpaint as image=")
+        if self.is_inpainting_model and mask_image is None:
+            raise UnfogError("this is an inpainting model: pass image= and mask_image=")
+        if image is not None:
+            height = height or image.size[1] // self.downsample_factor * self.downsample_factor
+            width = width or image.size[0] // self.downsample_factor * self.downsample_factor
+        strength = (1.0 if mask_image is not None else 0.8) if strength is None else strength
+        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
+            raise UnfogError(f"strength must be in (0, 1], got {strength!r}")
         h, w = self._check_size(d["height"] if height is None else height, d["width"] if width is None else width)
+        vae_factor = self.vae.config.downsample_factor if self.vae is not None else 1
+        H, W = h * vae_factor, w * vae_factor
 
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         total = len(prompts)
         gens, seeds = self._generators(seed, generator, total)
-        shape = (total, self.unet.config.in_channels, h, w)
+        shape = (total, self.latent_channels, h, w)
+        sigmas = make_sigmas(sigma_schedule or self.scheduler.sigma_schedule, steps, self.denoiser.alphas_cumprod.cpu(), steps_offset=self.scheduler.steps_offset)
+        if image is not None:
+            # Start part-way: the last int(steps·strength) steps of the full schedule.
+            start = steps - min(int(steps * strength), steps)
+            if start >= steps:
+                raise UnfogError(f"strength {strength} with {steps} steps leaves no step to run; raise strength or num_inference_steps")
+            sigmas = sigmas[start:]
+        pixels = self._pixels(image, W, H).expand(total, -1, -1, -1) if image is not None else None
+        mask = self._mask(mask_image, W, H) if mask_image is not None else None
+        repaint_from_noise = image is None or (mask is not None and strength == 1)
+        # Per image, draws come in this order: the image's latent sample, the start noise, the
+        # masked image's latent sample (diffusers' order, so seeds give the same pictures).
+        init = self.encode(pixels, gens) if image is not None and (not repaint_from_noise or (mask is not None and not self.is_inpainting_model)) else None
         if latents is None:
             noise = torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in gens])
         else:
             if tuple(latents.shape) != shape:
                 raise UnfogError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")
             noise = latents.float()
-        sigmas = make_sigmas(sigma_schedule or self.scheduler.sigma_schedule, steps, self.denoiser.alphas_cumprod.cpu(), steps_offset=self.scheduler.steps_offset)
-        # Start from the forward process's marginal at σ_0 for unit-variance data: x_0 + σ_0·n has
-        # standard deviation sqrt(1 + σ_0²) (diffusers' init_noise_sigma for VP models).
-        x = noise.to(self.device, torch.float32) * (1 + sigmas[0] ** 2).sqrt()
+        noise = noise.to(self.device, torch.float32)
+        if repaint_from_noise:
+            # Start from the forward process's marginal at σ_0 for unit-variance data: x_0 + σ_0·n
+            # has standard deviation sqrt(1 + σ_0²) (diffusers' init_noise_sigma for VP models).
+            x = noise * (1 + sigmas[0] ** 2).sqrt()
+        else:
+            x = init + noise * sigmas[0]
+        extra, blend = {}, None
+        if mask is not None:
+            masked = self.encode(pixels * (mask < 0.5), gens)
+            small = torch.nn.functional.interpolate(mask, size=(h, w)).to(self.device).expand(total, -1, -1, -1)
+            if self.is_inpainting_model:
+                extra["concat"] = torch.cat([small, masked], dim=1)
+            else:
+                sig = sigmas.to(self.device)
 
-        context = self.encode_prompt(prompts)
-        uncond = self.encode_prompt(negatives) if scale != 1 else None
-        guided = classifier_free_guidance(self.denoiser, context, uncond, float(scale))
+                def blend(i, x_i, x0_i):
+                    known = init + noise * sig[i + 1]
+                    return (1 - small) * known + small * x_i
+
+        if scale != 1:  # encoded together, so both get the same number of windows
+            uncond, context = self.encode_prompt(negatives + prompts, long_prompts).chunk(2)
+        else:
+            context, uncond = self.encode_prompt(prompts, long_prompts), None
+        guided = classifier_free_guidance(self.denoiser, context, uncond, float(scale), **extra)
 
         bar = tqdm(total=len(sigmas) - 1, desc="denoising", disable=not progress, leave=False)
 
         def on_step(i, x_i, x0_i):
             bar.update(1)
+            if blend is not None:
+                x_i = blend(i, x_i, x0_i)
             if callback is not None:
                 callback(i, x_i, x0_i)
+            return x_i
 
         try:
             x = sample(guided, x, sigmas.to(self.device), generator=gens, callback=on_step, **(sampler_options or {}))

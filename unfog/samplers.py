@@ -4,7 +4,8 @@ Each is `sample_NAME(denoiser, x, sigmas, *, generator=None, callback=None) -> x
 `denoiser(x, sigma) -> x0_hat` takes sigma of shape (batch,), `x` arrives as σ_0·noise and
 `sigmas` is 1-D, decreasing, ending in 0. `generator` is one torch.Generator or a list with
 one per batch item, so each image's noise depends on its own seed only. `callback(i, x, x0)`
-is called after each step with the step index, the new state and the x_0 estimate.
+is called after each step with the step index, the new state and the x_0 estimate; if it
+returns a tensor, that replaces the state (inpainting uses this to re-impose known pixels).
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
     ).to(x)
 
 
+def _after_step(callback: Callable | None, i: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    if callback is None:
+        return x
+    replaced = callback(i, x, x0)
+    return x if replaced is None else replaced
+
+
 def _sigma_batch(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sigma.to(x.device, torch.float32).expand(x.shape[0])
 
@@ -57,8 +65,7 @@ def sample_euler(denoiser, x, sigmas, *, generator: Generator = None, callback: 
     for i in range(len(sigmas) - 1):
         x0 = denoiser(x, _sigma_batch(sigmas[i], x))
         x = x + _to_d(x, sigmas[i], x0) * (sigmas[i + 1] - sigmas[i])
-        if callback is not None:
-            callback(i, x, x0)
+        x = _after_step(callback, i, x, x0)
     return x
 
 
@@ -71,8 +78,7 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, generator: Generator = None, 
         x = x + _to_d(x, sigmas[i], x0) * (down - sigmas[i])
         if up > 0:
             x = x + randn_like(x, generator) * up
-        if callback is not None:
-            callback(i, x, x0)
+        x = _after_step(callback, i, x, x0)
     return x
 
 
@@ -89,8 +95,7 @@ def sample_heun(denoiser, x, sigmas, *, generator: Generator = None, callback: C
         else:
             d_next = _to_d(x_euler, s_next, denoiser(x_euler, _sigma_batch(s_next, x)))
             x = x + (d + d_next) / 2 * (s_next - s)
-        if callback is not None:
-            callback(i, x, x0)
+        x = _after_step(callback, i, x, x0)
     return x
 
 
@@ -112,8 +117,7 @@ def sample_ddim(denoiser, x, sigmas, *, generator: Generator = None, callback: C
     for i in range(len(sigmas) - 1):
         x0 = denoiser(x, _sigma_batch(sigmas[i], x))
         x = _ddim_step(x, x0, sigmas[i].item(), sigmas[i + 1].item(), eta, generator)
-        if callback is not None:
-            callback(i, x, x0)
+        x = _after_step(callback, i, x, x0)
     return x
 
 
@@ -132,8 +136,7 @@ def sample_ddpm(denoiser, x, sigmas, *, generator: Generator = None, callback: C
         if var > 0:
             mean = mean + var**0.5 * randn_like(x, generator)
         x = mean / a_prev**0.5
-        if callback is not None:
-            callback(i, x, x0)
+        x = _after_step(callback, i, x, x0)
     return x
 
 
@@ -156,8 +159,7 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, generator: Generator = None, callbac
             x = (sigma_next / sigma) * x - math.expm1(-h) * d
             h_prev = h
         x0_prev = x0
-        if callback is not None:
-            callback(i, x, x0)
+        x = _after_step(callback, i, x, x0)
     return x
 
 
@@ -182,8 +184,7 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, generator: Generator = None, cal
                 x = x + randn_like(x, generator) * sigma_next * (-math.expm1(-2 * eta_h)) ** 0.5
             h_prev = h
         x0_prev = x0
-        if callback is not None:
-            callback(i, x, x0)
+        x = _after_step(callback, i, x, x0)
     return x
 
 

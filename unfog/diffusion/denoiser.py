@@ -43,11 +43,14 @@ class DiscreteDenoiser(nn.Module):
         w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
         return (idx - 1 + w).to(sigma.device)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, concat: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        """x_0 estimate; `concat` channels (an inpainting model's mask and masked image) are
+        appended to the scaled input unscaled, as such models were trained."""
         s = sigma.to(torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
         c_in = 1 / (s**2 + 1).sqrt()
         net_dtype = next(self.network.parameters()).dtype
-        out = self.network((x * c_in).to(net_dtype), self.sigma_to_t(sigma), **cond).to(torch.float32)
+        x_in = x * c_in if concat is None else torch.cat([x * c_in, concat.to(x.dtype)], dim=1)
+        out = self.network(x_in.to(net_dtype), self.sigma_to_t(sigma), **cond).to(torch.float32)
         xf = x.to(torch.float32)
         if self.prediction_type == "epsilon":
             x0 = xf - s * out

@@ -12,19 +12,22 @@ def classifier_free_guidance(
     context: torch.Tensor,
     uncond_context: torch.Tensor | None,
     scale: float,
+    **extra: torch.Tensor,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Return D_cfg(x, σ) = D_u + scale·(D_c - D_u), computed in one batched network call.
 
     `uncond_context` is the empty or negative prompt. With scale 1 the unconditional half is
-    skipped entirely. Blending x_0 estimates equals blending ε or v, since each is an affine
+    skipped entirely. `extra` conditioning tensors (e.g. an inpainting model's mask channels)
+    go to both halves. Blending x_0 estimates equals blending ε or v, since each is an affine
     function of the network output with the same coefficients for both halves.
     """
     if scale == 1 or uncond_context is None:
-        return lambda x, sigma: denoiser(x, sigma, context=context)
+        return lambda x, sigma: denoiser(x, sigma, context=context, **extra)
     both = torch.cat([uncond_context, context])
+    extra2 = {k: torch.cat([v, v]) for k, v in extra.items()}
 
     def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        x0_u, x0_c = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), context=both).chunk(2)
+        x0_u, x0_c = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), context=both, **extra2).chunk(2)
         return x0_u + scale * (x0_c - x0_u)
 
     return guided

@@ -58,6 +58,19 @@ class Tokenizer:
         self.last_truncated = truncated
         return torch.tensor(rows, dtype=torch.long)
 
+    def windows(self, texts: Sequence[str]) -> torch.Tensor:
+        """(B, W, context_length): each text cut into windows of context_length - 2 tokens,
+        each framed as [bos] … [eos] [pad]…; shorter texts get empty windows, so all have W."""
+        n = self.config.context_length - 2
+        token_lists = self.encode(texts)
+        count = max(1, *((len(ids) + n - 1) // n for ids in token_lists))
+        rows = []
+        for ids in token_lists:
+            chunks = [ids[k : k + n] for k in range(0, n * count, n)]
+            rows.append([[self.bos_id, *c, self.eos_id] + [self.pad_id] * (n - len(c)) for c in chunks])
+        self.last_truncated = [False] * len(rows)
+        return torch.tensor(rows, dtype=torch.long)
+
     @classmethod
     def train_word_level(cls, texts: Iterable[str], config: TokenizerConfig | None = None, *, min_frequency: int = 1) -> "Tokenizer":
         """A lower-cased word-level vocabulary built from the given captions."""
