@@ -47,3 +47,19 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     r = run("generate", "x", "--steps", "0", "--model", str(tmp_path / "missing"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_generate_img2img_and_inpainting(tiny_model_dir, tmp_path):
+    src, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(src)
+    m = Image.new("L", (32, 32), 0)
+    m.paste(255, (0, 0, 16, 32))
+    m.save(mask)
+    common = ["--model", str(tiny_model_dir), "--steps", "4", "--seed", "1", "-q"]
+    assert main(["generate", "a blue square", "--init-image", str(src), "--strength", "0.5", "-o", str(tmp_path / "a.png"), *common]) == 0
+    assert main(["generate", "a blue square", "--init-image", str(src), "--mask", str(mask), "-o", str(tmp_path / "b.png"), *common]) == 0
+    for name in ("a.png", "b.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.size == (32, 32)
+    assert main(["generate", "x", "--mask", str(mask), "-o", str(tmp_path / "c.png"), *common]) == 2
+    assert main(["generate", "x", "--init-image", str(tmp_path / "nope.png"), "-o", str(tmp_path / "c.png"), *common]) == 2

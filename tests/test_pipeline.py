@@ -145,3 +145,30 @@ def test_truncation_warns(tiny_pipe):
     long = " ".join(["a red circle"] * tiny_pipe.tokenizer.config.context_length)
     with pytest.warns(UserWarning, match="truncated"):
         tiny_pipe(long, seed=0, long_prompts="truncate")
+
+
+def test_inpainting_keeps_the_known_latents(tiny_pipe):
+    from PIL import Image
+
+    init = Image.new("RGB", (32, 32), (200, 30, 30))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))  # repaint the left half
+    finals = []
+    tiny_pipe("a blue square", image=init, mask_image=mask, seed=3, callback=lambda i, x, x0: finals.append(x.clone()))
+    encoded = tiny_pipe.encode(tiny_pipe._pixels(init, 32, 32), [torch.Generator().manual_seed(3)])
+    # the right half of the final latents is the encoded picture (same posterior draw)
+    torch.testing.assert_close(finals[-1][..., 8:], encoded[..., 8:])
+    assert not torch.allclose(finals[-1][..., :8], encoded[..., :8])
+
+
+def test_img2img_strength_controls_the_start(tiny_pipe):
+    from PIL import Image
+
+    init = Image.new("RGB", (32, 32), (40, 80, 230))
+    steps = []
+    tiny_pipe("a red circle", image=init, strength=0.5, num_inference_steps=10, seed=0, callback=lambda i, x, x0: steps.append(i))
+    assert len(steps) == 5
+    with pytest.raises(Exception, match="strength"):
+        tiny_pipe("a red circle", image=init, strength=0.0)
+    with pytest.raises(Exception, match="leaves no step"):
+        tiny_pipe("a red circle", image=init, strength=0.05, num_inference_steps=10)

@@ -169,6 +169,40 @@ def test_pipeline_images_match(sd, scheduler_cls, sampler):
     assert np.abs(got - expected).max() <= 1e-3 + 0.5 / 255  # ours is rounded to 8 bits
 
 
+def test_dpmpp_2m_with_karras_sigmas_matches(sd):
+    ref, ours, _ = sd
+    ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(ref.scheduler.config, use_karras_sigmas=True, timestep_spacing="trailing")
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    kwargs = dict(num_inference_steps=8, guidance_scale=6.0)
+    expected = ref("a photo of a cat", latents=latents.clone(), output_type="np", **kwargs).images[0]
+    ours.denoiser.round_timesteps = True
+    try:
+        got = ours("a photo of a cat", latents=latents, sampler="dpmpp_2m", sigma_schedule="karras", **kwargs).images[0]
+    finally:
+        ours.denoiser.round_timesteps = False
+    assert np.abs(np.asarray(got, dtype=np.float32) / 255 - expected).max() <= 1e-3 + 0.5 / 255
+
+
+def test_nan_weights_are_refused(sd, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, _, path = sd
+    bad = tmp_path / "nan"
+    shutil.copytree(path, bad)
+    f = bad / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(f))
+    key = sorted(state)[0]
+    state[key] = state[key].clone().fill_(float("nan"))
+    save_file(state, str(f))
+    with pytest.raises(UnfogError, match=f"{key}.*NaN"):
+        Pipeline.from_pretrained(bad)
+    f.write_bytes(f.read_bytes()[:-100])  # truncated: offsets run past the end
+    with pytest.raises(UnfogError, match="not a readable safetensors file"):
+        Pipeline.from_pretrained(bad)
+
+
 def test_bad_diffusers_folders(sd, tmp_path):
     import shutil
 

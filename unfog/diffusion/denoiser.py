@@ -24,6 +24,9 @@ class DiscreteDenoiser(nn.Module):
             raise UnfogError(f"unknown prediction type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
         self.network = network
         self.prediction_type = prediction_type
+        # Call the network at the nearest integer timestep instead of the interpolated one, as
+        # diffusers' DPM-Solver does with Karras sigmas (for parity with it; off by default).
+        self.round_timesteps = False
         self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64), persistent=False)
         self.register_buffer("log_sigmas", sigmas_from_alphas_cumprod(alphas_cumprod).log().float(), persistent=False)
 
@@ -50,7 +53,8 @@ class DiscreteDenoiser(nn.Module):
         c_in = 1 / (s**2 + 1).sqrt()
         net_dtype = next(self.network.parameters()).dtype
         x_in = x * c_in if concat is None else torch.cat([x * c_in, concat.to(x.dtype)], dim=1)
-        out = self.network(x_in.to(net_dtype), self.sigma_to_t(sigma), **cond).to(torch.float32)
+        t = self.sigma_to_t(sigma)
+        out = self.network(x_in.to(net_dtype), t.round() if self.round_timesteps else t, **cond).to(torch.float32)
         xf = x.to(torch.float32)
         if self.prediction_type == "epsilon":
             x0 = xf - s * out

@@ -82,13 +82,12 @@ def load_mapped(module: nn.Module, state: dict[str, torch.Tensor], key_map: Call
             raise UnfogError(f"{source}: weight {key!r} has no place in unfog's network (mapped to {new!r}); is this the right architecture?")
         if tuple(value.shape) != tuple(expected[new].shape):
             raise UnfogError(f"{source}: weight {key!r} has shape {tuple(value.shape)} but the config needs {tuple(expected[new].shape)}")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise UnfogError(f"{source}: weight {key!r} holds NaN or infinite values; the file is damaged")
         mapped[new] = value.to(dtype) if value.is_floating_point() else value
     missing = sorted(set(expected) - set(mapped))
     if missing:
         raise UnfogError(f"{source}: missing weights for {missing[:5]}{' …' if len(missing) > 5 else ''}")
-    for key, value in mapped.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise UnfogError(f"{source}: weight {key!r} holds NaN or infinite values")
     module.load_state_dict(mapped, assign=True)
     return module.eval()
 
