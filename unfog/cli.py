@@ -182,6 +182,25 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"{args.output}  (from {src})")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from .server import ServerSettings, create_app
+    except ImportError as e:
+        raise UnfogError(f"the server needs the serve extra ({e.name} is missing): pip install 'unfog[serve]'") from None
+    from .pipeline import Pipeline
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
+        raise UnfogError(f"binding to {args.host} exposes the server to the network: pass --token T, and clients send Authorization: Bearer T")
+    settings = ServerSettings(host=args.host, port=args.port, token=args.token, max_queue=args.max_queue, job_timeout_s=args.job_timeout,
+                              max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images)
+    pipe = Pipeline.from_pretrained(args.model).to(args.device)
+    app = create_app(pipe, settings, model_name=Path(args.model).name if args.model else "unfog-default")
+    print(f"unfog serving on http://{args.host}:{args.port}/  (API docs at /docs)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def cmd_eval_shapes(args: argparse.Namespace) -> None:
     import json
 
@@ -292,6 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"])
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     c.set_defaults(func=cmd_convert)
+
+    v = sub.add_parser("serve", help="HTTP API and web page")
+    v.add_argument("--model", help="model folder or checkpoint (default: the bundled model)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=7860)
+    v.add_argument("--token", help="require Authorization: Bearer TOKEN on every API call (needed off loopback)")
+    v.add_argument("--device")
+    v.add_argument("--max-queue", type=int, default=16)
+    v.add_argument("--job-timeout", type=float, default=600.0, help="seconds")
+    v.add_argument("--max-side", type=int, default=2048)
+    v.add_argument("--max-steps", type=int, default=150)
+    v.add_argument("--max-images", type=int, default=8)
+    v.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("eval", help="measure a model")
     esub = e.add_subparsers(dest="suite", required=True)

@@ -1,0 +1,189 @@
+"""The HTTP API: validation of every limit, the job life cycle, concurrency, and safety."""
+
+import io
+import json
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from conftest import tiny_pipeline  # noqa: E402
+from unfog.server import ServerSettings, create_app  # noqa: E402
+
+BASE = "http://127.0.0.1:7860"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def client(pipe, **settings):
+    return TestClient(create_app(pipe, ServerSettings(**settings), model_name="tiny"), base_url=BASE)
+
+
+@pytest.fixture(scope="module")
+def api(pipe):
+    with client(pipe) as c:
+        yield c
+
+
+def wait_done(api, job_id, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        j = api.get(f"/v1/jobs/{job_id}").json()
+        if j["state"] not in ("queued", "running"):
+            return j
+        time.sleep(0.05)
+    raise AssertionError("job did not finish")
+
+
+def test_job_life_cycle_and_png_parameters(api):
+    r = api.post("/v1/jobs", json={"prompt": "a red circle", "steps": 4, "seed": 5, "num_images": 2})
+    assert r.status_code == 202 and "queue_position" in r.json()
+    job = wait_done(api, r.json()["id"])
+    assert job["state"] == "done" and job["seeds"] == [5, 6] and len(job["images"]) == 2
+    png = api.get(job["images"][1])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    im = Image.open(io.BytesIO(png.content))
+    assert im.size == (32, 32)
+    assert im.text["prompt"] == "a red circle" and im.text["seed"] == "6" and im.text["steps"] == "4" and im.text["model"] == "tiny"
+
+
+def test_events_stream_progress_previews_and_done(api):
+    job_id = api.post("/v1/jobs", json={"prompt": "a blue square", "steps": 4, "seed": 1}).json()["id"]
+    with api.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+        text = "".join(r.iter_text())
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    kinds = [e["type"] for e in events]
+    assert kinds[-1] == "done" and kinds.count("progress") == 4
+    assert any("preview" in e and e["preview"].startswith("data:image/png;base64,") for e in events)
+
+
+def test_sync_generate_returns_a_png(api):
+    r = api.post("/v1/images/generate", json={"prompt": "a green triangle", "steps": 3, "seed": 2})
+    assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n" and r.headers["x-seeds"] == "2"
+
+
+def test_info_routes(api):
+    assert api.get("/v1/health").json()["status"] == "ok"
+    assert "dpmpp_2m" in api.get("/v1/samplers").json()["samplers"]
+    assert api.get("/v1/models").json()["models"][0]["name"] == "tiny"
+    assert api.get("/openapi.json").status_code == 200
+    assert "<form" in api.get("/").text
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "x" * 2001}, "prompt"),
+    ({"prompt": "a", "negative_prompt": 3}, "negative_prompt"),
+    ({"prompt": "a", "steps": 0}, "steps"),
+    ({"prompt": "a", "steps": 151}, "steps"),
+    ({"prompt": "a", "guidance_scale": 31}, "guidance_scale"),
+    ({"prompt": "a", "guidance_scale": -1}, "guidance_scale"),
+    ({"prompt": "a", "guidance_scale": "nan"}, "guidance_scale"),
+    ({"prompt": "a", "sampler": "plms"}, "sampler"),
+    ({"prompt": "a", "width": 30}, "width"),
+    ({"prompt": "a", "width": 100000, "height": 100000}, "width"),
+    ({"prompt": "a", "width": 2048, "height": 2048}, "width"),
+    ({"prompt": "a", "num_images": 9}, "num_images"),
+    ({"prompt": "a", "seed": "x"}, "seed"),
+    ({"prompt": "a", "path": "/etc/passwd"}, "path"),
+])
+def test_every_limit_is_refused_with_the_field_and_range(api, body, field):
+    r = api.post("/v1/jobs", json=body)
+    assert r.status_code == 422
+    assert r.json()["field"] == field and r.json()["allowed"] is not None
+
+
+def test_bad_bodies(api):
+    assert api.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
+    assert api.post("/v1/jobs", json=["a"]).status_code == 422
+    big = json.dumps({"prompt": "a", "negative_prompt": "x" * (1024 * 1024)})
+    assert api.post("/v1/jobs", content=big, headers={"content-type": "application/json"}).status_code == 413
+
+
+@pytest.mark.parametrize("path", ["/v1/images/../../etc/passwd", "/v1/images/%2e%2e%2fsecret.png", "/v1/images/%2Fetc%2Fpasswd",
+                                  "/v1/images/..%5c..%5cwin.ini", "/v1/images/nothere.png", "/v1/images/%00.png"])
+def test_image_route_resists_path_tricks(api, path):
+    r = api.get(path)
+    assert r.status_code == 404 and b"root:" not in r.content
+
+
+def test_foreign_origin_and_host_are_refused(api):
+    assert api.get("/v1/health", headers={"origin": "http://evil.example"}).status_code == 403
+    assert api.get("/v1/health", headers={"origin": BASE}).status_code == 200
+    assert api.get("/v1/health", headers={"host": "evil.example"}).status_code == 403
+    r = api.get("/v1/health", headers={"origin": BASE})
+    assert not any(h.lower().startswith("access-control") for h in r.headers)
+
+
+def test_token_is_required_when_set(pipe):
+    with client(pipe, token="s3cret") as c:
+        assert c.get("/v1/health").status_code == 401
+        assert c.get("/v1/health", headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/v1/health", headers={"authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/").status_code == 200  # the page itself carries no data; it asks for the token
+
+
+def test_cancel_a_queued_and_a_running_job(pipe):
+    with client(pipe) as c:
+        slow = c.post("/v1/jobs", json={"prompt": "a", "steps": 150, "seed": 0}).json()["id"]
+        queued = c.post("/v1/jobs", json={"prompt": "b", "steps": 3}).json()["id"]
+        assert c.delete(f"/v1/jobs/{queued}").json()["state"] == "cancelled"
+        while c.get(f"/v1/jobs/{slow}").json()["step"] < 2:
+            time.sleep(0.02)
+        c.delete(f"/v1/jobs/{slow}")
+        job = wait_done(c, slow)
+        assert job["state"] == "cancelled" and job["step"] < 150
+        assert c.delete("/v1/jobs/nope").status_code == 404
+        # the server keeps serving
+        assert wait_done(c, c.post("/v1/jobs", json={"prompt": "c", "steps": 2}).json()["id"])["state"] == "done"
+
+
+def test_twenty_concurrent_jobs_finish_or_are_refused_none_lost(pipe):
+    with client(pipe, max_queue=8) as c:
+        results = []
+
+        def submit(k):
+            results.append((k, c.post("/v1/jobs", json={"prompt": f"a red circle {k}", "steps": 2, "seed": k})))
+
+        threads = [threading.Thread(target=submit, args=(k,)) for k in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        accepted = [(k, r.json()["id"]) for k, r in results if r.status_code == 202]
+        refused = [r for _, r in results if r.status_code == 429]
+        assert len(accepted) + len(refused) == 20 and refused and accepted
+        assert all(r.headers.get("retry-after") for r in refused)
+        assert len({i for _, i in accepted}) == len(accepted)
+        for k, job_id in accepted:
+            job = wait_done(c, job_id)
+            assert job["state"] == "done" and job["seeds"] == [k] and job["params"]["prompt"] == f"a red circle {k}"
+
+
+def test_a_failing_job_fails_alone(pipe, monkeypatch):
+    with client(pipe) as c:
+        app_jobs = c.app.state.jobs
+        real = app_jobs.pipe.__class__.__call__
+
+        def boom(self, *a, **k):
+            if a and a[0] == "explode":
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(app_jobs.pipe.__class__, "__call__", boom)
+        bad = wait_done(c, c.post("/v1/jobs", json={"prompt": "explode", "steps": 2}).json()["id"])
+        assert bad["state"] == "failed" and "out of memory" in bad["error"]
+        assert wait_done(c, c.post("/v1/jobs", json={"prompt": "fine", "steps": 2}).json()["id"])["state"] == "done"
+
+
+def test_job_timeout(pipe):
+    with client(pipe, job_timeout_s=0.0) as c:
+        job = wait_done(c, c.post("/v1/jobs", json={"prompt": "a", "steps": 5}).json()["id"])
+        assert job["state"] == "failed" and "timed out" in job["error"]

@@ -1,0 +1,225 @@
+"""The HTTP API and web page (FastAPI). One model, loaded once; one worker owns the device."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import secrets
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from ..samplers import SAMPLERS
+from .jobs import JobQueue, QueueFull
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class ServerSettings:
+    """Every limit the server enforces, in one place (flags of `unfog serve` change them)."""
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    token: str | None = None
+    max_queue: int = 16
+    job_timeout_s: float = 600.0
+    max_side: int = 2048
+    max_pixels: int = 4_000_000  # 4 megapixels
+    max_steps: int = 150
+    max_images: int = 8
+    max_guidance: float = 30.0
+    max_prompt_chars: int = 2000
+    max_body_bytes: int = 1024 * 1024
+    sync_timeout_s: float = 600.0
+    preview_every: int = 2
+
+
+class Refused(Exception):
+    def __init__(self, status: int, error: str, field: str | None = None, allowed: Any = None, headers: dict | None = None):
+        self.status, self.body, self.headers = status, {"error": error, "field": field, "allowed": allowed}, headers or {}
+
+
+def _int(body: dict, name: str, default: int, lo: int, hi: int) -> int:
+    v = body.get(name, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise Refused(422, f"{name} must be an integer from {lo} to {hi}, got {v!r}", name, [lo, hi])
+    return v
+
+
+def validate(body: Any, pipe, s: ServerSettings) -> dict:
+    """The request body as generation parameters, or a Refused naming the field and its range."""
+    if not isinstance(body, dict):
+        raise Refused(422, "the body must be a JSON object")
+    known = {"prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "seed", "width", "height", "num_images"}
+    extra = sorted(set(body) - known)
+    if extra:
+        raise Refused(422, f"unknown fields {extra}", extra[0], sorted(known))
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > s.max_prompt_chars:
+        raise Refused(422, f"prompt must be a non-empty string of at most {s.max_prompt_chars} characters", "prompt", [1, s.max_prompt_chars])
+    negative = body.get("negative_prompt") or ""
+    if not isinstance(negative, str) or len(negative) > s.max_prompt_chars:
+        raise Refused(422, f"negative_prompt must be a string of at most {s.max_prompt_chars} characters", "negative_prompt", [0, s.max_prompt_chars])
+    d = pipe.defaults
+    steps = _int(body, "steps", d["num_inference_steps"], 1, s.max_steps)
+    g = body.get("guidance_scale", d["guidance_scale"])
+    if not isinstance(g, (int, float)) or isinstance(g, bool) or not math.isfinite(g) or not 0 <= g <= s.max_guidance:
+        raise Refused(422, f"guidance_scale must be a finite number from 0 to {s.max_guidance}, got {g!r}", "guidance_scale", [0, s.max_guidance])
+    sampler = body.get("sampler", d["sampler"])
+    if sampler not in SAMPLERS:
+        raise Refused(422, f"unknown sampler {sampler!r}", "sampler", sorted(SAMPLERS))
+    f = pipe.downsample_factor
+    width, height = (_int(body, n, d[n], f, s.max_side) for n in ("width", "height"))
+    for name, v in (("width", width), ("height", height)):
+        if v % f:
+            raise Refused(422, f"{name} must be a multiple of {f}, got {v}", name, {"multiple_of": f, "max": s.max_side})
+    if width * height > s.max_pixels:
+        raise Refused(422, f"width × height must be at most {s.max_pixels} pixels, got {width * height}", "width", {"max_pixels": s.max_pixels})
+    n = _int(body, "num_images", 1, 1, s.max_images)
+    seed = body.get("seed")
+    if seed is None or seed == -1:
+        seed = random.SystemRandom().randrange(2**32)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63 - s.max_images:
+        raise Refused(422, "seed must be an integer from 0 to 2^63 - 9, or -1/null for a random one", "seed", [0, 2**63 - 1 - s.max_images])
+    return {"prompt": prompt, "negative_prompt": negative, "steps": steps, "guidance_scale": float(g), "sampler": sampler,
+            "seed": seed, "width": width, "height": height, "num_images": n}
+
+
+def create_app(pipe, settings: ServerSettings | None = None, *, model_name: str = "default") -> FastAPI:
+    s = settings or ServerSettings()
+    jobs = JobQueue(pipe, model_name=model_name, max_queue=s.max_queue, job_timeout_s=s.job_timeout_s, preview_every=s.preview_every)
+    app = FastAPI(title="unfog", description="Text-to-image diffusion: an HTTP API with a job queue and live progress.", version="1")
+    app.state.jobs, app.state.settings = jobs, s
+    loopback = {"127.0.0.1", "localhost", "[::1]"}
+    own = loopback if s.host in loopback or s.host == "::1" else loopback | {s.host}
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        try:
+            # DNS rebinding: the Host must be one of this server's own names.
+            host_header = request.headers.get("host", "")
+            host = host_header.rsplit(":", 1)[0] if not host_header.startswith("[") else host_header.split("]")[0] + "]"
+            if s.host not in ("0.0.0.0", "::") and host not in own:
+                raise Refused(403, f"Host {host!r} is not this server's; address it as {s.host}")
+            # Cross-site requests: a browser's Origin must be this server itself.
+            origin = request.headers.get("origin")
+            if origin is not None and origin.split("://", 1)[-1] != host_header:
+                raise Refused(403, f"cross-origin request from {origin!r} refused")
+            if request.url.path.startswith("/v1/") and s.token is not None:
+                sent = request.headers.get("authorization", "")
+                if not secrets.compare_digest(sent.encode(), f"Bearer {s.token}".encode()):
+                    raise Refused(401, "missing or wrong token: send Authorization: Bearer <token>", headers={"WWW-Authenticate": "Bearer"})
+            size = request.headers.get("content-length")
+            if size is not None and (not size.isdigit() or int(size) > s.max_body_bytes):
+                raise Refused(413, f"request body larger than {s.max_body_bytes} bytes", allowed=s.max_body_bytes)
+        except Refused as r:
+            return JSONResponse(r.body, status_code=r.status, headers=r.headers)
+        return await call_next(request)
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, r: Refused):
+        return JSONResponse(r.body, status_code=r.status, headers=r.headers)
+
+    async def body_json(request: Request) -> Any:
+        raw = await request.body()
+        if len(raw) > s.max_body_bytes:
+            raise Refused(413, f"request body larger than {s.max_body_bytes} bytes", allowed=s.max_body_bytes)
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise Refused(400, "the body is not valid JSON") from None
+
+    def submit(params: dict):
+        try:
+            return jobs.submit(params)
+        except QueueFull:
+            raise Refused(429, f"the queue is full ({s.max_queue} jobs); retry later", headers={"Retry-After": "5"}) from None
+
+    def get_job(job_id: str):
+        job = jobs.jobs.get(job_id)
+        if job is None:
+            raise Refused(404, f"no job {job_id!r}", "id")
+        return job
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.post("/v1/jobs", status_code=202)
+    async def create_job(request: Request):
+        job, position = submit(validate(await body_json(request), pipe, s))
+        return JSONResponse({"id": job.id, "state": job.state, "queue_position": position, "url": f"/v1/jobs/{job.id}"}, status_code=202)
+
+    @app.get("/v1/jobs/{job_id}")
+    def job_status(job_id: str):
+        job = get_job(job_id)
+        return job.public(jobs.position(job))
+
+    @app.delete("/v1/jobs/{job_id}")
+    def cancel_job(job_id: str):
+        job = jobs.cancel(job_id)
+        if job is None:
+            raise Refused(404, f"no job {job_id!r}", "id")
+        return job.public()
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str, request: Request):
+        job = get_job(job_id)
+
+        async def stream():
+            sent = 0
+            while True:
+                events = job.events[sent:]
+                for e in events:
+                    yield f"event: {e['type']}\ndata: {json.dumps(e)}\n\n"
+                sent += len(events)
+                if job.state not in ("queued", "running") and sent >= len(job.events):
+                    return
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(0.05)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/images/{name}")
+    def image(name: str):
+        data = jobs.images.get(name)  # only names the server made exist here; nothing touches the filesystem
+        if data is None:
+            raise Refused(404, "no such image", "name")
+        return Response(data, media_type="image/png")
+
+    @app.post("/v1/images/generate", responses={200: {"content": {"image/png": {}}}})
+    async def generate(request: Request):
+        """Synchronous convenience call: waits for the job and returns its first PNG."""
+        job, _ = submit(validate(await body_json(request), pipe, s))
+        finished = await asyncio.to_thread(jobs.wait, job, s.sync_timeout_s)
+        if not finished:
+            jobs.cancel(job.id)
+            raise Refused(504, f"the job did not finish within {s.sync_timeout_s:.0f} s")
+        if job.state != "done":
+            raise Refused(500 if job.state == "failed" else 409, f"job {job.state}: {job.error}")
+        return Response(jobs.images[job.images[0]], media_type="image/png", headers={"X-Seeds": ",".join(map(str, job.seeds))})
+
+    @app.get("/v1/health")
+    def health():
+        return {"status": "ok", "queued": jobs.queue.qsize(), "device": str(pipe.device)}
+
+    @app.get("/v1/models")
+    def models():
+        return {"models": [{"name": model_name, "defaults": pipe.defaults, "downsample_factor": pipe.downsample_factor}]}
+
+    @app.get("/v1/samplers")
+    def samplers():
+        return {"samplers": sorted(SAMPLERS), "default": pipe.defaults["sampler"]}
+
+    @app.get("/v1/limits")
+    def limits():
+        return {k: v for k, v in asdict(s).items() if k not in ("token",)}
+
+    return app

@@ -1,0 +1,186 @@
+"""The job queue: a bounded queue and one worker thread that owns the pipeline (and so the
+device). Jobs report progress as events; a cancelled or timed-out job stops at its next step."""
+
+from __future__ import annotations
+
+import base64
+import io
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+
+
+class JobStopped(Exception):
+    """Raised inside the pipeline's step callback to stop a job (cancelled or timed out)."""
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    id: str
+    params: dict[str, Any]
+    state: str = "queued"  # queued, running, done, failed, cancelled
+    step: int = 0
+    total: int = 0
+    images: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    events: list[dict] = field(default_factory=list)
+    cancel_requested: bool = False
+
+    def public(self, position: int | None = None) -> dict:
+        d = {"id": self.id, "state": self.state, "step": self.step, "total": self.total, "seeds": self.seeds,
+             "images": [f"/v1/images/{n}" for n in self.images], "error": self.error, "params": self.params}
+        if position is not None:
+            d["queue_position"] = position
+        return d
+
+
+def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    """PNG with the generation parameters in its text chunks."""
+    info = PngInfo()
+    for k, v in (text or {}).items():
+        info.add_text(k, str(v))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+class JobQueue:
+    def __init__(self, pipe, *, model_name: str, max_queue: int = 16, job_timeout_s: float = 600, preview_every: int = 2, keep_images: int = 256):
+        self.pipe, self.model_name = pipe, model_name
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.jobs: dict[str, Job] = {}
+        self.images: OrderedDict[str, bytes] = OrderedDict()
+        self.keep_images, self.job_timeout_s, self.preview_every = keep_images, job_timeout_s, preview_every
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.worker = threading.Thread(target=self._work, name="unfog-worker", daemon=True)
+        self.worker.start()
+
+    # ---- called from request handlers -----------------------------------------------------
+
+    def submit(self, params: dict) -> tuple[Job, int]:
+        job = Job(id=uuid.uuid4().hex, params=params, total=params["steps"])
+        with self.lock:
+            try:
+                self.queue.put_nowait(job)
+            except queue.Full:
+                raise QueueFull() from None
+            self.jobs[job.id] = job
+            return job, self.queue.qsize()
+
+    def position(self, job: Job) -> int | None:
+        if job.state != "queued":
+            return None
+        with self.lock:
+            return sum(1 for j in list(self.queue.queue) if j.created <= job.created)
+
+    def cancel(self, job_id: str) -> Job | None:
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is None:
+                return None
+            if job.state == "queued":
+                job.state = "cancelled"
+                self._event(job, {"type": "cancelled"})
+            elif job.state == "running":
+                job.cancel_requested = True
+            return job
+
+    def wait(self, job: Job, timeout: float) -> bool:
+        deadline = time.time() + timeout
+        with self.changed:
+            while job.state in ("queued", "running"):
+                left = deadline - time.time()
+                if left <= 0:
+                    return False
+                self.changed.wait(left)
+        return True
+
+    # ---- the worker -----------------------------------------------------------------------
+
+    def _event(self, job: Job, event: dict) -> None:
+        """Record an event; callers hold self.lock."""
+        job.events.append(event)
+        self.changed.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            job = self.queue.get()
+            with self.lock:
+                if job.state == "cancelled":
+                    continue
+                job.state = "running"
+                self._event(job, {"type": "started", "total": job.total})
+            try:
+                self._run(job)
+            except JobStopped as e:
+                with self.lock:
+                    job.state, job.error = ("cancelled", None) if str(e) == "cancelled" else ("failed", str(e))
+                    self._event(job, {"type": job.state, "error": job.error})
+            except Exception as e:  # one job's failure (bad input, out of memory, NaN) must not stop the server
+                with self.lock:
+                    job.state, job.error = "failed", f"{type(e).__name__}: {e}"
+                    self._event(job, {"type": "failed", "error": job.error})
+            finally:
+                self._free_memory()
+
+    def _free_memory(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _run(self, job: Job) -> None:
+        p = job.params
+        start = time.time()
+
+        def on_step(i, x, x0):
+            if job.cancel_requested:
+                raise JobStopped("cancelled")
+            if time.time() - start > self.job_timeout_s:
+                raise JobStopped(f"timed out after {self.job_timeout_s:.0f} s")
+            event = {"type": "progress", "step": i + 1, "total": job.total}
+            if self.preview_every and ((i + 1) % self.preview_every == 0 or i + 1 == job.total):
+                preview = self.pipe.decode(x0[:1])[0]
+                preview.thumbnail((128, 128))
+                event["preview"] = "data:image/png;base64," + base64.b64encode(png_bytes(preview)).decode()
+            with self.lock:
+                job.step = i + 1
+                self._event(job, event)
+
+        result = self.pipe(
+            p["prompt"], negative_prompt=p["negative_prompt"] or None, num_inference_steps=p["steps"], guidance_scale=p["guidance_scale"],
+            sampler=p["sampler"], seed=p["seed"], height=p["height"], width=p["width"], num_images_per_prompt=p["num_images"], callback=on_step,
+        )
+        names = []
+        for image, seed in zip(result.images, result.seeds):
+            text = {"prompt": p["prompt"], "negative_prompt": p["negative_prompt"], "seed": seed, "steps": p["steps"], "sampler": p["sampler"],
+                    "guidance_scale": p["guidance_scale"], "width": p["width"], "height": p["height"], "model": self.model_name, "software": "unfog"}
+            name = f"{uuid.uuid4().hex}.png"
+            with self.lock:
+                self.images[name] = png_bytes(image, text)
+                while len(self.images) > self.keep_images:
+                    self.images.popitem(last=False)
+            names.append(name)
+        with self.lock:
+            job.images, job.seeds, job.state = names, result.seeds, "done"
+            self._event(job, {"type": "done", "images": [f"/v1/images/{n}" for n in names], "seeds": result.seeds})
+
+
