@@ -187,3 +187,10 @@ def test_job_timeout(pipe):
     with client(pipe, job_timeout_s=0.0) as c:
         job = wait_done(c, c.post("/v1/jobs", json={"prompt": "a", "steps": 5}).json()["id"])
         assert job["state"] == "failed" and "timed out" in job["error"]
+
+
+def test_serve_refuses_a_public_address_without_a_token(capsys):
+    from unfog.cli import main
+
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "--token" in capsys.readouterr().err
