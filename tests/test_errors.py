@@ -109,3 +109,12 @@ def test_default_model_missing_is_explained(tmp_path, monkeypatch):
     monkeypatch.setattr(unfog.pipeline, "DEFAULT_MODEL_DIR", tmp_path / "absent")
     with pytest.raises(UnfogError, match="no bundled default model"):
         Pipeline.from_pretrained()
+
+
+def test_save_never_replaces_a_diffusers_folder(tiny_pipe, tmp_path):
+    d = tmp_path / "sd"
+    d.mkdir()
+    (d / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    with pytest.raises(UnfogError, match="not an unfog model folder"):
+        tiny_pipe.save_pretrained(d)
+    assert (d / "model_index.json").is_file()

@@ -122,3 +122,14 @@ def test_min_snr_weights():
     torch.testing.assert_close(loss_weight("uniform", "epsilon", s), torch.ones(3))
     ac = SchedulerConfig().alphas_cumprod()
     assert snr(ac, torch.tensor([0])).item() > snr(ac, torch.tensor([999])).item()
+
+
+def test_trailing_spacing_has_exactly_the_requested_steps():
+    for n in (1, 7, 30, 61, 103, 121, 122, 1000):
+        t = spaced_timesteps(1000, n, "trailing")
+        assert len(t) == n and t[0] == 999 and (t[1:] < t[:-1]).all()
+
+
+def test_min_snr_epsilon_weight_is_finite_at_zero_snr():
+    w = loss_weight("min_snr", "epsilon", torch.tensor([0.0, 1.0, 100.0]))
+    assert torch.isfinite(w).all() and w[0] == 1

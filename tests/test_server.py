@@ -194,3 +194,29 @@ def test_serve_refuses_a_public_address_without_a_token(capsys):
 
     assert main(["serve", "--host", "0.0.0.0"]) == 2
     assert "--token" in capsys.readouterr().err
+
+
+def test_chunked_body_over_the_limit_is_refused(api):
+    def chunks():
+        yield b'{"prompt": "a", "negative_prompt": "'
+        for _ in range(40):
+            yield b"x" * 32768
+        yield b'"}'
+
+    assert api.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"}).status_code == 413
+
+
+def test_deeply_nested_json_is_a_400(api):
+    assert api.post("/v1/jobs", content=b"[" * 100000, headers={"content-type": "application/json"}).status_code in (400, 413)
+
+
+def test_cancelled_queued_jobs_free_their_slots(pipe):
+    with client(pipe, max_queue=2) as c:
+        running = c.post("/v1/jobs", json={"prompt": "a", "steps": 150}).json()["id"]
+        while c.get(f"/v1/jobs/{running}").json()["state"] != "running":
+            time.sleep(0.02)
+        for _ in range(5):  # submit-and-cancel never fills the queue
+            r = c.post("/v1/jobs", json={"prompt": "b", "steps": 2})
+            assert r.status_code == 202
+            c.delete(f"/v1/jobs/{r.json()['id']}")
+        c.delete(f"/v1/jobs/{running}")

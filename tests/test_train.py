@@ -165,3 +165,23 @@ def test_ddp_two_processes_equal_one_process(ae_run, tmp_path):
     # fraction of one step (lr = 1e-3); a wrong split of the batch moves weights by ~lr.
     assert_same(a, b, exact=False, atol=1e-4)
     assert (tmp_path / "ddp" / "metrics.jsonl").read_text().count('"step": 3') == 1
+
+
+def test_overflowing_gradients_skip_the_step(ae_run, tmp_path):
+    cfg = preset("tiny", max_steps=3, checkpoint_every=100, sample_every=1000)
+    t = Trainer(cfg, stream(cfg), tmp_path / "inf", vae=ae_run, progress=False)
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    p = next(t.model.parameters())
+    hook = p.register_hook(lambda g: g * float("inf"))
+    assert t._train_step(0) != t._train_step(0)  # NaN: the step was skipped
+    hook.remove()
+    assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+
+
+def test_resume_can_extend_a_run_but_not_change_its_recipe(ae_run, tmp_path):
+    train(tmp_path / "r", ae_run, max_steps=3)
+    cfg = preset("tiny")
+    t = Trainer(cfg, stream(cfg), tmp_path / "r", vae=ae_run, resume=True, progress=False, resume_overrides={"max_steps": 5})
+    assert t.run()["step"] == 5
+    with pytest.raises(UnfogError, match="cannot change when resuming"):
+        Trainer(cfg, stream(cfg), tmp_path / "r", vae=ae_run, resume=True, progress=False, resume_overrides={"lr": 1.0})

@@ -39,11 +39,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype] if args.dtype else None
     pipe.to(args.device, dtype)
     trajectory: list = []
-    steps = args.steps if args.steps is not None else pipe.defaults["num_inference_steps"]
-    keep = {round(k * (steps - 1) / (args.trajectory_frames - 1)) for k in range(args.trajectory_frames)}
 
     def record(i, x, x0):
-        if args.trajectory and i in keep:
+        if args.trajectory:
             trajectory.append(x0[:1].clone())
 
     init_image = mask = None
@@ -78,16 +76,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     out = Path(args.output)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise UnfogError(f"output {out} must end in .png, .jpg or .webp")
     out.parent.mkdir(parents=True, exist_ok=True)
     for path, image, seed in zip(_output_paths(out, len(result.images)), result.images, result.seeds):
         image.save(path)
         print(f"{path}  seed={seed}")
     if args.trajectory:
-        frames = [im for x0 in trajectory for im in pipe.decode(x0)]
+        n = len(trajectory)
+        picks = sorted({round(k * (n - 1) / (args.trajectory_frames - 1)) for k in range(args.trajectory_frames)})
+        frames = [im for k in picks for im in pipe.decode(trajectory[k])]
         _grid(frames).save(args.trajectory)
-        print(f"{args.trajectory}  x0 estimates at {len(frames)} of {steps} steps")
+        print(f"{args.trajectory}  x0 estimates at {len(frames)} of {n} steps")
 
 
 def cmd_noise(args: argparse.Namespace) -> None:
@@ -146,7 +144,9 @@ def cmd_train(args: argparse.Namespace) -> None:
                  "grad_accum": args.grad_accum, "precision": args.precision, "data_pool": args.pool,
                  "checkpoint_every": args.checkpoint_every, "sample_every": args.sample_every}
     config = preset(args.preset, **overrides)
-    trainer = Trainer(config, _data_source(args, config), args.out, vae=args.vae, init=args.init, device=args.device, resume=args.resume, progress=not args.quiet)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    trainer = Trainer(config, _data_source(args, config), args.out, vae=args.vae, init=args.init, device=args.device, resume=args.resume,
+                      progress=not args.quiet, resume_overrides=given if args.resume else None)
     summary = trainer.run()
     if trainer.rank == 0:
         print(f"{args.out}  step {summary['step']}  loss {summary['loss']:.4f}  {summary['images_per_s']:.1f} images/s  {summary['seconds']:.0f} s"
@@ -352,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("unfog: interrupted", file=sys.stderr)
         return 130
+    except (OSError, RuntimeError) as e:  # files, devices, out of memory: say it in one line
+        print(f"unfog: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 1
     return 0
 
 

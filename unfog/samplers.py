@@ -1,7 +1,8 @@
 """Samplers: pure functions that walk sigma space from noise to data.
 
 Each is `sample_NAME(denoiser, x, sigmas, *, generator=None, callback=None) -> x_0`, where
-`denoiser(x, sigma) -> x0_hat` takes sigma of shape (batch,), `x` arrives as σ_0·noise and
+`denoiser(x, sigma) -> x0_hat` takes sigma of shape (batch,), `x` arrives as the state at σ_0
+(noise of that scale, or an image plus noise for img2img), and
 `sigmas` is 1-D, decreasing, ending in 0. `generator` is one torch.Generator or a list with
 one per batch item, so each image's noise depends on its own seed only. `callback(i, x, x0)`
 is called after each step with the step index, the new state and the x_0 estimate; if it

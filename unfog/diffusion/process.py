@@ -75,7 +75,8 @@ def loss_weight(weighting: str, prediction_type: str, snr_t: torch.Tensor, gamma
         raise UnfogError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
     clipped = snr_t.clamp(max=gamma)
     if prediction_type == "epsilon":
-        return clipped / snr_t
+        # min(SNR, γ) / SNR → 1 as SNR → 0 (a zero-terminal-SNR step), not 0/0.
+        return torch.where(snr_t > 0, clipped / snr_t.clamp(min=1e-20), torch.ones_like(snr_t))
     if prediction_type == "v_prediction":
         return clipped / (snr_t + 1)
     if prediction_type == "sample":

@@ -80,7 +80,7 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str, steps_offset:
         t = torch.arange(steps, dtype=torch.float64) * ratio + steps_offset
     elif spacing == "trailing":
         ratio = num_timesteps / steps
-        t = torch.arange(num_timesteps, 0, -ratio, dtype=torch.float64).round().flip(0) - 1
+        t = (num_timesteps - torch.arange(steps, dtype=torch.float64) * ratio).round().flip(0) - 1
     elif spacing == "linspace":
         t = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round()
     else:

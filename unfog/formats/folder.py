@@ -107,7 +107,7 @@ def save_model(parts: ModelParts, directory: str | Path, dtype: torch.dtype | No
     """Write a model folder atomically: everything goes to a temporary sibling, which then
     replaces `directory`. An existing non-empty folder that is not a model is refused."""
     target = Path(directory)
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / "model_index.json").is_file())):
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not _is_unfog_folder(target))):
         raise UnfogError(f"{target} exists and is not an unfog model folder; choose an empty or new directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -131,13 +131,24 @@ def save_model(parts: ModelParts, directory: str | Path, dtype: torch.dtype | No
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                os.replace(old, target)  # put the previous model back
+                raise
             shutil.rmtree(old)
         else:
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _is_unfog_folder(directory: Path) -> bool:
+    try:
+        return json.loads((directory / "model_index.json").read_text()).get("format") == "unfog"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def is_model_folder(directory: str | Path) -> bool:

@@ -201,7 +201,9 @@ def infer_vae_config(state: dict) -> AutoencoderConfig:
 
 def infer_text_config(state: dict, family: str) -> TextEncoderConfig:
     if family == "sd1":
-        t = _sub(state, SD1_TEXT + "text_model.")
+        t = {k.removeprefix("text_model."): v for k, v in _sub(state, SD1_TEXT).items()}
+        if "embeddings.token_embedding.weight" not in t:
+            raise UnfogError("SD 1.x checkpoint without a text encoder token embedding (cond_stage_model.transformer.*)")
         layers = 1 + max(int(m[1]) for k in t if (m := re.match(r"encoder\.layers\.(\d+)\.", k)))
         vocab, width = t["embeddings.token_embedding.weight"].shape
         return TextEncoderConfig(vocab_size=vocab, context_length=t["embeddings.position_embedding.weight"].shape[0], width=width, layers=layers,

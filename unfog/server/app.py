@@ -127,12 +127,15 @@ def create_app(pipe, settings: ServerSettings | None = None, *, model_name: str 
         return JSONResponse(r.body, status_code=r.status, headers=r.headers)
 
     async def body_json(request: Request) -> Any:
-        raw = await request.body()
-        if len(raw) > s.max_body_bytes:
-            raise Refused(413, f"request body larger than {s.max_body_bytes} bytes", allowed=s.max_body_bytes)
+        # Read in pieces and stop at the limit: a chunked body has no Content-Length to check.
+        raw = bytearray()
+        async for piece in request.stream():
+            raw += piece
+            if len(raw) > s.max_body_bytes:
+                raise Refused(413, f"request body larger than {s.max_body_bytes} bytes", allowed=s.max_body_bytes)
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            return json.loads(bytes(raw))
+        except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting or digit counts
             raise Refused(400, "the body is not valid JSON") from None
 
     def submit(params: dict):
@@ -198,10 +201,11 @@ def create_app(pipe, settings: ServerSettings | None = None, *, model_name: str 
     async def generate(request: Request):
         """Synchronous convenience call: waits for the job and returns its first PNG."""
         job, _ = submit(validate(await body_json(request), pipe, s))
-        finished = await asyncio.to_thread(jobs.wait, job, s.sync_timeout_s)
-        if not finished:
-            jobs.cancel(job.id)
-            raise Refused(504, f"the job did not finish within {s.sync_timeout_s:.0f} s")
+        deadline = asyncio.get_running_loop().time() + s.sync_timeout_s
+        while not await asyncio.to_thread(jobs.wait, job, 0.5):
+            if await request.is_disconnected() or asyncio.get_running_loop().time() > deadline:
+                jobs.cancel(job.id)  # nobody will read the result
+                raise Refused(504, f"the job did not finish within {s.sync_timeout_s:.0f} s")
         if job.state != "done":
             raise Refused(500 if job.state == "failed" else 409, f"job {job.state}: {job.error}")
         return Response(jobs.images[job.images[0]], media_type="image/png", headers={"X-Seeds": ",".join(map(str, job.seeds))})

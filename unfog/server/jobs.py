@@ -59,12 +59,12 @@ def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
 
 
 class JobQueue:
-    def __init__(self, pipe, *, model_name: str, max_queue: int = 16, job_timeout_s: float = 600, preview_every: int = 2, keep_images: int = 256):
+    def __init__(self, pipe, *, model_name: str, max_queue: int = 16, job_timeout_s: float = 600, preview_every: int = 2, keep_images: int = 256, keep_jobs: int = 512):
         self.pipe, self.model_name = pipe, model_name
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.jobs: dict[str, Job] = {}
         self.images: OrderedDict[str, bytes] = OrderedDict()
-        self.keep_images, self.job_timeout_s, self.preview_every = keep_images, job_timeout_s, preview_every
+        self.keep_images, self.keep_jobs, self.job_timeout_s, self.preview_every = keep_images, keep_jobs, job_timeout_s, preview_every
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.worker = threading.Thread(target=self._work, name="unfog-worker", daemon=True)
@@ -95,6 +95,12 @@ class JobQueue:
                 return None
             if job.state == "queued":
                 job.state = "cancelled"
+                with self.queue.mutex:  # free its slot now, not when the worker reaches it
+                    try:
+                        self.queue.queue.remove(job)
+                        self.queue.not_full.notify()
+                    except ValueError:
+                        pass
                 self._event(job, {"type": "cancelled"})
             elif job.state == "running":
                 job.cancel_requested = True
@@ -113,8 +119,16 @@ class JobQueue:
     # ---- the worker -----------------------------------------------------------------------
 
     def _event(self, job: Job, event: dict) -> None:
-        """Record an event; callers hold self.lock."""
+        """Record an event; callers hold self.lock. A finished job keeps only its last preview
+        (the rest were for watching it run), and the oldest finished jobs are forgotten."""
         job.events.append(event)
+        if event["type"] in ("done", "failed", "cancelled"):
+            with_preview = [e for e in job.events if "preview" in e]
+            for e in with_preview[:-1]:  # keep only the last preview
+                e.pop("preview")
+            finished = [j for j in self.jobs.values() if j.state not in ("queued", "running")]
+            for old in finished[: max(0, len(finished) - self.keep_jobs)]:
+                self.jobs.pop(old.id, None)
         self.changed.notify_all()
 
     def _work(self) -> None:

@@ -58,9 +58,22 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, state: dict
         save_file(opt_tensors | {f"rng.{k}": v for k, v in rng.items()}, str(tmp / "optimizer.safetensors"))
         full = dict(state, step=step, optimizer=opt_meta, python_random=_py_state())
         (tmp / "state.json").write_text(json.dumps(full, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # re-saving a step: move the old copy aside, never leave the step missing
+            aside = root / f".old-{final.name}"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        dir_fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -112,7 +125,7 @@ def load_checkpoint(path: Path, model, ema, optimizer) -> dict:
         optimizer.load_state_dict({"state": slots, "param_groups": state["optimizer"]["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
     if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = state["python_random"]

@@ -78,7 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   num_heads=[2, 4, 5], context_dim=128, norm_groups=16, transformer_depth=1),
         text_encoder=dict(width=128, layers=4, heads=4, mlp_width=512, activation="gelu"),
         scheduler=dict(beta_schedule="scaled_linear", prediction_type="v_prediction", zero_terminal_snr=True, sigma_schedule="trailing"),
-        defaults=dict(sampler="dpmpp_2m", num_inference_steps=20, guidance_scale=4.0, height=64, width=64),
+        defaults=dict(sampler="dpmpp_2m_sde", num_inference_steps=30, guidance_scale=4.0, height=64, width=64),
     ),
     # Small enough for tests and a CPU smoke run.
     "tiny-ae": dict(stage="autoencoder", resolution=32, autoencoder=dict(block_channels=[16, 32], layers_per_block=1, latent_channels=4, norm_groups=8, mid_attention=False),

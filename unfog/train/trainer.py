@@ -100,8 +100,11 @@ def load_autoencoder(source: str | Path) -> tuple[Autoencoder, bool]:
 class Trainer:
     """One training run in `out_dir`; `run()` trains until max_steps or a stop."""
 
+    RESUMABLE_OVERRIDES = ("max_steps", "checkpoint_every", "sample_every", "log_every", "keep_checkpoints", "max_nonfinite")
+
     def __init__(self, config: TrainConfig, data, out_dir: str | Path, *, vae: str | Path | None = None,
-                 init: str | Path | None = None, device: str | None = None, resume: bool = False, progress: bool = True):
+                 init: str | Path | None = None, device: str | None = None, resume: bool = False, progress: bool = True,
+                 resume_overrides: dict | None = None):
         self.out = Path(out_dir)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -118,6 +121,11 @@ class Trainer:
             raise UnfogError(f"{self.out} already holds checkpoints; pass --resume to continue that run or choose a new --out")
         if resume and (self.out / "config.json").is_file():
             config = read_config(self.out / "config.json", TrainConfig)
+            for key, value in (resume_overrides or {}).items():
+                if key not in self.RESUMABLE_OVERRIDES:
+                    raise UnfogError(f"--{key.replace('_', '-')} cannot change when resuming (the run was configured with {getattr(config, key)!r}); "
+                                     f"only {', '.join(self.RESUMABLE_OVERRIDES)} may")
+                setattr(config, key, value)
         self.config = c = config
         per_step = self.world * c.grad_accum
         if c.batch_size % per_step:
@@ -317,8 +325,11 @@ class Trainer:
             return loss_value
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(step)
-        if c.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        # A finite loss can still have overflowed gradients (bf16); stepping would poison the weights.
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return float("nan")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         decay = min(c.ema_decay, (1 + step) / (10 + step))
