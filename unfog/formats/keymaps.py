@@ -94,6 +94,22 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
     )
 
 
+def unet_config_to_diffusers(c: UNetConfig) -> dict:
+    """The diffusers UNet2DConditionModel config of an unfog UNetConfig (the inverse of
+    `unet_config_from_diffusers`); with `map_unet_key` it moves unfog weights into diffusers."""
+    if not c.mid_attention:
+        raise UnfogError("diffusers' SD U-Net always has mid-block attention; this config has none")
+    levels = len(c.block_channels)
+    return dict(
+        in_channels=c.in_channels, out_channels=c.out_channels, block_out_channels=tuple(c.block_channels), layers_per_block=c.layers_per_block,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in c.attention_levels),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(c.attention_levels)),
+        attention_head_dim=tuple(c.heads_at(level)[0] for level in range(levels)), cross_attention_dim=c.context_dim,
+        use_linear_projection=c.linear_projection, norm_num_groups=c.norm_groups, transformer_layers_per_block=c.transformer_depth,
+        flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift,
+    )
+
+
 def vae_config_from_diffusers(cfg: dict) -> AutoencoderConfig:
     what = "autoencoder config"
     _require_defaults(cfg, {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True, "force_upcast": (True, False)}, what)
