@@ -181,3 +181,28 @@ def test_optimize_keeps_images_close(tiny_model_dir):
     a = pixels(plain("a red circle", seed=2).images[0])
     b = pixels(fast("a red circle", seed=2).images[0])
     assert np.abs(a - b).mean() < 6  # bf16 rounding, not a different picture
+
+
+def test_half_precision_decode_overflow_falls_back_to_float32(tiny_model_dir):
+    pipe = Pipeline.from_pretrained(tiny_model_dir)
+    # Latents far outside float16's range (65504), as a diverged sample would give.
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 1e5 * pipe.vae.config.scaling_factor
+    reference = pixels(pipe.decode(z)[0])
+    pipe.vae.to(torch.float16)
+    with pytest.warns(UserWarning, match="overflowed in float16"):
+        image = pipe.decode(z)[0]
+    assert np.abs(pixels(image) - reference).max() <= 1
+    assert next(pipe.vae.parameters()).dtype == torch.float16  # the fast dtype is kept for next time
+
+
+def test_tiled_decode_matches_whole_decode(tiny_model_dir):
+    pipe = Pipeline.from_pretrained(tiny_model_dir)
+    z = torch.randn(1, 4, 40, 56, generator=torch.Generator().manual_seed(1))
+    whole = pixels(pipe.decode(z)[0])
+    other = pixels(pipe.decode(torch.randn(1, 4, 40, 56, generator=torch.Generator().manual_seed(2)))[0])
+    pipe.decode_tile = 16
+    tiled = pixels(pipe.decode(z)[0])
+    assert tiled.shape == whole.shape == (80, 112, 3)
+    # Tiles cannot see the whole picture (the mid-block attention is global), so they are an
+    # approximation: close to the whole decode, far from the decode of other latents.
+    assert np.abs(tiled - whole).mean() < 0.3 * np.abs(other - whole).mean()

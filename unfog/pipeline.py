@@ -63,6 +63,7 @@ class Pipeline:
         self.vae = vae.eval() if vae is not None else None
         self.scheduler = scheduler
         self.defaults = {**BUILTIN_DEFAULTS, **(defaults or {})}
+        self.decode_tile: int | None = None  # latent tile size for decoding large images
         self.denoiser = DiscreteDenoiser(unet, scheduler.alphas_cumprod(), scheduler.prediction_type)
         self.latent_channels = vae.config.latent_channels if vae is not None else 3
         # An inpainting U-Net (SD's 9-channel one) also takes the mask and the masked image's latents.
@@ -162,12 +163,45 @@ class Pipeline:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """Latents (sampler space) → PIL images."""
+        """Latents (sampler space) → PIL images. A decode that overflows in half precision is
+        re-run in float32 (with a warning) instead of returning a black image; with
+        `decode_tile` set, large latents are decoded in overlapping tiles to bound memory."""
         if self.vae is None:
             return to_pil(latents)
         c = self.vae.config
-        z = latents / c.scaling_factor + c.shift_factor
-        return to_pil(self.vae.decode(z.to(self.device, next(self.vae.parameters()).dtype)))
+        z = (latents / c.scaling_factor + c.shift_factor).to(self.device)
+        dtype = next(self.vae.parameters()).dtype
+        pixels = self._decode_tiled(z, dtype)
+        if not torch.isfinite(pixels).all() and dtype != torch.float32:
+            warnings.warn(f"the autoencoder overflowed in {str(dtype).replace('torch.', '')}; decoded again in float32", stacklevel=2)
+            self.vae.to(torch.float32)
+            try:
+                pixels = self._decode_tiled(z, torch.float32)
+            finally:
+                self.vae.to(dtype)
+        return to_pil(pixels)
+
+    def _decode_tiled(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        tile = self.decode_tile
+        h, w = z.shape[-2:]
+        if tile is None or (h <= tile and w <= tile):
+            return self.vae.decode(z.to(dtype)).float()
+        f = self.vae.config.downsample_factor
+        overlap = max(1, tile // 4)
+        stride = tile - overlap
+        out = torch.zeros(z.shape[0], self.vae.config.out_channels, h * f, w * f, device=z.device)
+        weight = torch.zeros(1, 1, h * f, w * f, device=z.device)
+        # Linear ramps across the overlaps blend neighbouring tiles without seams.
+        for top in sorted({*range(0, max(h - tile, 0) + 1, stride), max(h - tile, 0)}):
+            for left in sorted({*range(0, max(w - tile, 0) + 1, stride), max(w - tile, 0)}):
+                piece = self.vae.decode(z[..., top : top + tile, left : left + tile].to(dtype)).float()
+                ph, pw = piece.shape[-2:]
+                ramp_y = torch.clamp(torch.minimum(torch.arange(ph, device=z.device) + 1, ph - torch.arange(ph, device=z.device)) / (overlap * f), max=1)
+                ramp_x = torch.clamp(torch.minimum(torch.arange(pw, device=z.device) + 1, pw - torch.arange(pw, device=z.device)) / (overlap * f), max=1)
+                mask = (ramp_y[:, None] * ramp_x[None, :])[None, None]
+                out[..., top * f : top * f + ph, left * f : left * f + pw] += piece * mask
+                weight[..., top * f : top * f + ph, left * f : left * f + pw] += mask
+        return out / weight
 
     def _pixels(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
         """PIL → (1, 3, H, W) in [-1, 1] at the requested size."""
