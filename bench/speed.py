@@ -77,7 +77,7 @@ def unet_pair(kind: str):
     return theirs, ours, ours.config.context_dim
 
 
-def bench_unet(kind, device, dtype, batch, latent, repeats, optimize) -> list[dict]:
+def bench_unet(kind, device, dtype, batch, latent, repeats, optimize, compile_too=False) -> list[dict]:
     theirs, ours, ctx_dim = unet_pair(kind)
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -90,16 +90,24 @@ def bench_unet(kind, device, dtype, batch, latent, repeats, optimize) -> list[di
         xs, cs, ts = x.to(device, dt), ctx.to(device, dt), t.to(device)
         return lambda: m(xs, ts, encoder_hidden_states=cs).sample
 
-    def run_ours(m, dt, channels_last=False):
+    def run_ours(m, dt, channels_last=False, compiled=False):
         m = m.to(device, dt)
         if channels_last:
             m = m.to(memory_format=torch.channels_last)
+        if compiled:
+            import copy
+
+            m = copy.deepcopy(m)
+            m.compile()
         xs, cs, ts = x.to(device, dt), ctx.to(device, dt), t.to(device)
         return lambda: m(xs, ts, cs)
 
     variants = [("diffusers", dtype, run_diffusers, theirs), ("unfog", dtype, run_ours, ours)]
     if optimize is not None:
         variants.append((f"unfog optimize() [{str(optimize).replace('torch.', '')}, channels_last]", optimize, lambda m, dt: run_ours(m, dt, True), ours))
+        if compile_too:
+            variants.append((f"unfog optimize(compile=True) [{str(optimize).replace('torch.', '')}, channels_last]", optimize,
+                             lambda m, dt: run_ours(m, dt, True, True), ours))
         if optimize != dtype:
             variants.append((f"diffusers [{str(optimize).replace('torch.', '')}]", optimize, run_diffusers, theirs))
     base = None
@@ -107,11 +115,16 @@ def bench_unet(kind, device, dtype, batch, latent, repeats, optimize) -> list[di
         fn = make(model, dt)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            fn()  # first call: includes any compilation
+        first_s = time.perf_counter() - t0
         ms = timer(device, fn, repeats)
         f = flops(fn)
         row = {"case": f"{kind} U-Net", "impl": name, "dtype": str(dt).replace("torch.", ""), "batch": batch, "latent": latent,
                "ms_per_call": round(ms, 2), "tflops": round(f / (ms / 1000) / 1e12, 3),
-               "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+               "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+               "first_call_s": round(first_s, 2)}
         base = base or ms
         row["speedup_vs_diffusers"] = round(base / ms, 2)
         rows.append(row)
@@ -145,6 +158,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="bundled model only, few repeats (CI)")
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--json", default="bench/results.json")
+    ap.add_argument("--compile", action="store_true", help="also time optimize(compile=True) (tens of seconds of warm-up)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from unfog.pipeline import cpu_has_bf16
@@ -158,7 +172,7 @@ def main() -> None:
                 rows += bench_unet("sd15", device, dtype, batch, 64, repeats, None)
     elif not args.quick:
         rows += bench_unet("sd15", device, torch.float32, 1, 32, max(3, repeats // 3), fast)
-    rows += bench_unet("default", device, torch.float32, 1, 16, repeats * 5, fast)
+    rows += bench_unet("default", device, torch.float32, 1, 16, repeats * 5, fast, compile_too=args.compile)
     rows += bench_image(device, repeats)
     import diffusers
 

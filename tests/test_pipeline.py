@@ -206,3 +206,13 @@ def test_tiled_decode_matches_whole_decode(tiny_model_dir):
     # Tiles cannot see the whole picture (the mid-block attention is global), so they are an
     # approximation: close to the whole decode, far from the decode of other latents.
     assert np.abs(tiled - whole).mean() < 0.3 * np.abs(other - whole).mean()
+
+
+@pytest.mark.slow
+def test_optimize_with_compile_matches_eager(tiny_model_dir):
+    eager = Pipeline.from_pretrained(tiny_model_dir)
+    compiled = Pipeline.from_pretrained(tiny_model_dir).optimize(dtype=torch.float32, channels_last=False, compile=True)
+    a = pixels(eager("a red circle", seed=4, num_inference_steps=2).images[0])
+    b = pixels(compiled("a red circle", seed=4, num_inference_steps=2).images[0])
+    assert np.abs(a - b).max() <= 2
+    assert "_orig_mod" not in "".join(compiled.unet.state_dict())
