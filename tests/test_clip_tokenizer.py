@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from clip_bytes import bytes_to_unicode
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,17 +21,6 @@ transformers = pytest.importorskip("transformers")
 from unfog.formats.diffusers_folder import clip_tokenizer  # noqa: E402
 
 WHEELS = Path(__file__).resolve().parent.parent / ".cache" / "clip-vocab"
-
-
-def bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 @pytest.fixture(scope="module")

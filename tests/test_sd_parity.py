@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from clip_bytes import bytes_to_unicode
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,19 +17,6 @@ from unfog import Pipeline  # noqa: E402
 from unfog.errors import UnfogError  # noqa: E402
 
 WORDS = ["a", "red", "circle", "photo", "of", "cat", "dog", "astronaut", "riding", "horse", "on", "mars", "blue", "square"]
-
-
-def bytes_to_unicode():
-    """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def write_tiny_clip_vocab(directory):

@@ -75,17 +75,30 @@ def _step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63))
 
 
+def read_run(run: Path, stage: str, hint: str) -> tuple[TrainConfig, Path]:
+    """A run's config and newest checkpoint, requiring the given stage."""
+    if not (run / "config.json").is_file():
+        raise UnfogError(f"{run} is not a training run (no config.json)")
+    cfg = read_config(run / "config.json", TrainConfig)
+    if cfg.stage != stage:
+        raise UnfogError(f"{run} is a {cfg.stage} run, not a {stage} run; {hint}")
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise UnfogError(f"{stage} run {run} has no checkpoint yet")
+    return cfg, ckpt
+
+
+def text_encoder_config(c: TrainConfig, tokenizer: Tokenizer) -> TextEncoderConfig:
+    """The text encoder a diffusion run trains, sized to its tokenizer."""
+    return TextEncoderConfig(vocab_size=tokenizer.vocab_size, context_length=c.tokenizer_context_length, eos_token_id=tokenizer.eos_id, **c.text_encoder)
+
+
 def load_autoencoder(source: str | Path) -> tuple[Autoencoder, bool]:
     """An autoencoder from an autoencoder training run (its newest EMA weights) or from a model
     folder's vae/. Returns (autoencoder, came_from_a_run)."""
     src = Path(source)
     if (src / "config.json").is_file() and (src / "checkpoints").is_dir():
-        cfg = read_config(src / "config.json", TrainConfig)
-        if cfg.stage != "autoencoder":
-            raise UnfogError(f"{src} is a {cfg.stage} run, not an autoencoder run")
-        ckpt = latest_checkpoint(src)
-        if ckpt is None:
-            raise UnfogError(f"autoencoder run {src} has no checkpoint yet")
+        cfg, ckpt = read_run(src, "autoencoder", "pass an autoencoder run")
         model = AutoencoderModel(AutoencoderConfig(**cfg.autoencoder), 0.0)
         model.load_state_dict(read_tensors(ckpt / "ema.safetensors"))
         return model.autoencoder.eval(), True
@@ -197,7 +210,7 @@ class Trainer:
             raise UnfogError(f"resolution {c.resolution} is not a multiple of the autoencoder's factor {f}")
         self.latent_shape = (self.vae.config.latent_channels, c.resolution // f, c.resolution // f)
         self.scheduler = SchedulerConfig(**c.scheduler)
-        te_cfg = TextEncoderConfig(vocab_size=self.tokenizer.vocab_size, context_length=c.tokenizer_context_length, eos_token_id=self.tokenizer.eos_id, **c.text_encoder)
+        te_cfg = text_encoder_config(c, self.tokenizer)
         unet_cfg = UNetConfig(**c.unet)
         if unet_cfg.in_channels != self.vae.config.latent_channels:
             raise UnfogError(f"the U-Net preset takes {unet_cfg.in_channels} channels but the autoencoder makes {self.vae.config.latent_channels}")
@@ -442,17 +455,10 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None =
     from ..pipeline import Pipeline
 
     run = Path(run_dir)
-    if not (run / "config.json").is_file():
-        raise UnfogError(f"{run} is not a training run (no config.json)")
-    c = read_config(run / "config.json", TrainConfig)
-    if c.stage != "diffusion":
-        raise UnfogError(f"{run} is an autoencoder run; pass it to the diffusion stage with --vae instead of exporting it")
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
-        raise UnfogError(f"run {run} has no checkpoint yet")
+    c, ckpt = read_run(run, "diffusion", "an autoencoder run goes to the diffusion stage with --vae instead of being exported")
     tokenizer = Tokenizer.load(run / "tokenizer")
     vae, _ = load_autoencoder(run / "vae")
-    te_cfg = TextEncoderConfig(vocab_size=tokenizer.vocab_size, context_length=c.tokenizer_context_length, eos_token_id=tokenizer.eos_id, **c.text_encoder)
+    te_cfg = text_encoder_config(c, tokenizer)
     scheduler = SchedulerConfig(**c.scheduler)
     with torch.device("meta"):
         model = DiffusionModel(UNet(UNetConfig(**c.unet)), TextEncoder(te_cfg), SchedulerConfig(), c.loss_weighting, c.snr_gamma)
