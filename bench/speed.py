@@ -90,15 +90,14 @@ def bench_unet(kind, device, dtype, batch, latent, repeats, optimize, compile_to
         xs, cs, ts = x.to(device, dt), ctx.to(device, dt), t.to(device)
         return lambda: m(xs, ts, encoder_hidden_states=cs).sample
 
-    def run_ours(m, dt, channels_last=False, compiled=False):
-        m = m.to(device, dt)
-        if channels_last:
-            m = m.to(memory_format=torch.channels_last)
-        if compiled:
-            import copy
+    def run_ours(m, dt, optimized=False, compiled=False):
+        import copy
 
-            m = copy.deepcopy(m)
-            m.compile()
+        from unfog.pipeline import optimize_unet
+
+        m = m.to(device, dt)
+        if optimized:  # exactly what Pipeline.optimize() does to the U-Net
+            m = optimize_unet(copy.deepcopy(m), dt, True, compiled)
         xs, cs, ts = x.to(device, dt), ctx.to(device, dt), t.to(device)
         return lambda: m(xs, ts, cs)
 

@@ -114,3 +114,19 @@ def test_tokenizer_save_load(tmp_path):
     assert torch.equal(tok(["a red circle", "red"]), again(["a red circle", "red"]))
     with pytest.raises(UnfogError, match="missing"):
         Tokenizer.load(tmp_path / "nothing")
+
+
+def test_fused_qkv_projection_equals_separate_ones():
+    from unfog.nn.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4, 8)
+    x = torch.randn(2, 10, 32)
+    plain = attn(x)
+    attn.fuse_projections()
+    assert attn.qkv_weight.shape == (96, 32)
+    torch.testing.assert_close(attn(x), plain, atol=1e-6, rtol=1e-5)
+    assert "qkv_weight" not in attn.state_dict()  # saving still writes the separate projections
+    cross = Attention(32, 4, 8, context_dim=16)
+    cross.fuse_projections()
+    assert getattr(cross, "qkv_weight", None) is None

@@ -97,13 +97,27 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
         self.to_out = nn.Linear(inner, dim)
 
+    def fuse_projections(self) -> None:
+        """For inference: one matmul for q, k and v of self-attention (a non-persistent fused
+        copy, so saving still writes to_q/to_k/to_v; it goes stale if the weights are trained)."""
+        if self.to_q.in_features != self.to_k.in_features:
+            return  # cross-attention: k and v read the context, q the image
+        self.register_buffer("qkv_weight", torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]).detach(), persistent=False)
+        biases = [p.bias for p in (self.to_q, self.to_k, self.to_v)]
+        self.register_buffer("qkv_bias", torch.cat(biases).detach() if biases[0] is not None else None, persistent=False)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         ctx = x if context is None else context
         b = x.shape[0]
-        q, k, v = (
-            p(inp).view(b, -1, self.heads, p.out_features // self.heads).transpose(1, 2)
-            for p, inp in ((self.to_q, x), (self.to_k, ctx), (self.to_v, ctx))
-        )
+        if context is None and getattr(self, "qkv_weight", None) is not None:
+            inner = self.to_q.out_features
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(b, -1, 3, self.heads, inner // self.heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (
+                p(inp).view(b, -1, self.heads, p.out_features // self.heads).transpose(1, 2)
+                for p, inp in ((self.to_q, x), (self.to_k, ctx), (self.to_v, ctx))
+            )
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, -1, self.to_out.in_features))
 
