@@ -63,3 +63,10 @@ def test_generate_img2img_and_inpainting(tiny_model_dir, tmp_path):
             assert im.size == (32, 32)
     assert main(["generate", "x", "--mask", str(mask), "-o", str(tmp_path / "c.png"), *common]) == 2
     assert main(["generate", "x", "--init-image", str(tmp_path / "nope.png"), "-o", str(tmp_path / "c.png"), *common]) == 2
+
+
+def test_generate_with_the_fast_path(tiny_model_dir, tmp_path):
+    out = tmp_path / "fast.png"
+    assert main(["generate", "a red circle", "-o", str(out), "--model", str(tiny_model_dir), "--steps", "3", "--optimize", "-q"]) == 0
+    with Image.open(out) as im:
+        assert im.size == (32, 32)

@@ -38,6 +38,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     pipe = Pipeline.from_pretrained(args.model, **options)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype] if args.dtype else None
     pipe.to(args.device, dtype)
+    if args.optimize:
+        pipe.optimize()
     trajectory: list = []
 
     def record(i, x, x0):
@@ -196,6 +198,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = ServerSettings(host=args.host, port=args.port, token=args.token, max_queue=args.max_queue, job_timeout_s=args.job_timeout,
                               max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images)
     pipe = Pipeline.from_pretrained(args.model).to(args.device)
+    if args.optimize:
+        pipe.optimize(compile=args.compile)
     app = create_app(pipe, settings, model_name=Path(args.model).name if args.model else "unfog-default")
     print(f"unfog serving on http://{args.host}:{args.port}/  (API docs at /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -244,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-skip", type=int, default=0)
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps …")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--optimize", action="store_true", help="the fast path: pipe.optimize() (bf16 U-Net where the hardware has it)")
     g.add_argument("--init-image", help="img2img / inpainting: the starting picture")
     g.add_argument("--strength", type=float, help="img2img: how far to re-noise the init image, (0, 1] (default 0.8; 1 with --mask)")
     g.add_argument("--mask", help="inpainting: a mask image, white = repaint")
@@ -323,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-side", type=int, default=2048)
     v.add_argument("--max-steps", type=int, default=150)
     v.add_argument("--max-images", type=int, default=8)
+    v.add_argument("--optimize", action="store_true", help="serve through pipe.optimize()")
+    v.add_argument("--compile", action="store_true", help="with --optimize: also torch.compile the U-Net (slow first request per size)")
     v.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("eval", help="measure a model")
