@@ -1,3 +1,4 @@
+import math
 import os
 import signal
 import subprocess
@@ -173,7 +174,7 @@ def test_overflowing_gradients_skip_the_step(ae_run, tmp_path):
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     p = next(t.model.parameters())
     hook = p.register_hook(lambda g: g * float("inf"))
-    assert t._train_step(0) != t._train_step(0)  # NaN: the step was skipped
+    assert math.isnan(t._train_step(0))  # reported as non-finite: the step was skipped
     hook.remove()
     assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
 

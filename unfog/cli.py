@@ -9,16 +9,18 @@ from pathlib import Path
 from .errors import UnfogError
 
 
-def _grid(images, columns: int | None = None):
+def _open_image(path: str | None, flag: str):
+    """A PIL image from a CLI path (None stays None); unreadable files are a clear error."""
+    if not path:
+        return None
     from PIL import Image
 
-    columns = columns or len(images)
-    rows = (len(images) + columns - 1) // columns
-    w, h = images[0].size
-    grid = Image.new("RGB", (columns * w, rows * h), "white")
-    for k, im in enumerate(images):
-        grid.paste(im, ((k % columns) * w, (k // columns) * h))
-    return grid
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, ValueError) as e:
+        raise UnfogError(f"cannot read {flag} {path}: {e}") from None
+    return image
 
 
 def _output_paths(out: Path, n: int) -> list[Path]:
@@ -31,6 +33,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from .pipeline import Pipeline
+    from .train.plots import grid
 
     if args.trajectory_frames < 2:
         raise UnfogError("--trajectory-frames must be at least 2")
@@ -46,25 +49,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.trajectory:
             trajectory.append(x0[:1].clone())
 
-    init_image = mask = None
-    from PIL import Image
-
-    for name, attr in (("init_image", "init_image"), ("mask", "mask")):
-        path = getattr(args, attr)
-        if path:
-            try:
-                loaded = Image.open(path)
-                loaded.load()
-            except (OSError, ValueError) as e:
-                raise UnfogError(f"cannot read --{name.replace('_', '-')} {path}: {e}") from None
-            if name == "init_image":
-                init_image = loaded
-            else:
-                mask = loaded
     result = pipe(
         args.prompt,
-        image=init_image,
-        mask_image=mask,
+        image=_open_image(args.init_image, "--init-image"),
+        mask_image=_open_image(args.mask, "--mask"),
         strength=args.strength,
         negative_prompt=args.negative,
         num_inference_steps=args.steps,
@@ -86,27 +74,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
         n = len(trajectory)
         picks = sorted({round(k * (n - 1) / (args.trajectory_frames - 1)) for k in range(args.trajectory_frames)})
         frames = [im for k in picks for im in pipe.decode(trajectory[k])]
-        _grid(frames).save(args.trajectory)
+        grid(frames).save(args.trajectory)
         print(f"{args.trajectory}  x0 estimates at {len(frames)} of {n} steps")
 
 
 def cmd_noise(args: argparse.Namespace) -> None:
-    import numpy as np
     import torch
     from PIL import Image
 
     from .diffusion import SchedulerConfig, q_sample
-    from .pipeline import to_pil
+    from .pipeline import from_pil, to_pil
+    from .train.plots import grid
 
     if args.frames < 2:
         raise UnfogError("--frames must be at least 2")
-    try:
-        image = Image.open(args.image).convert("RGB")
-    except (OSError, ValueError) as e:
-        raise UnfogError(f"cannot read image {args.image}: {e}") from None
+    image = _open_image(args.image, "image").convert("RGB")
     if args.size:
         image = image.resize((args.size, args.size), Image.BICUBIC)
-    x0 = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    x0 = from_pil(image)
     sched = SchedulerConfig(beta_schedule=args.schedule, beta_start=args.beta_start, beta_end=args.beta_end)
     ac = sched.alphas_cumprod().float()
     T = len(ac)
@@ -114,7 +99,7 @@ def cmd_noise(args: argparse.Namespace) -> None:
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
     frames = to_pil(q_sample(x0.expand(len(ts), -1, -1, -1), ts, noise.expand(len(ts), -1, -1, -1), ac))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    _grid(frames).save(args.output)
+    grid(frames).save(args.output)
     print(f"{args.output}  x_t at t = {', '.join(str(int(t)) for t in ts)}")
 
 
@@ -167,7 +152,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     import torch
 
-    from .formats import ModelParts, load_any, save_model
+    from .formats import load_any, save_model
     from .formats.single_file import parts_from_state, read_pickle_checkpoint
 
     src = Path(args.input)

@@ -30,6 +30,11 @@ class PipelineOutput:
     seeds: list[int]
 
 
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image → (1, 3, H, W) in [-1, 1]; the inverse of to_pil."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+
+
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] → PIL images."""
     arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -226,10 +231,9 @@ class Pipeline:
         """PIL → (1, 3, H, W) in [-1, 1] at the requested size."""
         if not isinstance(image, Image.Image):
             raise UnfogError(f"image must be a PIL image, got {type(image).__name__}")
-        image = image.convert("RGB")
         if image.size != (width, height):
             image = image.resize((width, height), Image.LANCZOS)
-        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        return from_pil(image)
 
     def _mask(self, mask: Image.Image, width: int, height: int) -> torch.Tensor:
         """PIL mask → (1, 1, H, W) of 0/1, where 1 (white) marks pixels to repaint."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -183,10 +183,6 @@ def scene_for_index(seed: int, index: int) -> Scene:
     return sample_scene(random.Random(f"shapes-v1/{seed}/{index}"))
 
 
-def render_array(seed: int, index: int) -> np.ndarray:
-    return np.asarray(render(scene_for_index(seed, index)), dtype=np.uint8)
-
-
 def write_dataset(out_dir: str | Path, count: int, seed: int = 0, *, progress: bool = True) -> Path:
     """Write `count` PNGs plus metadata.jsonl ({file_name, text, scene} per line)."""
     from tqdm.auto import tqdm
@@ -207,7 +203,7 @@ def write_dataset(out_dir: str | Path, count: int, seed: int = 0, *, progress: b
 
 __all__ = [
     "Obj", "Scene", "Prompt", "COLOURS", "SHAPES", "SIZES", "BACKGROUNDS", "POSITIONS", "RELATIONS",
-    "random_prompt", "sample_scene", "render", "caption", "training_prompt", "scene_for_index", "write_dataset", "replace",
+    "random_prompt", "sample_scene", "render", "caption", "training_prompt", "scene_for_index", "write_dataset", "ShapesStream",
 ]
 
 
@@ -218,6 +214,7 @@ class ShapesStream:
 
     def __init__(self, seed: int = 0, pool: int | None = None, p_paraphrase: float = 0.1, resolution: int = SIZE):
         self.seed, self.pool, self.p_paraphrase, self.resolution = seed, pool, p_paraphrase, resolution
+        self.endless = not pool  # every index a new scene: nothing worth caching
         self._scenes: dict[int, Scene] = {}
 
     def __len__(self) -> int:

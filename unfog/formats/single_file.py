@@ -245,7 +245,6 @@ def read_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 def parts_from_state(state: dict, source: str, *, config=None, tokenizer=None, prediction_type=None, clip_skip: int = 0) -> ModelParts:
     """ModelParts from the tensors of a single-file checkpoint (see load_single_file)."""
-    path = source
     family = detect(state)
     if config is not None:
         root = Path(config)
@@ -264,21 +263,20 @@ def parts_from_state(state: dict, source: str, *, config=None, tokenizer=None, p
             raise UnfogError("a single-file checkpoint carries no tokenizer: pass tokenizer=DIR (a CLIP tokenizer folder) or config=DIR (a diffusers-layout config folder)")
         unet_cfg, vae_cfg, te_cfg = infer_unet_config(state, family), infer_vae_config(state), infer_text_config(state, family)
         te_cfg.skip_last_layers += clip_skip
-        sched = SchedulerConfig(beta_schedule="scaled_linear", prediction_type=prediction_type or ("v_prediction" if family == "sd2" else "epsilon"),
+        sched = SchedulerConfig(beta_schedule="scaled_linear", prediction_type="v_prediction" if family == "sd2" else "epsilon",
                                 sigma_schedule="leading", steps_offset=1)
         tok = clip_tokenizer(Path(tokenizer), te_cfg.context_length)
     if prediction_type:
         sched.prediction_type = prediction_type
     with torch.device("meta"):
         unet, vae, te = UNet(unet_cfg), Autoencoder(vae_cfg), TextEncoder(te_cfg)
-    load_mapped(unet, convert_unet(_sub(state, UNET), unet_cfg), lambda k: k, f"{path} (U-Net)")
-    load_mapped(vae, convert_vae(_sub(state, VAE), vae_cfg), lambda k: k, f"{path} (autoencoder)")
+    load_mapped(unet, convert_unet(_sub(state, UNET), unet_cfg), lambda k: k, f"{source} (U-Net)")
+    load_mapped(vae, convert_vae(_sub(state, VAE), vae_cfg), lambda k: k, f"{source} (autoencoder)")
     if family == "sd1":
-        text = {map_text_encoder_key(k): v for k, v in _sub(state, SD1_TEXT).items()}
-        text.pop(None, None)
+        text = {new: v for k, v in _sub(state, SD1_TEXT).items() if (new := map_text_encoder_key(k)) is not None}
     else:
         text = convert_open_clip(_sub(state, SD2_TEXT))
-    load_mapped(te, text, lambda k: k, f"{path} (text encoder)")
+    load_mapped(te, text, lambda k: k, f"{source} (text encoder)")
     size = 64 * vae_cfg.downsample_factor
     defaults = {"sampler": "dpmpp_2m", "num_inference_steps": 30, "guidance_scale": 7.5, "height": size, "width": size}
     return ModelParts(tokenizer=tok, text_encoder=te, unet=unet, vae=vae, scheduler=sched, defaults=defaults)

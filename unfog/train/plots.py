@@ -9,7 +9,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 
-def grid(images: list[Image.Image], columns: int) -> Image.Image:
+def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Images pasted row by row, `columns` wide (default: one row)."""
+    columns = columns or len(images)
     w, h = images[0].size
     rows = math.ceil(len(images) / columns)
     out = Image.new("RGB", (columns * w, rows * h), "white")

@@ -261,16 +261,16 @@ class Trainer:
     # ---- one step -----------------------------------------------------------------------
 
     def _indices(self, step: int) -> list[int]:
-        B, n = self.config.batch_size, len(self.data)
-        if n >= 2**62:  # the endless stream: every sample is new
+        B = self.config.batch_size
+        if getattr(self.data, "endless", False):  # every sample is new
             return list(range(step * B, (step + 1) * B))
-        return torch.randint(n, (B,), generator=_step_generator(self.config.seed, step, 1)).tolist()
+        return torch.randint(len(self.data), (B,), generator=_step_generator(self.config.seed, step, 1)).tolist()
 
     @torch.no_grad()
     def _latents(self, indices: list[int]) -> torch.Tensor:
         """Scaled latents of these samples; finite datasets cache them, so each image is
         rendered or decoded and encoded once."""
-        cacheable = len(self.data) < 2**62
+        cacheable = not getattr(self.data, "endless", False)
         missing = [k for k, i in enumerate(indices) if not (cacheable and i % len(self.data) in self.latent_cache)]
         if missing:
             images = self.data.images([indices[k] for k in missing])
@@ -440,7 +440,6 @@ class Trainer:
         prompts = self.config.sample_prompts
         images = pipe(prompts, seed=0).images
         plots.grid(images, math.ceil(math.sqrt(len(images)))).save(out)
-        self.ema.train(False)
         return out
 
     def pipeline(self):
