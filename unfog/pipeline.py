@@ -18,7 +18,8 @@ from .diffusion import DiscreteDenoiser, SchedulerConfig, classifier_free_guidan
 from .errors import UnfogError
 from .formats import ModelParts, load_any, save_model
 from .nn import Autoencoder, TextEncoder, Tokenizer, UNet
-from .samplers import get_sampler
+from .graphs import StepGraph
+from .samplers import LINEAR_SAMPLERS, get_sampler, run_linear
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
 BUILTIN_DEFAULTS = {"sampler": "dpmpp_2m", "num_inference_steps": 30, "guidance_scale": 7.5, "height": 64, "width": 64}
@@ -86,6 +87,11 @@ class Pipeline:
         self.scheduler = scheduler
         self.defaults = {**BUILTIN_DEFAULTS, **(defaults or {})}
         self.decode_tile: int | None = None  # latent tile size for decoding large images
+        # Replay each denoising step as a captured CUDA graph (optimize() turns this on for CUDA;
+        # on a CPU the same static-buffer step runs without capture). Graphs are cached per shape.
+        self.cuda_graphs = False
+        self.max_step_graphs = 4
+        self.step_graphs: dict[tuple, StepGraph] = {}
         self.denoiser = DiscreteDenoiser(unet, scheduler.alphas_cumprod(), scheduler.prediction_type)
         self.latent_channels = vae.config.latent_channels if vae is not None else 3
         # An inpainting U-Net (SD's 9-channel one) also takes the mask and the masked image's latents.
@@ -125,11 +131,15 @@ class Pipeline:
                 m.to(device=device, dtype=dtype)
         if device is not None:
             self.denoiser.to(device)  # the schedule buffers keep their float64
+        self.step_graphs.clear()  # captured graphs point at the old tensors
         return self
 
-    def optimize(self, dtype: torch.dtype | None = None, channels_last: bool = True, compile: bool = False) -> "Pipeline":
+    def optimize(self, dtype: torch.dtype | None = None, channels_last: bool = True, compile: bool = False,
+                 cuda_graphs: bool | None = None) -> "Pipeline":
         """The fast path, chosen explicitly so the default stays exact. On CUDA: every network
-        in `dtype` (bfloat16 by default) and channels_last convolutions. On a CPU with bf16
+        in `dtype` (bfloat16 by default), channels_last convolutions, and (`cuda_graphs`, on by
+        default there) the whole denoising step of every sampler but Heun captured as a CUDA
+        graph on the first generation of each shape and replayed each step after. On a CPU with bf16
         units (AVX512-BF16 or AMX): the U-Net, which does nearly all the work, in bfloat16 and
         channels_last; the text encoder and autoencoder stay float32. Elsewhere it changes
         nothing else; the q/k/v projections of self-attention are fused into one matmul
@@ -148,7 +158,22 @@ class Pipeline:
         elif dtype is None:
             dtype = torch.bfloat16
         optimize_unet(self.unet, dtype, channels_last, compile)
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.step_graphs.clear()
         return self
+
+    def _step_graph(self, x_shape, context: torch.Tensor, guided: bool, concat: torch.Tensor | None) -> StepGraph:
+        """The cached step graph for these shapes, captured on first use (the least recently
+        used one is dropped beyond `max_step_graphs`, since each holds its activations)."""
+        key = (tuple(x_shape), tuple(context.shape), context.dtype, guided, None if concat is None else tuple(concat.shape))
+        graph = self.step_graphs.pop(key, None)
+        if graph is None:
+            graph = StepGraph(self.denoiser, tuple(x_shape), tuple(context.shape), guided, None if concat is None else tuple(concat.shape),
+                              dtype=context.dtype, device=self.device)
+        self.step_graphs[key] = graph
+        while len(self.step_graphs) > self.max_step_graphs:
+            self.step_graphs.pop(next(iter(self.step_graphs)))
+        return graph
 
     @property
     def device(self) -> torch.device:
@@ -341,7 +366,8 @@ class Pipeline:
         scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
             raise UnfogError(f"guidance_scale must be a finite number, got {scale!r}")
-        sample = get_sampler(d["sampler"] if sampler is None else sampler)
+        sampler_name = d["sampler"] if sampler is None else sampler
+        sample = get_sampler(sampler_name)
         if mask_image is not None and image is None:
             raise UnfogError("mask_image needs image: pass the picture to inpaint as image=")
         if self.is_inpainting_model and mask_image is None:
@@ -417,7 +443,13 @@ class Pipeline:
             return x_i
 
         try:
-            x = sample(guided, x, sigmas.to(self.device), generator=gens, callback=on_step, **(sampler_options or {}))
+            if self.cuda_graphs and sampler_name in LINEAR_SAMPLERS:
+                coefficients = LINEAR_SAMPLERS[sampler_name](sigmas, **(sampler_options or {}))
+                graph = self._step_graph(x.shape, context, uncond is not None, extra.get("concat"))
+                graph.bind(context, uncond, float(scale), extra.get("concat"), sigmas, coefficients)
+                x = run_linear(graph.step, x, coefficients, generator=gens, callback=on_step)
+            else:
+                x = sample(guided, x, sigmas.to(self.device), generator=gens, callback=on_step, **(sampler_options or {}))
         except TypeError as e:
             if sampler_options and "unexpected keyword" in str(e):
                 raise UnfogError(f"sampler does not take these options: {sorted(sampler_options)}") from None

@@ -50,7 +50,7 @@ def _to_d(x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor) -> torch.Tenso
     return (x - x0) / sigma
 
 
-def _ancestral_split(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0):
+def _ancestral_split(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
     """Split a step σ → σ_next into a deterministic part to σ_down plus fresh noise of σ_up,
     with σ_down² + σ_up² = σ_next² (the variance-exploding form of an ancestral step)."""
     if sigma_next == 0:
@@ -60,32 +60,160 @@ def _ancestral_split(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float =
     return down, up
 
 
-@torch.no_grad()
-def sample_euler(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None):
-    """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 2 without churn)."""
-    for i in range(len(sigmas) - 1):
-        x0 = denoiser(x, _sigma_batch(sigmas[i], x))
-        x = x + _to_d(x, sigmas[i], x0) * (sigmas[i + 1] - sigmas[i])
-        x = _after_step(callback, i, x, x0)
-    return x
+# ---- samplers whose step is linear in (x, x0, x0_prev, noise) ----------------------------
+#
+# All but Heun update the state as x' = a·x + b·D(x, σ_i) + c·D_prev + d·n with per-step
+# scalars (a, b, c, d) that depend on the sigmas only. Each is written below as its table of
+# coefficients, and one loop (`run_linear`) executes any of them, step by step either op by op
+# (`EagerStep`) or as one captured CUDA graph per step (`unfog.graphs.StepGraph`), so the two
+# cannot drift apart.
+
+Coefficients = list[tuple[float, float, float, float]]
 
 
-@torch.no_grad()
-def sample_euler_ancestral(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None, eta: float = 1.0):
+def euler_coefficients(sigmas: torch.Tensor) -> Coefficients:
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 2 without churn):
+    x' = x + (x - x0)/σ·(σ' - σ)."""
+    s = sigmas.tolist()
+    return [(s1 / s0, 1 - s1 / s0, 0.0, 0.0) for s0, s1 in zip(s, s[1:])]
+
+
+def euler_ancestral_coefficients(sigmas: torch.Tensor, eta: float = 1.0) -> Coefficients:
     """Ancestral Euler: an Euler step to σ_down, then fresh noise up to σ_next."""
-    for i in range(len(sigmas) - 1):
-        x0 = denoiser(x, _sigma_batch(sigmas[i], x))
-        down, up = _ancestral_split(sigmas[i].item(), sigmas[i + 1].item(), eta)
-        x = x + _to_d(x, sigmas[i], x0) * (down - sigmas[i])
-        if up > 0:
-            x = x + randn_like(x, generator) * up
+    s, out = sigmas.tolist(), []
+    for s0, s1 in zip(s, s[1:]):
+        down, up = _ancestral_split(s0, s1, eta)
+        out.append((down / s0, 1 - down / s0, 0.0, up))
+    return out
+
+
+def ddim_coefficients(sigmas: torch.Tensor, eta: float = 0.0) -> Coefficients:
+    """DDIM (Song et al. 2021, eq. 12) in sigma space, where ᾱ = 1 / (1 + σ²) and the state is
+    x_t / sqrt(ᾱ): x' = x0 + sqrt(1 - ᾱ' - std²)/sqrt(ᾱ')·ε + std/sqrt(ᾱ')·n, ε = (x - x0)/σ."""
+    s, out = sigmas.tolist(), []
+    for s0, s1 in zip(s, s[1:]):
+        a, a_next = 1 / (1 + s0**2), 1 / (1 + s1**2)
+        std = eta * ((1 - a_next) / (1 - a) * (1 - a / a_next)) ** 0.5
+        k = max(1 - a_next - std**2, 0.0) ** 0.5 / a_next**0.5 / s0
+        out.append((k, 1 - k, 0.0, std / a_next**0.5))
+    return out
+
+
+def ddpm_coefficients(sigmas: torch.Tensor) -> Coefficients:
+    """Ancestral sampling from the DDPM posterior q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eqs. 6-7),
+    with x_t = sqrt(ᾱ)·x and the result divided by sqrt(ᾱ_prev) back into sigma space."""
+    s, out = sigmas.tolist(), []
+    for s0, s1 in zip(s, s[1:]):
+        a, a_prev = 1 / (1 + s0**2), 1 / (1 + s1**2)
+        alpha = a / a_prev
+        beta = 1 - alpha
+        var = beta * (1 - a_prev) / (1 - a)
+        out.append((alpha**0.5 * (1 - a_prev) / (1 - a) * a**0.5 / a_prev**0.5, a_prev**0.5 * beta / (1 - a) / a_prev**0.5, 0.0,
+                    var**0.5 / a_prev**0.5 if var > 0 else 0.0))
+    return out
+
+
+def dpmpp_2m_coefficients(sigmas: torch.Tensor) -> Coefficients:
+    """DPM-Solver++(2M), the multistep second-order solver in data prediction (Lu et al. 2022,
+    Alg. 2), in λ = -log σ; first order on the first step and on the last step to 0."""
+    s, out, h_prev = sigmas.tolist(), [], None
+    for s0, s1 in zip(s, s[1:]):
+        if s1 == 0:
+            out.append((0.0, 1.0, 0.0, 0.0))
+            continue
+        h = math.log(s0) - math.log(s1)
+        e = -math.expm1(-h)
+        if h_prev is None:
+            out.append((s1 / s0, e, 0.0, 0.0))
+        else:
+            half_inv_r = h / (2 * h_prev)
+            out.append((s1 / s0, e * (1 + half_inv_r), -e * half_inv_r, 0.0))
+        h_prev = h
+    return out
+
+
+def dpmpp_2m_sde_coefficients(sigmas: torch.Tensor, eta: float = 1.0) -> Coefficients:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, §4), the stochastic variant with the midpoint
+    correction: each step shrinks the state by extra exp(-η·h) and re-injects that noise."""
+    s, out, h_prev = sigmas.tolist(), [], None
+    for s0, s1 in zip(s, s[1:]):
+        if s1 == 0:
+            out.append((0.0, 1.0, 0.0, 0.0))
+            continue
+        h = math.log(s0) - math.log(s1)
+        eta_h = eta * h
+        e = -math.expm1(-h - eta_h)
+        corr = 0.0 if h_prev is None else 0.5 * e * h / h_prev
+        noise = s1 * (-math.expm1(-2 * eta_h)) ** 0.5 if eta > 0 else 0.0
+        out.append((s1 / s0 * math.exp(-eta_h), e + corr, -corr, noise))
+        h_prev = h
+    return out
+
+
+class EagerStep:
+    """One linear step, op by op: x' = a·x + b·D(x, σ_i) + c·D_prev + d·n (zero terms skipped)."""
+
+    def __init__(self, denoiser: Callable, sigmas: torch.Tensor, coefficients: Coefficients):
+        self.denoiser, self.sigmas, self.coefficients = denoiser, sigmas, coefficients
+        self.prev: torch.Tensor | None = None
+
+    def __call__(self, i: int, x: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b, c, d = self.coefficients[i]
+        x0 = self.denoiser(x, _sigma_batch(self.sigmas[i], x))
+        out = x0 * b if a == 0 else x * a + x0 * b
+        if c != 0:
+            out = out + self.prev * c
+        if d != 0:
+            out = out + noise * d
+        self.prev = x0
+        return out, x0
+
+
+def run_linear(step: Callable, x: torch.Tensor, coefficients: Coefficients, *, generator: Generator = None, callback: Callable | None = None) -> torch.Tensor:
+    """Run a linear sampler: `step(i, x, noise) -> (x_next, x0)` for each row of coefficients,
+    drawing noise from `generator` only for the steps that inject some."""
+    for i, coef in enumerate(coefficients):
+        noise = randn_like(x, generator) if coef[3] != 0 else None
+        x, x0 = step(i, x, noise)
         x = _after_step(callback, i, x, x0)
     return x
+
+
+LINEAR_SAMPLERS: dict[str, Callable[..., Coefficients]] = {
+    "ddpm": ddpm_coefficients,
+    "ddim": ddim_coefficients,
+    "euler": euler_coefficients,
+    "euler_ancestral": euler_ancestral_coefficients,
+    "dpmpp_2m": dpmpp_2m_coefficients,
+    "dpmpp_2m_sde": dpmpp_2m_sde_coefficients,
+}
+
+
+def _linear_sampler(name: str) -> Callable:
+    coefficients = LINEAR_SAMPLERS[name]
+
+    @torch.no_grad()
+    def sample(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None, **options):
+        step = EagerStep(denoiser, sigmas, coefficients(sigmas, **options))
+        return run_linear(step, x, step.coefficients, generator=generator, callback=callback)
+
+    sample.__name__ = f"sample_{name}"
+    sample.__doc__ = coefficients.__doc__
+    return sample
+
+
+sample_ddpm = _linear_sampler("ddpm")
+sample_ddim = _linear_sampler("ddim")
+sample_euler = _linear_sampler("euler")
+sample_euler_ancestral = _linear_sampler("euler_ancestral")
+sample_dpmpp_2m = _linear_sampler("dpmpp_2m")
+sample_dpmpp_2m_sde = _linear_sampler("dpmpp_2m_sde")
 
 
 @torch.no_grad()
 def sample_heun(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None):
-    """Heun's second-order method (Karras et al. 2022, Alg. 1); Euler on the last step to 0."""
+    """Heun's second-order method (Karras et al. 2022, Alg. 1); Euler on the last step to 0.
+    Two network calls per step, so it has no linear form and always runs eagerly."""
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         x0 = denoiser(x, _sigma_batch(s, x))
@@ -96,95 +224,6 @@ def sample_heun(denoiser, x, sigmas, *, generator: Generator = None, callback: C
         else:
             d_next = _to_d(x_euler, s_next, denoiser(x_euler, _sigma_batch(s_next, x)))
             x = x + (d + d_next) / 2 * (s_next - s)
-        x = _after_step(callback, i, x, x0)
-    return x
-
-
-def _ddim_step(x, x0, sigma, sigma_next, eta, generator):
-    """One DDIM update (Song et al. 2021, eq. 12) rewritten in sigma space, where
-    ᾱ = 1 / (1 + σ²) and the state is x_t / sqrt(ᾱ)."""
-    a, a_next = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
-    eps = (x - x0) / sigma
-    std = eta * ((1 - a_next) / (1 - a) * (1 - a / a_next)) ** 0.5
-    x_next = a_next**0.5 * x0 + max(1 - a_next - std**2, 0.0) ** 0.5 * eps
-    if std > 0:
-        x_next = x_next + std * randn_like(x, generator)
-    return x_next / a_next**0.5
-
-
-@torch.no_grad()
-def sample_ddim(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None, eta: float = 0.0):
-    """DDIM (Song et al. 2021); η = 0 is deterministic, η = 1 recovers DDPM's posterior."""
-    for i in range(len(sigmas) - 1):
-        x0 = denoiser(x, _sigma_batch(sigmas[i], x))
-        x = _ddim_step(x, x0, sigmas[i].item(), sigmas[i + 1].item(), eta, generator)
-        x = _after_step(callback, i, x, x0)
-    return x
-
-
-@torch.no_grad()
-def sample_ddpm(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None):
-    """Ancestral sampling from the DDPM posterior q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eqs. 6-7)."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
-        x0 = denoiser(x, _sigma_batch(sigmas[i], x))
-        a, a_prev = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
-        alpha = a / a_prev
-        beta = 1 - alpha
-        x_t = x * a**0.5
-        mean = (a_prev**0.5 * beta / (1 - a)) * x0 + (alpha**0.5 * (1 - a_prev) / (1 - a)) * x_t
-        var = beta * (1 - a_prev) / (1 - a)
-        if var > 0:
-            mean = mean + var**0.5 * randn_like(x, generator)
-        x = mean / a_prev**0.5
-        x = _after_step(callback, i, x, x0)
-    return x
-
-
-@torch.no_grad()
-def sample_dpmpp_2m(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None):
-    """DPM-Solver++(2M), the multistep second-order solver in data prediction (Lu et al. 2022,
-    Alg. 2), in λ = -log σ; first order on the first step and on the last step to 0."""
-    x0_prev, h_prev = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
-        x0 = denoiser(x, _sigma_batch(sigmas[i], x))
-        if sigma_next == 0:
-            x = x0
-        else:
-            h = math.log(sigma) - math.log(sigma_next)
-            d = x0
-            if x0_prev is not None:
-                r = h_prev / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (sigma_next / sigma) * x - math.expm1(-h) * d
-            h_prev = h
-        x0_prev = x0
-        x = _after_step(callback, i, x, x0)
-    return x
-
-
-@torch.no_grad()
-def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None, eta: float = 1.0):
-    """DPM-Solver++(2M) SDE (Lu et al. 2022, §4), the stochastic variant with the midpoint
-    correction: each step shrinks the state by extra exp(-η·h) and re-injects that noise."""
-    x0_prev, h_prev = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
-        x0 = denoiser(x, _sigma_batch(sigmas[i], x))
-        if sigma_next == 0:
-            x = x0
-        else:
-            h = math.log(sigma) - math.log(sigma_next)
-            eta_h = eta * h
-            x = (sigma_next / sigma) * math.exp(-eta_h) * x - math.expm1(-h - eta_h) * x0
-            if x0_prev is not None:
-                r = h_prev / h
-                x = x - 0.5 * math.expm1(-h - eta_h) * (1 / r) * (x0 - x0_prev)
-            if eta > 0:
-                x = x + randn_like(x, generator) * sigma_next * (-math.expm1(-2 * eta_h)) ** 0.5
-            h_prev = h
-        x0_prev = x0
         x = _after_step(callback, i, x, x0)
     return x
 

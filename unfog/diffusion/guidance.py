@@ -11,17 +11,18 @@ def classifier_free_guidance(
     denoiser: Callable[..., torch.Tensor],
     context: torch.Tensor,
     uncond_context: torch.Tensor | None,
-    scale: float,
+    scale: float | torch.Tensor,
     **extra: torch.Tensor,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Return D_cfg(x, σ) = D_u + scale·(D_c - D_u), computed in one batched network call.
 
     `uncond_context` is the empty or negative prompt. With scale 1 the unconditional half is
-    skipped entirely. `extra` conditioning tensors (e.g. an inpainting model's mask channels)
+    skipped entirely. `scale` may be a 0-d tensor (a CUDA graph reads it from a buffer); then
+    both halves always run. `extra` conditioning tensors (e.g. an inpainting model's mask channels)
     go to both halves. Blending x_0 estimates equals blending ε or v, since each is an affine
     function of the network output with the same coefficients for both halves.
     """
-    if scale == 1 or uncond_context is None:
+    if uncond_context is None or (not isinstance(scale, torch.Tensor) and scale == 1):
         return lambda x, sigma: denoiser(x, sigma, context=context, **extra)
     both = torch.cat([uncond_context, context])
     extra2 = {k: torch.cat([v, v]) for k, v in extra.items()}

@@ -1,0 +1,143 @@
+"""The graph-captured denoising step computes what the eager samplers compute.
+
+On a CPU the step runs from the same static buffers without capture, which checks the buffer
+logic (table, history, noise, conditioning, cache); on CUDA the captured graph's replay is
+compared with the eager path."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_pipeline
+from PIL import Image
+
+from unfog import Pipeline
+from unfog.nn import Autoencoder, UNet, UNetConfig
+from unfog.samplers import LINEAR_SAMPLERS, SAMPLERS
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def pixels(out):
+    return np.stack([np.asarray(im, dtype=np.int16) for im in out.images])
+
+
+def latents_of(pipe, **kw):
+    """The final latents (the x_0 estimate after the last step) through a callback."""
+    seen = []
+    pipe(callback=lambda i, x, x0: seen.append(x.clone()), **kw)
+    return seen[-1]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pipeline(), tiny_pipeline()
+
+
+def test_every_linear_sampler_has_a_graph_form():
+    assert set(LINEAR_SAMPLERS) == set(SAMPLERS) - {"heun"}
+
+
+@pytest.mark.parametrize("sampler", sorted(LINEAR_SAMPLERS))
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_static_step_equals_eager(pair, sampler, guidance):
+    eager, graphed = pair
+    graphed.cuda_graphs = True
+    kw = dict(prompt=["a red circle", "a blue square"], negative_prompt="a green triangle", sampler=sampler,
+              guidance_scale=guidance, num_inference_steps=6, seed=3)
+    a, b = latents_of(eager, **kw), latents_of(graphed, **kw)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert graphed.step_graphs, "the static step was not used"
+
+
+def test_sampler_options_reach_the_coefficients(pair):
+    eager, graphed = pair
+    graphed.cuda_graphs = True
+    kw = dict(prompt="a red circle", sampler="ddim", num_inference_steps=5, seed=1, sampler_options={"eta": 0.7})
+    torch.testing.assert_close(latents_of(graphed, **kw), latents_of(eager, **kw), atol=1e-5, rtol=1e-5)
+    plain = latents_of(eager, **{**kw, "sampler_options": {}})
+    assert not torch.allclose(plain, latents_of(eager, **kw))
+
+
+def test_graphs_are_cached_per_shape_and_bounded(pair):
+    _, pipe = pair
+    pipe.cuda_graphs, pipe.max_step_graphs = True, 2
+    pipe.step_graphs.clear()
+    pipe("a red circle", num_inference_steps=3, seed=0)
+    first = next(iter(pipe.step_graphs.values()))
+    pipe("a blue square", num_inference_steps=5, seed=1, sampler="euler")  # same shapes: reused
+    assert len(pipe.step_graphs) == 1 and first.replays == 8
+    pipe("a red circle", num_inference_steps=3, seed=0, height=64, width=64)
+    pipe("a red circle", num_inference_steps=3, seed=0, guidance_scale=1.0)
+    assert len(pipe.step_graphs) == 2 and first not in pipe.step_graphs.values()
+    assert all(g.warmup_s >= 0 for g in pipe.step_graphs.values())
+    pipe.to("cpu")
+    assert not pipe.step_graphs  # moved weights invalidate captured graphs
+    pipe.max_step_graphs = 4
+
+
+def test_heun_runs_eagerly(pair):
+    eager, graphed = pair
+    graphed.cuda_graphs = True
+    graphed.step_graphs.clear()
+    kw = dict(prompt="a red circle", sampler="heun", num_inference_steps=3, seed=0)
+    assert np.array_equal(pixels(graphed(**kw)), pixels(eager(**kw)))
+    assert not graphed.step_graphs
+
+
+def test_callbacks_and_img2img_and_inpainting(pair):
+    eager, graphed = pair
+    graphed.cuda_graphs = True
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.where(np.arange(32)[None, :] < 16, 255, 0).repeat(32, 0).astype(np.uint8))
+    for extra in ({"image": image, "strength": 0.6}, {"image": image, "mask_image": mask}):
+        kw = dict(prompt="a red circle", num_inference_steps=5, seed=2, sampler="dpmpp_2m_sde", **extra)
+        steps_e, steps_g = [], []
+        eager(callback=lambda i, x, x0: steps_e.append((i, x0.clone())), **kw)
+        graphed(callback=lambda i, x, x0: steps_g.append((i, x0.clone())), **kw)
+        assert [i for i, _ in steps_g] == [i for i, _ in steps_e]
+        for (_, a), (_, b) in zip(steps_e, steps_g):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_nine_channel_inpainting_model():
+    base = tiny_pipeline()
+    torch.manual_seed(1)
+    unet = UNet(UNetConfig(in_channels=9, out_channels=4, block_channels=[32, 64], layers_per_block=1, attention_levels=[False, True],
+                           num_heads=2, context_dim=32, norm_groups=8))
+    make = lambda: Pipeline(base.tokenizer, base.text_encoder, unet, Autoencoder(base.vae.config), base.scheduler, base.defaults)  # noqa: E731
+    eager, graphed = make(), make()
+    graphed.vae.load_state_dict(eager.vae.state_dict())
+    graphed.cuda_graphs = True
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    kw = dict(prompt="a red circle", image=image, mask_image=mask, num_inference_steps=4, seed=0)
+    torch.testing.assert_close(latents_of(graphed, **kw), latents_of(eager, **kw), atol=1e-5, rtol=1e-5)
+    assert next(iter(graphed.step_graphs))[-1] == (1, 5, 16, 16)  # mask + masked-image latents as a static input
+
+
+@cuda
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral"])
+def test_cuda_graph_replay_equals_eager(tiny_model_dir, sampler):
+    """The captured step on the GPU gives the image the eager GPU path gives for the seed."""
+    eager = Pipeline.from_pretrained(tiny_model_dir).to("cuda").optimize(cuda_graphs=False)
+    graphed = Pipeline.from_pretrained(tiny_model_dir).to("cuda").optimize()
+    assert graphed.cuda_graphs
+    kw = dict(prompt=["a red circle", "a blue square"], negative_prompt="a green triangle", sampler=sampler, num_inference_steps=10, seed=5)
+    a = latents_of(eager, **kw)
+    b = latents_of(graphed, **kw)
+    c = latents_of(graphed, **kw)  # replayed from the cache
+    assert next(iter(graphed.step_graphs.values())).graph is not None
+    torch.testing.assert_close(b, a, atol=2e-3, rtol=2e-3)
+    assert torch.equal(b, c)
+    assert np.abs(pixels(graphed(**kw)) - pixels(eager(**kw))).max() <= 2
+
+
+@cuda
+def test_cuda_fast_path_close_to_float32(tiny_model_dir):
+    exact = Pipeline.from_pretrained(tiny_model_dir).to("cuda")
+    fast = Pipeline.from_pretrained(tiny_model_dir).to("cuda").optimize()
+    kw = dict(prompt="a red circle", num_inference_steps=10, seed=0)
+    a, b = latents_of(exact, **kw), latents_of(fast, **kw)
+    assert ((b - a).norm() / a.norm()).item() < 3e-2  # bfloat16 has 8 bits of mantissa
