@@ -1,13 +1,22 @@
 """Speed of unfog against diffusers on identical weights, in one process.
 
-    python bench/speed.py [--quick] [--json bench/results.json]
+    python bench/speed.py [--quick] [--compile] [--json bench/results.json]
 
-Cases: the Stable Diffusion 1.5 U-Net with random weights (CPU: latent 32×32 in float32; CUDA:
-latent 64×64, i.e. 512², in bfloat16 and float16, batch 1 and 8 with classifier-free guidance so
-the U-Net sees twice the batch) and the bundled default model's U-Net. For each: milliseconds
-per U-Net call (median of repeats after warm-up; CUDA events on GPU), achieved TFLOP/s (FLOPs
-from torch.utils.flop_counter), peak memory on CUDA, and the ratio to diffusers. It also times
-one whole image (text encoding + steps + decode) with the bundled model. `--quick` runs the
+CPU: the Stable Diffusion 1.5 U-Net with random weights at latent 32×32 (256²) in float32 and the
+bundled default model's U-Net; milliseconds per U-Net call and one whole bundled-model image.
+
+CUDA: the SD 1.5 U-Net at 512² (latent 64×64) with classifier-free guidance, so the U-Net sees
+twice the batch; bfloat16 and float16, batch 1 and 8: diffusers eager / channels_last / replayed
+as one CUDA graph against unfog eager / optimize() / optimize() as a CUDA graph (and, with
+--compile, optimize(compile=True) as a CUDA graph and diffusers under torch.compile). Then one
+whole 512² image, 50 DPM-Solver++ steps at guidance 7.5 (text encoding, steps, decode, PIL), from a
+full-size random SD 1.5 pipeline that diffusers builds and saves and unfog loads, and the VAE
+decode alone.
+
+For each row: milliseconds per call (median of repeats after warm-up; CUDA events on GPU) or
+seconds per image, first-call seconds (compilation and graph capture), achieved TFLOP/s (FLOPs
+from torch.utils.flop_counter), CUDA peak memory, and the ratio to diffusers' plain row. The JSON
+file is rewritten after every row, so a run cut short keeps what it measured. `--quick` runs the
 bundled model only, for CI.
 """
 
@@ -77,60 +86,114 @@ def unet_pair(kind: str):
     return theirs, ours, ours.config.context_dim
 
 
-def bench_unet(kind, device, dtype, batch, latent, repeats, optimize, compile_too=False) -> list[dict]:
+def _name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _peak_gb(device) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
+
+
+def _reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def unet_variants(device, dtype, fast, *, graphs: bool, compile_ours: bool, compile_theirs: bool, full: bool):
+    """(name, dtype, maker) for each implementation timed; maker(theirs, ours, inputs) -> fn."""
+    import copy
+
+    from unfog.pipeline import optimize_unet
+
+    def diffusers_fn(channels_last=False, compiled=False):
+        def make(theirs, ours, inp):
+            m = copy.deepcopy(theirs).to(device, inp["dtype"])
+            if channels_last:
+                m.to(memory_format=torch.channels_last)
+            if compiled:
+                m.compile()
+            return lambda: m(inp["x"], inp["t"], encoder_hidden_states=inp["ctx"]).sample
+        return make
+
+    def ours_fn(optimized=False, compiled=False):
+        def make(theirs, ours, inp):
+            m = copy.deepcopy(ours).to(device, inp["dtype"])
+            if optimized:  # exactly what Pipeline.optimize() does to the U-Net
+                m = optimize_unet(m, inp["dtype"], True, compiled)
+            return lambda: m(inp["x"], inp["t"], inp["ctx"])
+        return make
+
+    v = [("diffusers", dtype, diffusers_fn(), False)]
+    if full:
+        v.append(("diffusers channels_last", dtype, diffusers_fn(channels_last=True), False))
+    if graphs and full:
+        v.append(("diffusers as one CUDA graph", dtype, diffusers_fn(), True))
+    if compile_theirs:
+        v.append(("diffusers torch.compile", dtype, diffusers_fn(channels_last=True, compiled=True), False))
+    if full or not graphs:
+        v.append(("unfog", dtype, ours_fn(), False))
+    if fast is not None:
+        if full or not graphs:
+            v.append((f"unfog optimize() [{_name(fast)}, channels_last]", fast, ours_fn(True), False))
+        if graphs:
+            v.append((f"unfog optimize() as one CUDA graph [{_name(fast)}]", fast, ours_fn(True), True))
+        if compile_ours:
+            label = f"unfog optimize(compile=True){' as one CUDA graph' if graphs else ''} [{_name(fast)}, channels_last]"
+            v.append((label, fast, ours_fn(True, True), graphs))
+        if fast != dtype:
+            v.append((f"diffusers [{_name(fast)}]", fast, diffusers_fn(), False))
+    return v
+
+
+def bench_unet(kind, device, dtype, batch, latent, repeats, fast, *, graphs=False, compile_ours=False, compile_theirs=False, full=True,
+               select=None, emit=None) -> list[dict]:
+    from unfog.graphs import capture
+
     theirs, ours, ctx_dim = unet_pair(kind)
-    rows = []
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2 * batch, ours.config.in_channels, latent, latent, generator=g)
     ctx = torch.randn(2 * batch, 77 if kind == "sd15" else 24, ctx_dim, generator=g)
     t = torch.full((2 * batch,), 500.0)
-
-    def run_diffusers(m, dt):
-        m = m.to(device, dt)
-        xs, cs, ts = x.to(device, dt), ctx.to(device, dt), t.to(device)
-        return lambda: m(xs, ts, encoder_hidden_states=cs).sample
-
-    def run_ours(m, dt, optimized=False, compiled=False):
-        import copy
-
-        from unfog.pipeline import optimize_unet
-
-        m = m.to(device, dt)
-        if optimized:  # exactly what Pipeline.optimize() does to the U-Net
-            m = optimize_unet(copy.deepcopy(m), dt, True, compiled)
-        xs, cs, ts = x.to(device, dt), ctx.to(device, dt), t.to(device)
-        return lambda: m(xs, ts, cs)
-
-    variants = [("diffusers", dtype, run_diffusers, theirs), ("unfog", dtype, run_ours, ours)]
-    if optimize is not None:
-        variants.append((f"unfog optimize() [{str(optimize).replace('torch.', '')}, channels_last]", optimize, lambda m, dt: run_ours(m, dt, True), ours))
-        if compile_too:
-            variants.append((f"unfog optimize(compile=True) [{str(optimize).replace('torch.', '')}, channels_last]", optimize,
-                             lambda m, dt: run_ours(m, dt, True, True), ours))
-        if optimize != dtype:
-            variants.append((f"diffusers [{str(optimize).replace('torch.', '')}]", optimize, run_diffusers, theirs))
-    base = None
-    for name, dt, make, model in variants:
-        fn = make(model, dt)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+    rows, base, counted = [], None, {}
+    for name, dt, make, as_graph in unet_variants(device, dtype, fast, graphs=graphs, compile_ours=compile_ours, compile_theirs=compile_theirs, full=full):
+        if select is not None and not select(name):
+            continue
+        inp = {"dtype": dt, "x": x.to(device, dt), "ctx": ctx.to(device, dt), "t": t.to(device)}
+        _reset_peak(device)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            fn()  # first call: includes any compilation
-        first_s = time.perf_counter() - t0
-        ms = timer(device, fn, repeats)
-        f = flops(fn)
-        row = {"case": f"{kind} U-Net", "impl": name, "dtype": str(dt).replace("torch.", ""), "batch": batch, "latent": latent,
-               "ms_per_call": round(ms, 2), "tflops": round(f / (ms / 1000) / 1e12, 3),
-               "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-               "first_call_s": round(first_s, 2)}
+        eager_fn = fn = graph = None
+        try:
+            with torch.inference_mode():
+                fn = eager_fn = make(theirs, ours, inp)
+                fn()  # first call: includes any compilation
+                if as_graph:
+                    graph = capture(fn)
+                    fn = graph.replay
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            first_s = time.perf_counter() - t0
+            ms = timer(device, fn, repeats)
+            if dt not in counted:  # the same network computes the same FLOPs in every variant
+                counted[dt] = flops(eager_fn)
+        except Exception as e:  # one failing variant (say, a compiler error) must not lose the rest
+            row = {"case": f"{kind} U-Net", "impl": name, "dtype": _name(dt), "batch": batch, "error": f"{type(e).__name__}: {e}"[:400]}
+            rows.append(row)
+            if emit:
+                emit(row)
+            continue
+        row = {"case": f"{kind} U-Net", "impl": name, "dtype": _name(dt), "batch": batch, "latent": latent, "ms_per_call": round(ms, 2),
+               "tflops": round(counted[dt] / (ms / 1000) / 1e12, 3), "peak_mem_gb": _peak_gb(device), "first_call_s": round(first_s, 2)}
         base = base or ms
         row["speedup_vs_diffusers"] = round(base / ms, 2)
         rows.append(row)
+        if emit:
+            emit(row)
+        del fn, eager_fn, graph, inp
     return rows
 
 
-def bench_image(device, repeats) -> list[dict]:
+def bench_image(device, repeats, emit=None) -> list[dict]:
     from unfog import Pipeline
 
     rows = []
@@ -149,6 +212,121 @@ def bench_image(device, repeats) -> list[dict]:
         d = pipe.defaults
         rows.append({"case": f"bundled model, one 64×64 image ({d['sampler']}, {d['num_inference_steps']} steps, CFG)", "impl": name,
                      "s_per_image": round(statistics.median(times), 3)})
+        if emit:
+            emit(rows[-1])
+    return rows
+
+
+def build_sd15(root):
+    """A full-size Stable Diffusion 1.5 pipeline with random weights (and a tiny CLIP
+    vocabulary), built by diffusers and transformers and saved in diffusers' folder layout."""
+    import sys
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from clip_bytes import write_tiny_clip_vocab
+
+    root = Path(root)
+    n = write_tiny_clip_vocab(root / "_tok")
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer(str(root / "_tok" / "vocab.json"), str(root / "_tok" / "merges.txt"), model_max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                                max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1))
+    unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        latent_channels=4, layers_per_block=2, sample_size=512)
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "sd", safe_serialization=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, root / "sd"
+
+
+PROMPT = "a photo of an astronaut riding a horse on mars"
+
+
+def bench_sd15_image(device, dtype, repeats, *, compile_ours=False, steps=50, size=512, emit=None) -> list[dict]:
+    """Seconds per whole image: diffusers' StableDiffusionPipeline against unfog's Pipeline
+    loaded from the folder diffusers saved; also the VAE decode alone."""
+    import tempfile
+
+    from unfog import Pipeline
+
+    kw = dict(num_inference_steps=steps, guidance_scale=7.5, height=size, width=size)
+    case = f"sd15 image {size}² ({steps} steps DPM-Solver++ 2M, CFG 7.5, text+decode)"
+    rows, base = [], None
+
+    def record(impl, run, first_s, extra=None):
+        nonlocal base
+        times = []
+        for k in range(repeats):
+            t = time.perf_counter()
+            run(k + 1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        s = statistics.median(times)
+        base = base or s
+        row = {"case": case, "impl": impl, "dtype": _name(dtype), "batch": 1, "s_per_image": round(s, 3), "first_call_s": round(first_s, 2),
+               "peak_mem_gb": _peak_gb(device), "speedup_vs_diffusers": round(base / s, 2), **(extra or {})}
+        rows.append(row)
+        if emit:
+            emit(row)
+
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        ref, folder = build_sd15(tmp)
+        ref.to(device, dtype)
+        _reset_peak(device)
+
+        def theirs(k):
+            return ref(PROMPT, generator=torch.Generator("cpu").manual_seed(k), **kw).images
+
+        t0 = time.perf_counter()
+        theirs(0)
+        record("diffusers", theirs, time.perf_counter() - t0)
+        z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        decode_theirs = timer(device, lambda: ref.vae.decode(z).sample, repeats * 3)
+        del ref
+        variants = [("unfog", {}), ("unfog optimize()", {"compile": False})]
+        if compile_ours:
+            variants.append(("unfog optimize(compile=True)", {"compile": True}))
+        for impl, opt in variants:
+            _reset_peak(device)
+            pipe = Pipeline.from_pretrained(folder).to(device, dtype)
+            if opt:
+                pipe.optimize(dtype, **opt)
+            pipe.decode_tile = None
+
+            def ours(k):
+                return pipe(PROMPT, seed=k, sampler="dpmpp_2m", **kw).images
+
+            t0 = time.perf_counter()
+            try:
+                ours(0)
+            except Exception as e:
+                rows.append({"case": case, "impl": impl, "dtype": _name(dtype), "error": f"{type(e).__name__}: {e}"[:400]})
+                if emit:
+                    emit(rows[-1])
+                continue
+            extra = {"graph_warmup_s": round(sum(g.warmup_s for g in pipe.step_graphs.values()), 2)} if pipe.step_graphs else {}
+            record(impl, ours, time.perf_counter() - t0, extra)
+            if impl != "unfog optimize(compile=True)":
+                c = pipe.vae.config
+                ms = timer(device, lambda: pipe.vae.decode(z / c.scaling_factor), repeats * 3)
+                r = {"case": f"VAE decode {size}²", "impl": f"{impl}", "dtype": _name(dtype), "ms_per_call": round(ms, 2),
+                     "speedup_vs_diffusers": round(decode_theirs / ms, 2)}
+                if impl == "unfog":
+                    rows.append({**r, "impl": "diffusers", "ms_per_call": round(decode_theirs, 2), "speedup_vs_diffusers": 1.0})
+                    if emit:
+                        emit(rows[-1])
+                rows.append(r)
+                if emit:
+                    emit(r)
+            del pipe
     return rows
 
 
@@ -158,30 +336,47 @@ def main() -> None:
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--json", default="bench/results.json")
     ap.add_argument("--compile", action="store_true", help="also time optimize(compile=True) (tens of seconds of warm-up)")
+    ap.add_argument("--compile-diffusers", action="store_true", help="on CUDA, also time diffusers under torch.compile (about a minute)")
+    ap.add_argument("--skip-image", action="store_true", help="on CUDA, skip the whole-image SD 1.5 case")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from unfog.pipeline import cpu_has_bf16
-
-    fast = torch.bfloat16 if device.type == "cuda" or cpu_has_bf16() else None
-    rows = []
-    repeats = args.repeats or (3 if args.quick else 10)
-    if device.type == "cuda":
-        for dtype in (torch.bfloat16, torch.float16):
-            for batch in (1, 8):
-                rows += bench_unet("sd15", device, dtype, batch, 64, repeats, None)
-    elif not args.quick:
-        rows += bench_unet("sd15", device, torch.float32, 1, 32, max(3, repeats // 3), fast)
-    rows += bench_unet("default", device, torch.float32, 1, 16, repeats * 5, fast, compile_too=args.compile)
-    rows += bench_image(device, repeats)
     import diffusers
+
+    from unfog.pipeline import cpu_has_bf16
 
     meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": torch.get_num_threads()}
-    for r in rows:
-        print(" | ".join(f"{k}={v}" for k, v in r.items() if v is not None))
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    rows: list[dict] = []
+
+    def emit(row):
+        print(" | ".join(f"{k}={v}" for k, v in row.items() if v is not None), flush=True)
+        rows.append(row)
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+    repeats = args.repeats or (3 if args.quick else 10)
+    if device.type == "cuda":
+        # optimize() turns on cuDNN's algorithm search; turn it on for every row, diffusers' too,
+        # so the comparison is of the libraries and not of that switch.
+        torch.backends.cudnn.benchmark = True
+        meta["cudnn_benchmark"] = True
+        # The issue's headline case first and the slow compiled variants last, so a run cut
+        # short still has the most important rows.
+        bench_unet("sd15", device, torch.bfloat16, 1, 64, repeats * 2, torch.bfloat16, graphs=True, emit=emit)
+        for dtype, batch in ((torch.float16, 1), (torch.bfloat16, 8), (torch.float16, 8)):
+            bench_unet("sd15", device, dtype, batch, 64, repeats, dtype, graphs=True, full=False, emit=emit)
+        if not args.skip_image:
+            bench_sd15_image(device, torch.bfloat16, max(3, repeats // 3), compile_ours=args.compile, emit=emit)
+        if args.compile or args.compile_diffusers:
+            bench_unet("sd15", device, torch.bfloat16, 1, 64, repeats * 2, torch.bfloat16, graphs=True, compile_ours=args.compile,
+                       compile_theirs=args.compile_diffusers, select=lambda name: name == "diffusers" or "compile" in name, emit=emit)
+    else:
+        fast = torch.bfloat16 if cpu_has_bf16() else None
+        if not args.quick:
+            bench_unet("sd15", device, torch.float32, 1, 32, max(3, repeats // 3), fast, emit=emit)
+        bench_unet("default", device, torch.float32, 1, 16, repeats * 5, fast, compile_ours=args.compile, emit=emit)
+        bench_image(device, repeats, emit=emit)
     print(json.dumps(meta))
 
 

@@ -1,5 +1,7 @@
-"""Test helper: CLIP's reversible map from bytes to printable characters (GPT-2's), used to
-build CLIP-format vocab.json files."""
+"""Test and benchmark helper: CLIP's reversible map from bytes to printable characters (GPT-2's),
+and a tiny but real CLIP-format vocabulary built with it (bench/speed.py uses it too)."""
+
+import json
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -11,3 +13,28 @@ def bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs)))
+
+
+WORDS = ["a", "red", "circle", "photo", "of", "cat", "dog", "astronaut", "riding", "horse", "on", "mars", "blue", "square"]
+
+
+def write_tiny_clip_vocab(directory):
+    """A small but real CLIP-format BPE vocabulary: all bytes, with and without </w>, plus
+    merges that build a handful of whole words."""
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars]
+    merges = []
+    for w in WORDS:
+        pieces = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(pieces) > 1:
+            a, b = pieces[0], pieces[1]
+            merges.append(f"{a} {b}")
+            if a + b not in vocab:
+                vocab.append(a + b)
+            pieces = [a + b] + pieces[2:]
+    merges = list(dict.fromkeys(merges))
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return len(vocab)

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from clip_bytes import bytes_to_unicode
+from clip_bytes import write_tiny_clip_vocab
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,31 +15,6 @@ transformers = pytest.importorskip("transformers")
 
 from unfog import Pipeline  # noqa: E402
 from unfog.errors import UnfogError  # noqa: E402
-
-WORDS = ["a", "red", "circle", "photo", "of", "cat", "dog", "astronaut", "riding", "horse", "on", "mars", "blue", "square"]
-
-
-def write_tiny_clip_vocab(directory):
-    """A small but real CLIP-format BPE vocabulary: all bytes, with and without </w>, plus
-    merges that build a handful of whole words."""
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars]
-    merges = []
-    for w in WORDS:
-        pieces = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(pieces) > 1:
-            a, b = pieces[0], pieces[1]
-            merges.append(f"{a} {b}")
-            if a + b not in vocab:
-                vocab.append(a + b)
-            pieces = [a + b] + pieces[2:]
-    merges = list(dict.fromkeys(merges))
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return len(vocab)
-
 
 def build_sd(root, *, v2: bool, scheduler_cls="DDIMScheduler"):
     """Build a tiny SD pipeline with diffusers/transformers and save it in diffusers' layout."""
