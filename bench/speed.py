@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -146,8 +147,22 @@ def unet_variants(device, dtype, fast, *, graphs: bool, compile_ours: bool, comp
     return v
 
 
+def psnr(image, reference) -> float:
+    """Peak signal-to-noise ratio in dB of one 8-bit image against another (inf if equal)."""
+    import numpy as np
+
+    mse = np.mean((np.asarray(image, dtype=np.float64) - np.asarray(reference, dtype=np.float64)) ** 2)
+    return round(10 * math.log10(255**2 / mse), 1) if mse > 0 else float("inf")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
 def bench_unet(kind, device, dtype, batch, latent, repeats, fast, *, graphs=False, compile_ours=False, compile_theirs=False, full=True,
                select=None, emit=None) -> list[dict]:
+    import copy
+
     from unfog.graphs import capture
 
     theirs, ours, ctx_dim = unet_pair(kind)
@@ -156,6 +171,10 @@ def bench_unet(kind, device, dtype, batch, latent, repeats, fast, *, graphs=Fals
     ctx = torch.randn(2 * batch, 77 if kind == "sd15" else 24, ctx_dim, generator=g)
     t = torch.full((2 * batch,), 500.0)
     rows, base, counted = [], None, {}
+    with torch.inference_mode():  # the float32 eager output every variant is compared with
+        m = copy.deepcopy(ours).to(device, torch.float32)
+        reference = m(x.to(device), t.to(device), ctx.to(device)).float()
+        del m
     for name, dt, make, as_graph in unet_variants(device, dtype, fast, graphs=graphs, compile_ours=compile_ours, compile_theirs=compile_theirs, full=full):
         if select is not None and not select(name):
             continue
@@ -176,6 +195,8 @@ def bench_unet(kind, device, dtype, batch, latent, repeats, fast, *, graphs=Fals
             ms = timer(device, fn, repeats)
             if dt not in counted:  # the same network computes the same FLOPs in every variant
                 counted[dt] = flops(eager_fn)
+            with torch.inference_mode():
+                err = rel_err(eager_fn(), reference)
         except Exception as e:  # one failing variant (say, a compiler error) must not lose the rest
             row = {"case": f"{kind} U-Net", "impl": name, "dtype": _name(dt), "batch": batch, "error": f"{type(e).__name__}: {e}"[:400]}
             rows.append(row)
@@ -183,7 +204,8 @@ def bench_unet(kind, device, dtype, batch, latent, repeats, fast, *, graphs=Fals
                 emit(row)
             continue
         row = {"case": f"{kind} U-Net", "impl": name, "dtype": _name(dt), "batch": batch, "latent": latent, "ms_per_call": round(ms, 2),
-               "tflops": round(counted[dt] / (ms / 1000) / 1e12, 3), "peak_mem_gb": _peak_gb(device), "first_call_s": round(first_s, 2)}
+               "tflops": round(counted[dt] / (ms / 1000) / 1e12, 3), "peak_mem_gb": _peak_gb(device), "first_call_s": round(first_s, 2),
+               "rel_err_vs_fp32": float(f"{err:.2g}")}
         base = base or ms
         row["speedup_vs_diffusers"] = round(base / ms, 2)
         rows.append(row)
@@ -262,23 +284,32 @@ def bench_sd15_image(device, dtype, repeats, *, compile_ours=False, steps=50, si
 
     def record(impl, run, first_s, extra=None):
         nonlocal base
-        times = []
+        times, first_image = [], None
         for k in range(repeats):
             t = time.perf_counter()
-            run(k + 1)
+            images = run(k + 1)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
+            first_image = first_image or images[0]
         s = statistics.median(times)
         base = base or s
         row = {"case": case, "impl": impl, "dtype": _name(dtype), "batch": 1, "s_per_image": round(s, 3), "first_call_s": round(first_s, 2),
-               "peak_mem_gb": _peak_gb(device), "speedup_vs_diffusers": round(base / s, 2), **(extra or {})}
+               "peak_mem_gb": _peak_gb(device), "speedup_vs_diffusers": round(base / s, 2), "psnr_vs_fp32_db": psnr(first_image, reference_image),
+               **(extra or {})}
         rows.append(row)
         if emit:
             emit(row)
 
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         ref, folder = build_sd15(tmp)
+        # What every row's image (seed 1) is compared with: unfog in float32, eager, no TF32.
+        tf32 = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        exact = Pipeline.from_pretrained(folder).to(device)
+        reference_image = exact(PROMPT, seed=1, sampler="dpmpp_2m", **kw).images[0]
+        torch.backends.cudnn.allow_tf32 = tf32
+        del exact
         ref.to(device, dtype)
         _reset_peak(device)
 
@@ -369,8 +400,10 @@ def main() -> None:
         if not args.skip_image:
             bench_sd15_image(device, torch.bfloat16, max(3, repeats // 3), compile_ours=args.compile, emit=emit)
         if args.compile or args.compile_diffusers:
-            bench_unet("sd15", device, torch.bfloat16, 1, 64, repeats * 2, torch.bfloat16, graphs=True, compile_ours=args.compile,
-                       compile_theirs=args.compile_diffusers, select=lambda name: name == "diffusers" or "compile" in name, emit=emit)
+            for batch in (1, 8):
+                bench_unet("sd15", device, torch.bfloat16, batch, 64, repeats * 2 if batch == 1 else repeats, torch.bfloat16, graphs=True,
+                           compile_ours=args.compile, compile_theirs=args.compile_diffusers and batch == 1,
+                           select=lambda name: name == "diffusers" or "compile" in name, emit=emit)
     else:
         fast = torch.bfloat16 if cpu_has_bf16() else None
         if not args.quick:
