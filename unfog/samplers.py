@@ -108,8 +108,8 @@ def ddpm_coefficients(sigmas: torch.Tensor) -> Coefficients:
         alpha = a / a_prev
         beta = 1 - alpha
         var = beta * (1 - a_prev) / (1 - a)
-        out.append((alpha**0.5 * (1 - a_prev) / (1 - a) * a**0.5 / a_prev**0.5, a_prev**0.5 * beta / (1 - a) / a_prev**0.5, 0.0,
-                    var**0.5 / a_prev**0.5 if var > 0 else 0.0))
+        # mean = sqrt(ᾱ_prev)·β/(1-ᾱ)·x0 + sqrt(α)·(1-ᾱ_prev)/(1-ᾱ)·x_t, then ÷ sqrt(ᾱ_prev)
+        out.append((alpha**0.5 * (1 - a_prev) / (1 - a) * (a / a_prev) ** 0.5, beta / (1 - a), 0.0, (var / a_prev) ** 0.5 if var > 0 else 0.0))
     return out
 
 
