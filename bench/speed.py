@@ -187,7 +187,8 @@ def bench_unet(kind, device, dtype, batch, latent, repeats, fast, *, graphs=Fals
                 fn = eager_fn = make(theirs, ours, inp)
                 fn()  # first call: includes any compilation
                 if as_graph:
-                    graph = capture(fn)
+                    held = {}  # the captured call's output, rewritten by every replay
+                    graph = capture(lambda: held.update(out=eager_fn()))
                     fn = graph.replay
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -196,7 +197,9 @@ def bench_unet(kind, device, dtype, batch, latent, repeats, fast, *, graphs=Fals
             if dt not in counted:  # the same network computes the same FLOPs in every variant
                 counted[dt] = flops(eager_fn)
             with torch.inference_mode():
-                err = rel_err(eager_fn(), reference)
+                if as_graph:
+                    graph.replay()
+                err = rel_err(held["out"] if as_graph else eager_fn(), reference)
         except Exception as e:  # one failing variant (say, a compiler error) must not lose the rest
             row = {"case": f"{kind} U-Net", "impl": name, "dtype": _name(dt), "batch": batch, "error": f"{type(e).__name__}: {e}"[:400]}
             rows.append(row)

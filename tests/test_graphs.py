@@ -22,7 +22,7 @@ def pixels(out):
 
 
 def latents_of(pipe, **kw):
-    """The final latents (the x_0 estimate after the last step) through a callback."""
+    """The state after the last step (the final latents), read through a callback."""
     seen = []
     pipe(callback=lambda i, x, x0: seen.append(x.clone()), **kw)
     return seen[-1]
@@ -31,6 +31,14 @@ def latents_of(pipe, **kw):
 @pytest.fixture(scope="module")
 def pair():
     return tiny_pipeline(), tiny_pipeline()
+
+
+def replays(pipe) -> int:
+    return sum(g.replays for g in pipe.step_graphs.values())
+
+
+def assert_graph_ran(pipe, before: int, steps: int) -> None:
+    assert replays(pipe) == before + steps, "the static step was not used for every step"
 
 
 def test_every_linear_sampler_has_a_graph_form():
@@ -44,35 +52,52 @@ def test_static_step_equals_eager(pair, sampler, guidance):
     graphed.cuda_graphs = True
     kw = dict(prompt=["a red circle", "a blue square"], negative_prompt="a green triangle", sampler=sampler,
               guidance_scale=guidance, num_inference_steps=6, seed=3)
+    before = replays(graphed)
     a, b = latents_of(eager, **kw), latents_of(graphed, **kw)
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-    assert graphed.step_graphs, "the static step was not used"
+    assert_graph_ran(graphed, before, 6)
 
 
 def test_sampler_options_reach_the_coefficients(pair):
     eager, graphed = pair
     graphed.cuda_graphs = True
     kw = dict(prompt="a red circle", sampler="ddim", num_inference_steps=5, seed=1, sampler_options={"eta": 0.7})
+    before = replays(graphed)
     torch.testing.assert_close(latents_of(graphed, **kw), latents_of(eager, **kw), atol=1e-5, rtol=1e-5)
+    assert_graph_ran(graphed, before, 5)
     plain = latents_of(eager, **{**kw, "sampler_options": {}})
     assert not torch.allclose(plain, latents_of(eager, **kw))
 
 
-def test_graphs_are_cached_per_shape_and_bounded(pair):
+def test_graphs_are_cached_per_shape_and_bounded(pair, monkeypatch):
     _, pipe = pair
-    pipe.cuda_graphs, pipe.max_step_graphs = True, 2
+    pipe.cuda_graphs = True
+    monkeypatch.setattr(pipe, "max_step_graphs", 2)
     pipe.step_graphs.clear()
     pipe("a red circle", num_inference_steps=3, seed=0)
     first = next(iter(pipe.step_graphs.values()))
     pipe("a blue square", num_inference_steps=5, seed=1, sampler="euler")  # same shapes: reused
     assert len(pipe.step_graphs) == 1 and first.replays == 8
     pipe("a red circle", num_inference_steps=3, seed=0, height=64, width=64)
-    pipe("a red circle", num_inference_steps=3, seed=0, guidance_scale=1.0)
-    assert len(pipe.step_graphs) == 2 and first not in pipe.step_graphs.values()
-    assert all(g.warmup_s >= 0 for g in pipe.step_graphs.values())
+    pipe("a red circle", num_inference_steps=2, seed=0)  # the first again: now most recently used
+    pipe("a red circle", num_inference_steps=3, seed=0, guidance_scale=1.0)  # unguided: a third shape
+    assert len(pipe.step_graphs) == 2 and first in pipe.step_graphs.values()  # the 64×64 one went
+    assert first.replays == 10
     pipe.to("cpu")
     assert not pipe.step_graphs  # moved weights invalidate captured graphs
-    pipe.max_step_graphs = 4
+
+
+def test_cache_key_holds_what_the_graph_reads_besides_buffers(pair):
+    _, pipe = pair
+    pipe.cuda_graphs = True
+    pipe.step_graphs.clear()
+    pipe("a red circle", num_inference_steps=2, seed=0)
+    pipe.denoiser.round_timesteps = True
+    try:
+        pipe("a red circle", num_inference_steps=2, seed=0)
+    finally:
+        pipe.denoiser.round_timesteps = False
+    assert len(pipe.step_graphs) == 2
 
 
 def test_heun_runs_eagerly(pair):
@@ -94,7 +119,9 @@ def test_callbacks_and_img2img_and_inpainting(pair):
         kw = dict(prompt="a red circle", num_inference_steps=5, seed=2, sampler="dpmpp_2m_sde", **extra)
         steps_e, steps_g = [], []
         eager(callback=lambda i, x, x0: steps_e.append((i, x0.clone())), **kw)
+        before = replays(graphed)
         graphed(callback=lambda i, x, x0: steps_g.append((i, x0.clone())), **kw)
+        assert_graph_ran(graphed, before, len(steps_e))
         assert [i for i, _ in steps_g] == [i for i, _ in steps_e]
         for (_, a), (_, b) in zip(steps_e, steps_g):
             torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
@@ -114,7 +141,7 @@ def test_nine_channel_inpainting_model():
     mask.paste(255, (8, 8, 24, 24))
     kw = dict(prompt="a red circle", image=image, mask_image=mask, num_inference_steps=4, seed=0)
     torch.testing.assert_close(latents_of(graphed, **kw), latents_of(eager, **kw), atol=1e-5, rtol=1e-5)
-    assert next(iter(graphed.step_graphs))[-1] == (1, 5, 16, 16)  # mask + masked-image latents as a static input
+    assert next(iter(graphed.step_graphs.values())).concat.shape == (1, 5, 16, 16)  # mask + masked-image latents, a static input
 
 
 @cuda
@@ -133,6 +160,14 @@ def test_cuda_graph_replay_equals_eager(tiny_model_dir, sampler):
     assert ((b - a).norm() / a.norm()).item() < 5e-3
     assert torch.equal(b, c)
     assert np.abs(pixels(graphed(**kw)) - pixels(eager(**kw))).max() <= 2
+    # The same captured graph with other values in its buffers: scale, sampler, steps, strength.
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    for other in ({"guidance_scale": 3.0}, {"sampler": "ddim", "sampler_options": {"eta": 0.5}}, {"sampler": "dpmpp_2m_sde", "num_inference_steps": 7},
+                  {"image": image, "strength": 0.5}):
+        kw2 = {**kw, **other}
+        a, b = latents_of(eager, **kw2), latents_of(graphed, **kw2)
+        assert ((b - a).norm() / a.norm()).item() < 5e-3, other
+    assert len(graphed.step_graphs) == 1
 
 
 @cuda

@@ -89,3 +89,66 @@ def test_per_item_generators_make_noise_independent_of_batch():
 def test_wrong_number_of_generators_is_an_error():
     with pytest.raises(UnfogError, match="one per image"):
         randn_like(torch.zeros(3, 2), [torch.Generator()])
+
+
+# ---- the coefficient tables against the samplers written out step by step --------------------
+# References in float64, in the op-by-op form each sampler had before the tables existed.
+
+def _ref_ancestral(s, s1, eta):
+    if s1 == 0:
+        return 0.0, 0.0
+    up = min(s1, eta * (s1**2 * (s**2 - s1**2) / s**2) ** 0.5)
+    return (s1**2 - up**2) ** 0.5, up
+
+
+def reference_step(name, x, x0, x0_prev, h_prev, s, s1, noise, eta):
+    """One step of `name` written out directly; returns (x_next, h) with h for the multistep ones."""
+    if name == "euler":
+        return x + (x - x0) / s * (s1 - s), None
+    if name == "euler_ancestral":
+        down, up = _ref_ancestral(s, s1, eta)
+        return x + (x - x0) / s * (down - s) + noise * up, None
+    if name == "ddim":
+        a, a1 = 1 / (1 + s**2), 1 / (1 + s1**2)
+        std = eta * ((1 - a1) / (1 - a) * (1 - a / a1)) ** 0.5
+        out = a1**0.5 * x0 + max(1 - a1 - std**2, 0.0) ** 0.5 * (x - x0) / s + std * noise
+        return out / a1**0.5, None
+    if name == "ddpm":
+        a, a1 = 1 / (1 + s**2), 1 / (1 + s1**2)
+        beta = 1 - a / a1
+        mean = (a1**0.5 * beta / (1 - a)) * x0 + ((a / a1) ** 0.5 * (1 - a1) / (1 - a)) * x * a**0.5
+        return (mean + (beta * (1 - a1) / (1 - a)) ** 0.5 * noise) / a1**0.5, None
+    if s1 == 0:
+        return x0, None
+    h = math.log(s) - math.log(s1)
+    if name == "dpmpp_2m":
+        d = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - h / (2 * h_prev) * x0_prev
+        return (s1 / s) * x - math.expm1(-h) * d, h
+    eh = eta * h  # dpmpp_2m_sde
+    out = (s1 / s) * math.exp(-eh) * x - math.expm1(-h - eh) * x0
+    if x0_prev is not None:
+        out = out - 0.5 * math.expm1(-h - eh) * (h / h_prev) * (x0 - x0_prev)
+    return out + noise * s1 * (-math.expm1(-2 * eh)) ** 0.5, h
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("eta", [None, 0.0, 0.5])
+def test_coefficient_tables_equal_the_samplers_written_out(name, eta):
+    from unfog.samplers import LINEAR_SAMPLERS
+
+    if eta is not None and name in ("euler", "ddpm", "dpmpp_2m"):
+        pytest.skip("no eta")
+    options = {} if eta is None else {"eta": eta}
+    eta_value = eta if eta is not None else (0.0 if name == "ddim" else 1.0)
+    s = sigmas(12).double()
+    x_start = torch.randn(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * SIGMA_MAX
+    noises = torch.randn(12, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = ref = x_start
+    prev_got = prev_ref = h_prev = None
+    for i, (a, b, c, d) in enumerate(LINEAR_SAMPLERS[name](s, **options)):
+        x0 = gaussian_denoiser(got, s[i].expand(1))
+        got_next = a * got + b * x0 + (c * prev_got if c else 0) + d * noises[i]
+        r0 = gaussian_denoiser(ref, s[i].expand(1))
+        ref, h_prev = reference_step(name, ref, r0, prev_ref, h_prev, s[i].item(), s[i + 1].item(), noises[i], eta_value)
+        got, prev_got, prev_ref = got_next, x0, r0
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)

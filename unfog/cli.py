@@ -65,9 +65,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         callback=record,
         progress=not args.quiet,
     )
-    for g in pipe.step_graphs.values():
-        if g.graph is not None and not args.quiet:
-            print(f"denoising step captured as one CUDA graph in {g.warmup_s:.2f} s (compilation included)", file=sys.stderr)
+    if not args.quiet:
+        for g in pipe.step_graphs.values():
+            if g.graph is not None:
+                print(f"denoising step captured as one CUDA graph in {g.warmup_s:.2f} s", file=sys.stderr)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     for path, image, seed in zip(_output_paths(out, len(result.images)), result.images, result.seeds):

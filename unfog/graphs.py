@@ -14,17 +14,20 @@ how long its warm-up and capture took.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
 import torch
 
 from .diffusion import classifier_free_guidance
+from .samplers import Coefficients
 
 
 def capture(fn: Callable[[], object], warmup: int = 2) -> "torch.cuda.CUDAGraph":
-    """Capture fn() into a CUDA graph after `warmup` calls on a side stream (which also
-    triggers any lazy initialisation and torch.compile's compilation outside the capture)."""
+    """Capture fn() into a CUDA graph on the current CUDA device, after `warmup` calls on a side
+    stream (which also triggers any lazy initialisation and torch.compile's compilation outside
+    the capture)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -43,29 +46,36 @@ class StepGraph:
     `StepGraph(denoiser, x_shape, context_shape, guided, concat_shape)` allocates the buffers on
     the denoiser's device and, on CUDA, captures the step. Per generation: `bind(context,
     uncond, scale, concat, sigmas, coefficients)` loads the conditioning and the step table;
-    then `step(i, x, noise) -> (x_next, x0)` has the signature `run_linear` expects.
+    then calling it as `graph(i, x, noise) -> (x_next, x0)` is the step `run_linear` expects. The
+    buffers make one StepGraph (and so one Pipeline with graphs on) single-threaded.
     """
 
     def __init__(self, denoiser: Callable, x_shape: tuple[int, ...], context_shape: tuple[int, ...], guided: bool,
-                 concat_shape: tuple[int, ...] | None = None, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        device = torch.device(device)
+                 concat_shape: tuple[int, ...] | None = None, *, context_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.device = device = torch.device(device)
         z = dict(device=device, dtype=torch.float32)
         self.denoiser = denoiser
+        # `prev` is both this step's x0 output and the next step's x0_prev input.
         self.x, self.x_next, self.prev, self.noise = (torch.zeros(x_shape, **z) for _ in range(4))
         self.row = torch.zeros(5, **z)  # σ_i, a, b, c, d
         self.scale = torch.ones((), **z)
-        self.context = torch.zeros(context_shape, device=device, dtype=dtype)
-        self.uncond = torch.zeros(context_shape, device=device, dtype=dtype) if guided else None
+        self.context = torch.zeros(context_shape, device=device, dtype=context_dtype)
+        self.uncond = torch.zeros(context_shape, device=device, dtype=context_dtype) if guided else None
         self.concat = torch.zeros(concat_shape, **z) if concat_shape is not None else None
         self.table = torch.zeros(0, 5, **z)
+        self.coefficients: Coefficients = []
         self.replays = 0
         t0 = time.perf_counter()
         self.graph = None
         if device.type == "cuda":
-            with torch.inference_mode():
+            with self._on_device(), torch.inference_mode():
                 self.graph = capture(self._body)
-            torch.cuda.synchronize(device)
+                torch.cuda.synchronize(device)
         self.warmup_s = time.perf_counter() - t0
+
+    def _on_device(self):
+        """Streams and graphs belong to the current CUDA device: make it this one (cuda:1 too)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _body(self) -> None:
         extra = {} if self.concat is None else {"concat": self.concat}
@@ -76,7 +86,7 @@ class StepGraph:
         self.prev.copy_(x0)
 
     def bind(self, context: torch.Tensor, uncond: torch.Tensor | None, scale: float, concat: torch.Tensor | None,
-             sigmas: torch.Tensor, coefficients: list[tuple[float, float, float, float]]) -> "StepGraph":
+             sigmas: torch.Tensor, coefficients: Coefficients) -> "StepGraph":
         """Load one generation's conditioning, guidance scale and step table; reset the history."""
         self.context.copy_(context)
         if self.uncond is not None:
@@ -86,17 +96,20 @@ class StepGraph:
             self.concat.copy_(concat)
         rows = [(s, *c) for s, c in zip(sigmas.tolist(), coefficients)]
         self.table = torch.tensor(rows, dtype=torch.float32).to(self.row.device)
+        self.coefficients = coefficients
         self.prev.zero_()
         self.noise.zero_()
         return self
 
-    def step(self, i: int, x: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, i: int, x: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step i: load the state, the step's row and noise, replay (or run) the step."""
         self.x.copy_(x)
         self.row.copy_(self.table[i])
         if noise is not None:
             self.noise.copy_(noise)
         if self.graph is not None:
-            self.graph.replay()
+            with self._on_device():
+                self.graph.replay()
         else:
             self._body()
         self.replays += 1

@@ -169,14 +169,24 @@ class Pipeline:
         self.step_graphs.clear()
         return self
 
-    def _step_graph(self, x_shape, context: torch.Tensor, guided: bool, concat: torch.Tensor | None) -> StepGraph:
+    def _step_graph(self, x_shape, context: torch.Tensor, guided: bool, concat: torch.Tensor | None) -> StepGraph | None:
         """The cached step graph for these shapes, captured on first use (the least recently
-        used one is dropped beyond `max_step_graphs`, since each holds its activations)."""
-        key = (tuple(x_shape), tuple(context.shape), context.dtype, guided, None if concat is None else tuple(concat.shape))
+        used one is dropped beyond `max_step_graphs`, since each holds its activations). The key
+        also holds what the captured kernels read but the buffers do not: the U-Net's weight
+        storage and dtype and the timestep rounding switch. A capture that fails warns, turns
+        graphs off and returns None, so the generation runs eagerly instead."""
+        weight = next(self.unet.parameters())
+        key = (tuple(x_shape), tuple(context.shape), context.dtype, guided, None if concat is None else tuple(concat.shape),
+               weight.data_ptr(), weight.dtype, self.denoiser.round_timesteps)
         graph = self.step_graphs.pop(key, None)
         if graph is None:
-            graph = StepGraph(self.denoiser, tuple(x_shape), tuple(context.shape), guided, None if concat is None else tuple(concat.shape),
-                              dtype=context.dtype, device=self.device)
+            try:
+                graph = StepGraph(self.denoiser, tuple(x_shape), tuple(context.shape), guided, None if concat is None else tuple(concat.shape),
+                                  context_dtype=context.dtype, device=self.device)
+            except Exception as e:  # e.g. an operation that cannot be captured
+                warnings.warn(f"capturing the denoising step as a CUDA graph failed ({type(e).__name__}: {e}); running eagerly from now on", stacklevel=3)
+                self.cuda_graphs = False
+                return None
         self.step_graphs[key] = graph
         while len(self.step_graphs) > self.max_step_graphs:
             self.step_graphs.pop(next(iter(self.step_graphs)))
@@ -437,7 +447,6 @@ class Pipeline:
             uncond, context = self.encode_prompt(negatives + prompts, long_prompts).chunk(2)
         else:
             context, uncond = self.encode_prompt(prompts, long_prompts), None
-        guided = classifier_free_guidance(self.denoiser, context, uncond, float(scale), **extra)
 
         bar = tqdm(total=len(sigmas) - 1, desc="denoising", disable=not progress, leave=False)
 
@@ -450,12 +459,15 @@ class Pipeline:
             return x_i
 
         try:
+            graph = None
             if self.cuda_graphs and sampler_name in LINEAR_SAMPLERS:
                 coefficients = LINEAR_SAMPLERS[sampler_name](sigmas, **(sampler_options or {}))
                 graph = self._step_graph(x.shape, context, uncond is not None, extra.get("concat"))
+            if graph is not None:
                 graph.bind(context, uncond, float(scale), extra.get("concat"), sigmas, coefficients)
-                x = run_linear(graph.step, x, coefficients, generator=gens, callback=on_step)
+                x = run_linear(graph, x, generator=gens, callback=on_step)
             else:
+                guided = classifier_free_guidance(self.denoiser, context, uncond, float(scale), **extra)
                 x = sample(guided, x, sigmas.to(self.device), generator=gens, callback=on_step, **(sampler_options or {}))
         except TypeError as e:
             if sampler_options and "unexpected keyword" in str(e):

@@ -100,17 +100,11 @@ def ddim_coefficients(sigmas: torch.Tensor, eta: float = 0.0) -> Coefficients:
 
 
 def ddpm_coefficients(sigmas: torch.Tensor) -> Coefficients:
-    """Ancestral sampling from the DDPM posterior q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eqs. 6-7),
-    with x_t = sqrt(ᾱ)·x and the result divided by sqrt(ᾱ_prev) back into sigma space."""
-    s, out = sigmas.tolist(), []
-    for s0, s1 in zip(s, s[1:]):
-        a, a_prev = 1 / (1 + s0**2), 1 / (1 + s1**2)
-        alpha = a / a_prev
-        beta = 1 - alpha
-        var = beta * (1 - a_prev) / (1 - a)
-        # mean = sqrt(ᾱ_prev)·β/(1-ᾱ)·x0 + sqrt(α)·(1-ᾱ_prev)/(1-ᾱ)·x_t, then ÷ sqrt(ᾱ_prev)
-        out.append((alpha**0.5 * (1 - a_prev) / (1 - a) * (a / a_prev) ** 0.5, beta / (1 - a), 0.0, (var / a_prev) ** 0.5 if var > 0 else 0.0))
-    return out
+    """Ancestral sampling from the DDPM posterior q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eqs. 6-7).
+    With ᾱ = 1/(1+σ²) the posterior mean and variance, moved into sigma space, reduce to
+    x' = (σ'/σ)²·x + (1 - (σ'/σ)²)·x0 + σ'·sqrt(σ² - σ'²)/σ·n: ancestral Euler with η = 1."""
+    s = sigmas.tolist()
+    return [((s1 / s0) ** 2, 1 - (s1 / s0) ** 2, 0.0, s1 * (s0**2 - s1**2) ** 0.5 / s0) for s0, s1 in zip(s, s[1:])]
 
 
 def dpmpp_2m_coefficients(sigmas: torch.Tensor) -> Coefficients:
@@ -169,10 +163,10 @@ class EagerStep:
         return out, x0
 
 
-def run_linear(step: Callable, x: torch.Tensor, coefficients: Coefficients, *, generator: Generator = None, callback: Callable | None = None) -> torch.Tensor:
-    """Run a linear sampler: `step(i, x, noise) -> (x_next, x0)` for each row of coefficients,
-    drawing noise from `generator` only for the steps that inject some."""
-    for i, coef in enumerate(coefficients):
+def run_linear(step, x: torch.Tensor, *, generator: Generator = None, callback: Callable | None = None) -> torch.Tensor:
+    """Run a linear sampler: `step(i, x, noise) -> (x_next, x0)` for each row of
+    `step.coefficients`, drawing noise from `generator` only for the steps that inject some."""
+    for i, coef in enumerate(step.coefficients):
         noise = randn_like(x, generator) if coef[3] != 0 else None
         x, x0 = step(i, x, noise)
         x = _after_step(callback, i, x, x0)
@@ -195,7 +189,7 @@ def _linear_sampler(name: str) -> Callable:
     @torch.no_grad()
     def sample(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None, **options):
         step = EagerStep(denoiser, sigmas, coefficients(sigmas, **options))
-        return run_linear(step, x, step.coefficients, generator=generator, callback=callback)
+        return run_linear(step, x, generator=generator, callback=callback)
 
     sample.__name__ = f"sample_{name}"
     sample.__doc__ = coefficients.__doc__
