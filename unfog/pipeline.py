@@ -154,7 +154,9 @@ class Pipeline:
         nothing else; the q/k/v projections of self-attention are fused into one matmul
         everywhere. Sampler state and guidance stay float32 throughout. `compile=True` also runs
         the U-Net through torch.compile (in place, so saving still works): it pays for long-lived
-        processes such as the server, after a warm-up of tens of seconds per shape. Returns self."""
+        processes such as the server, after a warm-up of tens of seconds per shape; shapes are
+        specialised, so past torch._dynamo's recompile limit (8 by default) further shapes run
+        uncompiled. With graphs on, one pipeline serves one thread at a time. Returns self."""
         if self.device.type == "cuda":
             dtype = dtype or torch.bfloat16
             for m in (self.text_encoder, self.vae):
