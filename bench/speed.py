@@ -294,7 +294,8 @@ def bench_sd15_image(device, dtype, repeats, *, compile_ours=False, steps=50, si
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-            first_image = first_image or images[0]
+            if first_image is None:
+                first_image = images[0]
         s = statistics.median(times)
         base = base or s
         row = {"case": case, "impl": impl, "dtype": _name(dtype), "batch": 1, "s_per_image": round(s, 3), "first_call_s": round(first_s, 2),

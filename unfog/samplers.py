@@ -109,21 +109,9 @@ def ddpm_coefficients(sigmas: torch.Tensor) -> Coefficients:
 
 def dpmpp_2m_coefficients(sigmas: torch.Tensor) -> Coefficients:
     """DPM-Solver++(2M), the multistep second-order solver in data prediction (Lu et al. 2022,
-    Alg. 2), in λ = -log σ; first order on the first step and on the last step to 0."""
-    s, out, h_prev = sigmas.tolist(), [], None
-    for s0, s1 in zip(s, s[1:]):
-        if s1 == 0:
-            out.append((0.0, 1.0, 0.0, 0.0))
-            continue
-        h = math.log(s0) - math.log(s1)
-        e = -math.expm1(-h)
-        if h_prev is None:
-            out.append((s1 / s0, e, 0.0, 0.0))
-        else:
-            half_inv_r = h / (2 * h_prev)
-            out.append((s1 / s0, e * (1 + half_inv_r), -e * half_inv_r, 0.0))
-        h_prev = h
-    return out
+    Alg. 2), in λ = -log σ; first order on the first step and on the last step to 0. It is the
+    SDE variant below with η = 0."""
+    return dpmpp_2m_sde_coefficients(sigmas, eta=0.0)
 
 
 def dpmpp_2m_sde_coefficients(sigmas: torch.Tensor, eta: float = 1.0) -> Coefficients:

@@ -76,31 +76,26 @@ def convert_unet(state: dict, config: UNetConfig) -> dict:
             m = re.match(r"middle_block\.(\d)\.(.*)", key)
             idx, rest = int(m[1]), m[2]
             new = f"mid_block.attentions.0.{_transformer_key(rest)}" if idx == 1 else f"mid_block.resnets.{idx // 2}.{_res_key(rest, RES)}"
-        elif key.startswith("input_blocks."):
-            m = re.match(r"input_blocks\.(\d+)\.(\d)\.(.*)", key)
-            if not m or int(m[1]) not in inputs:
+        elif key.startswith(("input_blocks.", "output_blocks.")):
+            m = re.match(r"(input|output)_blocks\.(\d+)\.(\d)\.(.*)", key)
+            table = inputs if key.startswith("input") else outputs
+            if not m or int(m[2]) not in table:
                 raise UnfogError(f"U-Net weight {UNET + key!r} does not fit a {levels}-level U-Net with {lpb} blocks per level")
-            level, j = inputs[int(m[1])]
-            sub, rest = int(m[2]), m[3]
-            if j == "down":
-                new = f"down_blocks.{level}.resample.{rest.replace('op.', 'conv.')}"
+            block, j = table[int(m[2])]
+            sub, rest = int(m[3]), m[4]
+            if m[1] == "input":
+                if j == "down":
+                    new = f"down_blocks.{block}.resample.{rest.replace('op.', 'conv.')}"
+                elif sub == 0:
+                    new = f"down_blocks.{block}.resnets.{j}.{_res_key(rest, RES)}"
+                else:
+                    new = f"down_blocks.{block}.attentions.{j}.{_transformer_key(rest)}"
             elif sub == 0:
-                new = f"down_blocks.{level}.resnets.{j}.{_res_key(rest, RES)}"
+                new = f"up_blocks.{block}.resnets.{j}.{_res_key(rest, RES)}"
+            elif sub == 1 and config.attention_levels[levels - 1 - block]:
+                new = f"up_blocks.{block}.attentions.{j}.{_transformer_key(rest)}"
             else:
-                new = f"down_blocks.{level}.attentions.{j}.{_transformer_key(rest)}"
-        elif key.startswith("output_blocks."):
-            m = re.match(r"output_blocks\.(\d+)\.(\d)\.(.*)", key)
-            if not m or int(m[1]) not in outputs:
-                raise UnfogError(f"U-Net weight {UNET + key!r} does not fit a {levels}-level U-Net with {lpb} blocks per level")
-            up, j = outputs[int(m[1])]
-            sub, rest = int(m[2]), m[3]
-            has_attn = config.attention_levels[levels - 1 - up]
-            if sub == 0:
-                new = f"up_blocks.{up}.resnets.{j}.{_res_key(rest, RES)}"
-            elif sub == 1 and has_attn:
-                new = f"up_blocks.{up}.attentions.{j}.{_transformer_key(rest)}"
-            else:
-                new = f"up_blocks.{up}.resample.{rest}"
+                new = f"up_blocks.{block}.resample.{rest}"
         else:
             raise UnfogError(f"U-Net weight {UNET + key!r} is not part of a Stable Diffusion 1.x/2.x U-Net")
         out[new] = value
