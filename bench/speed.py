@@ -69,7 +69,7 @@ def unet_pair(kind: str):
     import diffusers
 
     from unfog import Pipeline
-    from unfog.formats.diffusers_folder import load_mapped
+    from unfog.formats.weights import load_checked
     from unfog.formats.keymaps import map_unet_key, unet_config_from_diffusers, unet_config_to_diffusers
     from unfog.nn import UNet
 
@@ -78,7 +78,7 @@ def unet_pair(kind: str):
         theirs = diffusers.UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64).eval()
         with torch.device("meta"):
             ours = UNet(unet_config_from_diffusers(dict(theirs.config)))
-        load_mapped(ours, theirs.state_dict(), map_unet_key, "sd15")
+        load_checked(ours, theirs.state_dict(), "sd15", key_map=map_unet_key)
         return theirs, ours, 768
     ours = Pipeline.from_pretrained().unet
     theirs = diffusers.UNet2DConditionModel(**unet_config_to_diffusers(ours.config)).eval()
@@ -347,7 +347,7 @@ def bench_sd15_image(device, dtype, repeats, *, compile_ours=False, steps=50, si
                 if emit:
                     emit(rows[-1])
                 continue
-            extra = {"graph_warmup_s": round(sum(g.warmup_s for g in pipe.step_graphs.values()), 2)} if pipe.step_graphs else {}
+            extra = {"graph_warmup_s": round(sum(g.warmup_s for g in pipe.denoiser_graphs.values()), 2)} if pipe.denoiser_graphs else {}
             record(impl, ours, time.perf_counter() - t0, extra)
             if impl != "unfog optimize(compile=True)":
                 c = pipe.vae.config

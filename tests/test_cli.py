@@ -42,11 +42,13 @@ def test_noise_strip(tmp_path):
         assert abs(np.asarray(last.convert("L")).mean() - 128) < 40  # t = T is noise
 
 
-def test_errors_exit_2_with_a_message(tmp_path, capsys):
+def test_errors_exit_2_with_a_message(tiny_model_dir, tmp_path, capsys):
     assert main(["generate", "x", "--model", str(tmp_path / "missing"), "-o", str(tmp_path / "o.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    r = run("generate", "x", "--steps", "0", "--model", str(tmp_path / "missing"))
+    r = run("generate", "x", "--steps", "0", "--model", str(tiny_model_dir), "-o", str(tmp_path / "o.png"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "num_inference_steps must be a positive integer, got 0" in r.stderr
+    assert not (tmp_path / "o.png").exists()
 
 
 def test_generate_img2img_and_inpainting(tiny_model_dir, tmp_path):

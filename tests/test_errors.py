@@ -53,7 +53,7 @@ def test_mismatched_weight_file(tiny_model_dir, tmp_path):
     cfg = json.loads((d / "unet" / "config.json").read_text())
     cfg["block_channels"] = [32, 48]
     (d / "unet" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnfogError, match=r"key '.*' has shape .* but the config needs"):
+    with pytest.raises(UnfogError, match=r"weight '.*' has shape .* but the config needs"):
         Pipeline.from_pretrained(d)
 
 

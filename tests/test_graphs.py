@@ -1,8 +1,8 @@
-"""The graph-captured denoising step computes what the eager samplers compute.
+"""The graph-captured guided denoiser gives every sampler what the eager denoiser gives it.
 
-On a CPU the step runs from the same static buffers without capture, which checks the buffer
-logic (table, history, noise, conditioning, cache); on CUDA the captured graph's replay is
-compared with the eager path."""
+On a CPU the denoiser runs from the same static buffers without capture, which checks the
+buffer logic (x, σ, conditioning, scale, cache); on CUDA the captured graph's replay is compared
+with the eager path."""
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ from PIL import Image
 
 from unfog import Pipeline
 from unfog.nn import Autoencoder, UNet, UNetConfig
-from unfog.samplers import LINEAR_SAMPLERS, SAMPLERS
+from unfog.samplers import SAMPLERS
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -34,20 +34,20 @@ def pair():
 
 
 def replays(pipe) -> int:
-    return sum(g.replays for g in pipe.step_graphs.values())
+    return sum(g.calls for g in pipe.denoiser_graphs.values())
 
 
-def assert_graph_ran(pipe, before: int, steps: int) -> None:
-    assert replays(pipe) == before + steps, "the static step was not used for every step"
+def assert_graph_ran(pipe, before: int, calls: int) -> None:
+    assert replays(pipe) == before + calls, "the static denoiser was not used for every network call"
 
 
-def test_every_linear_sampler_has_a_graph_form():
-    assert set(LINEAR_SAMPLERS) == set(SAMPLERS) - {"heun"}
+def network_calls(sampler: str, steps: int) -> int:
+    return 2 * steps - 1 if sampler == "heun" else steps  # Heun: two per step, one on the last
 
 
-@pytest.mark.parametrize("sampler", sorted(LINEAR_SAMPLERS))
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
-def test_static_step_equals_eager(pair, sampler, guidance):
+def test_static_denoiser_equals_eager_for_every_sampler(pair, sampler, guidance):
     eager, graphed = pair
     graphed.cuda_graphs = True
     kw = dict(prompt=["a red circle", "a blue square"], negative_prompt="a green triangle", sampler=sampler,
@@ -55,10 +55,10 @@ def test_static_step_equals_eager(pair, sampler, guidance):
     before = replays(graphed)
     a, b = latents_of(eager, **kw), latents_of(graphed, **kw)
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-    assert_graph_ran(graphed, before, 6)
+    assert_graph_ran(graphed, before, network_calls(sampler, 6))
 
 
-def test_sampler_options_reach_the_coefficients(pair):
+def test_sampler_options_reach_the_sampler(pair):
     eager, graphed = pair
     graphed.cuda_graphs = True
     kw = dict(prompt="a red circle", sampler="ddim", num_inference_steps=5, seed=1, sampler_options={"eta": 0.7})
@@ -72,41 +72,37 @@ def test_sampler_options_reach_the_coefficients(pair):
 def test_graphs_are_cached_per_shape_and_bounded(pair, monkeypatch):
     _, pipe = pair
     pipe.cuda_graphs = True
-    monkeypatch.setattr(pipe, "max_step_graphs", 2)
-    pipe.step_graphs.clear()
+    monkeypatch.setattr(pipe, "max_denoiser_graphs", 2)
+    pipe.denoiser_graphs.clear()
     pipe("a red circle", num_inference_steps=3, seed=0)
-    first = next(iter(pipe.step_graphs.values()))
+    first = next(iter(pipe.denoiser_graphs.values()))
     pipe("a blue square", num_inference_steps=5, seed=1, sampler="euler")  # same shapes: reused
-    assert len(pipe.step_graphs) == 1 and first.replays == 8
+    assert len(pipe.denoiser_graphs) == 1 and first.calls == 8
     pipe("a red circle", num_inference_steps=3, seed=0, height=64, width=64)
     pipe("a red circle", num_inference_steps=2, seed=0)  # the first again: now most recently used
     pipe("a red circle", num_inference_steps=3, seed=0, guidance_scale=1.0)  # unguided: a third shape
-    assert len(pipe.step_graphs) == 2 and first in pipe.step_graphs.values()  # the 64×64 one went
-    assert first.replays == 10
+    assert len(pipe.denoiser_graphs) == 2 and first in pipe.denoiser_graphs.values()  # the 64×64 one went
+    assert first.calls == 10
     pipe.to("cpu")
-    assert not pipe.step_graphs  # moved weights invalidate captured graphs
+    assert not pipe.denoiser_graphs  # moved weights invalidate captured graphs
 
 
 def test_cache_key_holds_what_the_graph_reads_besides_buffers(pair):
     _, pipe = pair
     pipe.cuda_graphs = True
-    pipe.step_graphs.clear()
+    pipe.denoiser_graphs.clear()
     pipe("a red circle", num_inference_steps=2, seed=0)
-    pipe.denoiser.round_timesteps = True
-    try:
-        pipe("a red circle", num_inference_steps=2, seed=0)
-    finally:
-        pipe.denoiser.round_timesteps = False
-    assert len(pipe.step_graphs) == 2
+    pipe("a red circle", num_inference_steps=2, seed=0, round_timesteps=True)
+    assert len(pipe.denoiser_graphs) == 2
 
 
-def test_heun_runs_eagerly(pair):
+def test_round_timesteps_reaches_the_graphed_denoiser(pair):
     eager, graphed = pair
     graphed.cuda_graphs = True
-    graphed.step_graphs.clear()
-    kw = dict(prompt="a red circle", sampler="heun", num_inference_steps=3, seed=0)
-    assert np.array_equal(pixels(graphed(**kw)), pixels(eager(**kw)))
-    assert not graphed.step_graphs
+    kw = dict(prompt="a red circle", num_inference_steps=4, seed=0, sigma_schedule="karras", round_timesteps=True)
+    rounded = latents_of(eager, **kw)
+    torch.testing.assert_close(latents_of(graphed, **kw), rounded, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(rounded, latents_of(eager, **{**kw, "round_timesteps": False}))
 
 
 def test_callbacks_and_img2img_and_inpainting(pair):
@@ -121,7 +117,7 @@ def test_callbacks_and_img2img_and_inpainting(pair):
         eager(callback=lambda i, x, x0: steps_e.append((i, x0.clone())), **kw)
         before = replays(graphed)
         graphed(callback=lambda i, x, x0: steps_g.append((i, x0.clone())), **kw)
-        assert_graph_ran(graphed, before, len(steps_e))
+        assert_graph_ran(graphed, before, len(steps_e))  # dpmpp_2m_sde: one network call per step
         assert [i for i, _ in steps_g] == [i for i, _ in steps_e]
         for (_, a), (_, b) in zip(steps_e, steps_g):
             torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
@@ -141,11 +137,11 @@ def test_nine_channel_inpainting_model():
     mask.paste(255, (8, 8, 24, 24))
     kw = dict(prompt="a red circle", image=image, mask_image=mask, num_inference_steps=4, seed=0)
     torch.testing.assert_close(latents_of(graphed, **kw), latents_of(eager, **kw), atol=1e-5, rtol=1e-5)
-    assert next(iter(graphed.step_graphs.values())).concat.shape == (1, 5, 16, 16)  # mask + masked-image latents, a static input
+    assert next(iter(graphed.denoiser_graphs.values())).concat.shape == (1, 5, 16, 16)  # mask + masked-image latents, a static input
 
 
 @cuda
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral", "heun"])
 def test_cuda_graph_replay_equals_eager(tiny_model_dir, sampler):
     """The captured step on the GPU gives the image the eager GPU path gives for the seed."""
     eager = Pipeline.from_pretrained(tiny_model_dir).to("cuda").optimize(cuda_graphs=False)
@@ -155,7 +151,7 @@ def test_cuda_graph_replay_equals_eager(tiny_model_dir, sampler):
     a = latents_of(eager, **kw)
     b = latents_of(graphed, **kw)
     c = latents_of(graphed, **kw)  # replayed from the cache
-    assert next(iter(graphed.step_graphs.values())).graph is not None
+    assert next(iter(graphed.denoiser_graphs.values())).graph is not None
     # Same kernels and the same fp32 update arithmetic, so at most rare bf16 rounding flips.
     assert ((b - a).norm() / a.norm()).item() < 5e-3
     assert torch.equal(b, c)
@@ -167,7 +163,7 @@ def test_cuda_graph_replay_equals_eager(tiny_model_dir, sampler):
         kw2 = {**kw, **other}
         a, b = latents_of(eager, **kw2), latents_of(graphed, **kw2)
         assert ((b - a).norm() / a.norm()).item() < 5e-3, other
-    assert len(graphed.step_graphs) == 1
+    assert len(graphed.denoiser_graphs) == 1
 
 
 @cuda

@@ -96,13 +96,35 @@ def test_autoencoder_shapes_and_latent_distribution():
     assert rec.shape == x.shape and vae.config.downsample_factor == 4
 
 
+@torch.no_grad()
+def test_autoencoder_reconstructs_through_a_posterior_sample():
+    torch.manual_seed(0)
+    vae = Autoencoder(AutoencoderConfig(block_channels=[16, 32], layers_per_block=1, norm_groups=8, latent_channels=4))
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    # The encoder's two halves are the mean and log-variance, the latter clamped to [-30, 20].
+    moments = vae.quant_conv(vae.encoder(x))
+    mean, logvar = vae.encode(x)
+    torch.testing.assert_close(mean, moments[:, :4])
+    torch.testing.assert_close(logvar, moments[:, 4:].clamp(-30, 20))
+    bias = vae.quant_conv.bias.data.clone()
+    vae.quant_conv.bias.data[4:] = 50.0
+    assert vae.encode(x)[1].max().item() == 20.0
+    vae.quant_conv.bias.data.copy_(bias)
+    # forward decodes z = mean + exp(logvar / 2)·n with n drawn from the given generator.
+    rec, _, _ = vae(x, generator=torch.Generator().manual_seed(7))
+    n = torch.randn(mean.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(rec, vae.decode(mean + (0.5 * logvar).exp() * n))
+    other, _, _ = vae(x, generator=torch.Generator().manual_seed(8))
+    assert not torch.allclose(rec, other) and not torch.allclose(rec, vae.decode(mean))
+
+
 def test_tokenizer_pads_truncates_and_frames():
     tok = Tokenizer.train_word_level(["a red circle", "a blue square left of a green triangle"], TokenizerConfig(context_length=6, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"))
     ids = tok(["a red circle", "a blue square left of a green triangle", "A RED zebra"])
     assert ids.shape == (3, 6) and ids.dtype == torch.long
     assert ids[0].tolist()[:5] == [tok.bos_id, *tok.encode(["a red circle"])[0], tok.eos_id]
     assert ids[0, 5] == tok.pad_id
-    assert ids[1, -1] == tok.eos_id and tok.last_truncated == [False, True, False]
+    assert ids[1, -1] == tok.eos_id and tok.frame(["a red circle", "a blue square left of a green triangle", "A RED zebra"])[1] == [False, True, False]
     assert ids[2].tolist()[:3] == ids[0].tolist()[:3]  # lower-cased
     assert tok.backend.token_to_id("<unk>") in ids[2].tolist()
 

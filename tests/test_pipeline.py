@@ -150,12 +150,14 @@ def test_truncation_warns(tiny_pipe):
 def test_inpainting_keeps_the_known_latents(tiny_pipe):
     from PIL import Image
 
+    from unfog.images import from_pil
+
     init = Image.new("RGB", (32, 32), (200, 30, 30))
     mask = Image.new("L", (32, 32), 0)
     mask.paste(255, (0, 0, 16, 32))  # repaint the left half
     finals = []
     tiny_pipe("a blue square", image=init, mask_image=mask, seed=3, callback=lambda i, x, x0: finals.append(x.clone()))
-    encoded = tiny_pipe.encode(tiny_pipe._pixels(init, 32, 32), [torch.Generator().manual_seed(3)])
+    encoded = tiny_pipe.encode(from_pil(init), [torch.Generator().manual_seed(3)])
     # the right half of the final latents is the encoded picture (same posterior draw)
     torch.testing.assert_close(finals[-1][..., 8:], encoded[..., 8:])
     assert not torch.allclose(finals[-1][..., :8], encoded[..., :8])

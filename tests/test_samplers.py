@@ -91,8 +91,8 @@ def test_wrong_number_of_generators_is_an_error():
         randn_like(torch.zeros(3, 2), [torch.Generator()])
 
 
-# ---- the coefficient tables against the samplers written out step by step --------------------
-# References in float64, in the op-by-op form each sampler had before the tables existed.
+# ---- each sampler against the same algorithm written out step by step ---------------------
+# References in float64, op by op, from each algorithm's paper form; DDPM from its posterior.
 
 def _ref_ancestral(s, s1, eta):
     if s1 == 0:
@@ -131,22 +131,27 @@ def reference_step(name, x, x0, x0_prev, h_prev, s, s1, noise, eta):
     return out + noise * s1 * (-math.expm1(-2 * eh)) ** 0.5, h
 
 
+def draws_noise(name, s1, eta):
+    """Whether a step to s1 injects fresh noise (and so takes a draw from the generator)."""
+    return s1 != 0 and (name == "ddpm" or (name in ("euler_ancestral", "ddim", "dpmpp_2m_sde") and eta > 0))
+
+
 @pytest.mark.parametrize("name, eta", [(n, None) for n in ("euler", "euler_ancestral", "ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde")]
                          + [(n, e) for n in ("euler_ancestral", "ddim", "dpmpp_2m_sde") for e in (0.0, 0.5)])
-def test_coefficient_tables_equal_the_samplers_written_out(name, eta):
-    from unfog.samplers import LINEAR_SAMPLERS
-
+def test_samplers_equal_the_algorithms_written_out(name, eta):
     options = {} if eta is None else {"eta": eta}
     eta_value = eta if eta is not None else (0.0 if name == "ddim" else 1.0)
     s = sigmas(12).double()
     x_start = torch.randn(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * SIGMA_MAX
-    noises = torch.randn(12, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    got = ref = x_start
-    prev_got = prev_ref = h_prev = None
-    for i, (a, b, c, d) in enumerate(LINEAR_SAMPLERS[name](s, **options)):
-        x0 = gaussian_denoiser(got, s[i].expand(1))
-        got_next = a * got + b * x0 + (c * prev_got if c else 0) + d * noises[i]
-        r0 = gaussian_denoiser(ref, s[i].expand(1))
-        ref, h_prev = reference_step(name, ref, r0, prev_ref, h_prev, s[i].item(), s[i + 1].item(), noises[i], eta_value)
-        got, prev_got, prev_ref = got_next, x0, r0
-        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    seen = []
+    SAMPLERS[name](lambda x, sig: gaussian_denoiser(x, sig), x_start.clone(), s, generator=torch.Generator().manual_seed(1),
+                   callback=lambda i, x, x0: seen.append(x.clone()), **options)
+    g = torch.Generator().manual_seed(1)
+    ref, prev, h_prev = x_start, None, None
+    for i in range(12):
+        s0, s1 = s[i].item(), s[i + 1].item()
+        noise = torch.randn(64, generator=g, dtype=torch.float32).double() if draws_noise(name, s1, eta_value) else torch.zeros(64, dtype=torch.float64)
+        r0 = gaussian_denoiser(ref, s[i].float().expand(1))  # samplers hand the denoiser float32 sigmas
+        ref, h_prev = reference_step(name, ref, r0, prev, h_prev, s0, s1, noise, eta_value)
+        prev = r0
+        torch.testing.assert_close(seen[i], ref, rtol=1e-10, atol=1e-10)

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from unfog.formats.diffusers_folder import load_mapped  # noqa: E402
+from unfog.formats.weights import load_checked  # noqa: E402
 from unfog.formats.keymaps import (  # noqa: E402
     map_text_encoder_key, map_unet_key, map_vae_key, text_encoder_config_from_transformers, unet_config_from_diffusers, vae_config_from_diffusers,
 )
@@ -30,7 +30,7 @@ def count(m):
 def ours_from(theirs, cls, config, key_map):
     with torch.device("meta"):
         module = cls(config)
-    return load_mapped(module, theirs.state_dict(), key_map, cls.__name__)
+    return load_checked(module, theirs.state_dict(), cls.__name__, key_map=key_map)
 
 
 @torch.no_grad()

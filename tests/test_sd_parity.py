@@ -138,11 +138,7 @@ def test_dpmpp_2m_with_karras_sigmas_matches(sd):
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(8))
     kwargs = dict(num_inference_steps=8, guidance_scale=6.0)
     expected = ref("a photo of a cat", latents=latents.clone(), output_type="np", **kwargs).images[0]
-    ours.denoiser.round_timesteps = True
-    try:
-        got = ours("a photo of a cat", latents=latents, sampler="dpmpp_2m", sigma_schedule="karras", **kwargs).images[0]
-    finally:
-        ours.denoiser.round_timesteps = False
+    got = ours("a photo of a cat", latents=latents, sampler="dpmpp_2m", sigma_schedule="karras", round_timesteps=True, **kwargs).images[0]
     assert np.abs(np.asarray(got, dtype=np.float32) / 255 - expected).max() <= 1e-3 + 0.5 / 255
 
 

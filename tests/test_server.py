@@ -170,14 +170,14 @@ def test_twenty_concurrent_jobs_finish_or_are_refused_none_lost(pipe):
 def test_a_failing_job_fails_alone(pipe, monkeypatch):
     with client(pipe) as c:
         app_jobs = c.app.state.jobs
-        real = app_jobs.pipe.__class__.__call__
+        real = app_jobs.pipe.__class__.initial_state
 
-        def boom(self, *a, **k):
-            if a and a[0] == "explode":
+        def boom(self, request):
+            if request.prompts[0] == "explode":
                 raise RuntimeError("CUDA out of memory (simulated)")
-            return real(self, *a, **k)
+            return real(self, request)
 
-        monkeypatch.setattr(app_jobs.pipe.__class__, "__call__", boom)
+        monkeypatch.setattr(app_jobs.pipe.__class__, "initial_state", boom)
         bad = wait_done(c, c.post("/v1/jobs", json={"prompt": "explode", "steps": 2}).json()["id"])
         assert bad["state"] == "failed" and "out of memory" in bad["error"]
         assert wait_done(c, c.post("/v1/jobs", json={"prompt": "fine", "steps": 2}).json()["id"])["state"] == "done"

@@ -54,6 +54,27 @@ def assert_same(a: dict, b: dict, exact=True, atol=1e-5):
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=atol, msg=k)
 
 
+@pytest.fixture(scope="module")
+def initial(ae_run, tmp_path_factory):
+    """The tiny preset's weights before any step (every run of it starts from these)."""
+    cfg = preset("tiny")
+    t = Trainer(cfg, stream(cfg), tmp_path_factory.mktemp("runs") / "init", vae=ae_run, progress=False)
+    return {k: v.clone() for k, v in t.model.state_dict().items()}
+
+
+def assert_trained(state: dict, initial: dict) -> None:
+    """The optimizer really stepped: weights moved by about the learning rate (1e-3), far more
+    than float rounding could move them."""
+    moved = max((state[k].float() - initial[k].float()).abs().max().item() for k in initial)
+    assert moved > 5e-4, f"weights moved by at most {moved}: no optimizer step happened"
+
+
+def losses(run) -> list[float]:
+    import json
+
+    return [row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if row.get("loss") is not None]
+
+
 def test_autoencoder_run_leaves_checkpoints_metrics_and_pictures(ae_run):
     assert [p.name for p in list_checkpoints(ae_run)] == ["step-0000003", "step-0000006"]
     assert (ae_run / "metrics.jsonl").read_text().count("\n") >= 1
@@ -63,8 +84,9 @@ def test_autoencoder_run_leaves_checkpoints_metrics_and_pictures(ae_run):
         assert im.size == (8 * 32, 2 * 32)
 
 
-def test_resume_equals_an_uninterrupted_run(ae_run, tmp_path):
+def test_resume_equals_an_uninterrupted_run(ae_run, initial, tmp_path):
     train(tmp_path / "full", ae_run)
+    assert_trained(tensors(tmp_path / "full", "model.safetensors"), initial)
     part = train(tmp_path / "split", ae_run, until=4)
     assert part.step == 4 and latest_checkpoint(tmp_path / "split").name == "step-0000004"
     resumed = train(tmp_path / "split", ae_run, resume=True)
@@ -73,10 +95,16 @@ def test_resume_equals_an_uninterrupted_run(ae_run, tmp_path):
         assert_same(tensors(tmp_path / "full", name), tensors(tmp_path / "split", name))
 
 
-def test_gradient_accumulation_matches_the_full_batch(ae_run, tmp_path):
-    train(tmp_path / "one", ae_run, max_steps=3)
-    train(tmp_path / "acc", ae_run, max_steps=3, grad_accum=2)
-    assert_same(tensors(tmp_path / "one", "model.safetensors"), tensors(tmp_path / "acc", "model.safetensors"), exact=False)
+def test_gradient_accumulation_matches_the_full_batch(ae_run, initial, tmp_path):
+    train(tmp_path / "one", ae_run, max_steps=3, log_every=1)
+    train(tmp_path / "acc", ae_run, max_steps=3, grad_accum=2, log_every=1)
+    one = tensors(tmp_path / "one", "model.safetensors")
+    assert_trained(one, initial)
+    # AdamW turns float-rounding differences in near-zero gradients into a small fraction of one
+    # step (lr = 1e-3), as in the DDP test; a wrong split of the batch moves weights by ~lr.
+    assert_same(one, tensors(tmp_path / "acc", "model.safetensors"), exact=False, atol=1e-4)
+    # AdamW does not see the gradient's scale; the loss does: micro-batch losses must average.
+    assert losses(tmp_path / "acc") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
 
 
 def test_existing_run_needs_resume(ae_run, tmp_path):
@@ -107,13 +135,19 @@ def test_non_finite_losses_skip_steps_then_stop_keeping_the_last_good_checkpoint
         assert torch.isfinite(p).all()
 
 
-def test_export_gives_a_loadable_model(ae_run, tmp_path):
+def test_export_gives_a_loadable_model(ae_run, initial, tmp_path):
     train(tmp_path / "run", ae_run, max_steps=4)
     with pytest.raises(UnfogError, match="autoencoder run"):
         export(ae_run, tmp_path / "nope")
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "model"), "--dtype", "float16"]) == 0
     pipe = Pipeline.from_pretrained(tmp_path / "model")
     assert pipe.unet.conv_in.weight.dtype == torch.float32
+    # The exported U-Net is the run's EMA (stored in float16), and the EMA has moved from the start.
+    ema = tensors(tmp_path / "run", "ema.safetensors")
+    exported = {f"denoiser.network.{k}": v for k, v in pipe.unet.state_dict().items()}
+    for k, v in exported.items():
+        torch.testing.assert_close(v, ema[k].half().float(), rtol=0, atol=0, msg=k)
+    assert_trained(ema, {k: initial[k] for k in exported})
     assert pipe("a red circle", seed=0).images[0].size == (32, 32)
 
 
@@ -152,7 +186,7 @@ def test_sigterm_checkpoints_and_resume_continues(ae_run, tmp_path):
     assert t.step == step
 
 
-def test_ddp_two_processes_equal_one_process(ae_run, tmp_path):
+def test_ddp_two_processes_equal_one_process(ae_run, initial, tmp_path):
     common = ["train", "--data", "shapes", "--preset", "tiny", "--vae", str(ae_run), "--max-steps", "3", "--sample-every", "1000", "-q"]
     single = subprocess.run(_cli(*common, "--out", str(tmp_path / "single")), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
@@ -162,6 +196,7 @@ def test_ddp_two_processes_equal_one_process(ae_run, tmp_path):
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = tensors(tmp_path / "single", "model.safetensors"), tensors(tmp_path / "ddp", "model.safetensors")
+    assert_trained(a, initial)
     # AdamW turns float-rounding differences in near-zero gradients into differences of a small
     # fraction of one step (lr = 1e-3); a wrong split of the batch moves weights by ~lr.
     assert_same(a, b, exact=False, atol=1e-4)

@@ -32,8 +32,8 @@ def _output_paths(out: Path, n: int) -> list[Path]:
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
+    from .images import grid
     from .pipeline import Pipeline
-    from .train.plots import grid
 
     if args.trajectory_frames < 2:
         raise UnfogError("--trajectory-frames must be at least 2")
@@ -66,9 +66,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     if not args.quiet:
-        for g in pipe.step_graphs.values():
+        for g in pipe.denoiser_graphs.values():
             if g.graph is not None:
-                print(f"denoising step captured as one CUDA graph in {g.warmup_s:.2f} s", file=sys.stderr)
+                print(f"guided denoiser captured as one CUDA graph in {g.warmup_s:.2f} s", file=sys.stderr)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     for path, image, seed in zip(_output_paths(out, len(result.images)), result.images, result.seeds):
@@ -87,8 +87,7 @@ def cmd_noise(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from .diffusion import SchedulerConfig, q_sample
-    from .pipeline import from_pil, to_pil
-    from .train.plots import grid
+    from .images import from_pil, grid, to_pil
 
     if args.frames < 2:
         raise UnfogError("--frames must be at least 2")
@@ -167,7 +166,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
                              "(it is then read with torch.load(weights_only=True), which only builds tensors)")
         parts = parts_from_state(read_pickle_checkpoint(src), str(src), **options)
     else:
-        parts = load_any(src, **options) if src.is_file() else load_any(src)
+        parts = load_any(src, **options)
     dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     save_model(parts, args.output, dtype)  # written to a temporary folder, renamed into place at the end
     print(f"{args.output}  (from {src})")
@@ -198,8 +197,8 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
     import json
 
     from .eval.shapes import evaluate, format_table
+    from .images import grid
     from .pipeline import Pipeline
-    from .train.plots import grid
 
     if args.prompts < 1:
         raise UnfogError("--prompts must be at least 1")

@@ -1,15 +1,16 @@
-"""The whole denoising step as one CUDA graph, replayed once per sampler step.
+"""The guided denoiser as one CUDA graph, replayed by any sampler.
 
-A step of any linear sampler (see `unfog.samplers.run_linear`) is: batch the state for
-classifier-free guidance, run the U-Net, blend the two halves, and update the state with that
-step's coefficients, x' = a·x + b·x0 + c·x0_prev + d·n. With static shapes nothing in it changes
-from step to step except values, so it is captured once into a CUDA graph that reads the step's
-sigma and coefficients (and noise) from fixed device buffers, and each step is a few small
-copies plus one replay: roughly a thousand kernel launches become one. The same object runs
-the step eagerly, without capture, on a CPU (that is how the buffer logic is tested there).
+A guided denoiser call is: batch the state for classifier-free guidance, run the U-Net, blend
+the two halves. With static shapes nothing in it changes from call to call except values, so it
+is captured once into a CUDA graph that reads x, σ, the conditioning and the guidance scale from
+fixed device buffers; each call is then two small copies plus one replay (roughly a thousand
+kernel launches become one). `DenoiserGraph` is itself a `denoiser(x, sigma) -> x0_hat`, so
+every sampler, Heun and all future ones included, replays it without knowing; the sampler's few
+elementwise operations run eagerly between replays. The same object runs its body eagerly,
+without capture, on a CPU (that is how the buffer logic is tested there).
 
-Captured graphs are cached per shape by the pipeline (`Pipeline.step_graphs`); each records
-how long its warm-up and capture took.
+The pipeline caches one graph per shape (`Pipeline.denoiser_graphs`); each records how long its
+warm-up and capture took and how many times it ran.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import Callable
 import torch
 
 from .diffusion import classifier_free_guidance
-from .samplers import Coefficients
 
 
 def capture(fn: Callable[[], object], warmup: int = 2) -> "torch.cuda.CUDAGraph":
@@ -40,14 +40,15 @@ def capture(fn: Callable[[], object], warmup: int = 2) -> "torch.cuda.CUDAGraph"
     return graph
 
 
-class StepGraph:
-    """One guided denoising step for fixed shapes, in static buffers.
+class DenoiserGraph:
+    """D_cfg(x, σ) for fixed shapes, from static buffers.
 
-    `StepGraph(denoiser, x_shape, context_shape, guided, concat_shape)` allocates the buffers on
-    the denoiser's device and, on CUDA, captures the step. Per generation: `bind(context,
-    uncond, scale, concat, sigmas, coefficients)` loads the conditioning and the step table;
-    then calling it as `graph(i, x, noise) -> (x_next, x0)` is the step `run_linear` expects. The
-    buffers make one StepGraph (and so one Pipeline with graphs on) single-threaded.
+    `DenoiserGraph(denoiser, x_shape, context_shape, guided, concat_shape)` allocates the
+    buffers on `device` and, on CUDA, captures the guided call. Per generation, `bind(context,
+    uncond, scale, concat)` loads the conditioning; then `graph(x, sigma) -> x0` is a denoiser.
+    `denoiser` is called as `denoiser(x, sigma, context=..., concat=...)`; bind any other
+    argument (such as `round_timesteps`) before, and key the cache on it. The buffers make one
+    DenoiserGraph (and so one Pipeline with graphs on) single-threaded.
     """
 
     def __init__(self, denoiser: Callable, x_shape: tuple[int, ...], context_shape: tuple[int, ...], guided: bool,
@@ -55,16 +56,13 @@ class StepGraph:
         self.device = device = torch.device(device)
         z = dict(device=device, dtype=torch.float32)
         self.denoiser = denoiser
-        # `prev` is both this step's x0 output and the next step's x0_prev input.
-        self.x, self.x_next, self.prev, self.noise = (torch.zeros(x_shape, **z) for _ in range(4))
-        self.row = torch.zeros(5, **z)  # σ_i, a, b, c, d
+        self.x, self.out = torch.zeros(x_shape, **z), torch.zeros(x_shape, **z)
+        self.sigma = torch.ones(x_shape[0], **z)
         self.scale = torch.ones((), **z)
         self.context = torch.zeros(context_shape, device=device, dtype=context_dtype)
         self.uncond = torch.zeros(context_shape, device=device, dtype=context_dtype) if guided else None
         self.concat = torch.zeros(concat_shape, **z) if concat_shape is not None else None
-        self.table = torch.zeros(0, 5, **z)
-        self.coefficients: Coefficients = []
-        self.replays = 0
+        self.calls = 0
         t0 = time.perf_counter()
         self.graph = None
         if device.type == "cuda":
@@ -80,38 +78,26 @@ class StepGraph:
     def _body(self) -> None:
         extra = {} if self.concat is None else {"concat": self.concat}
         guided = classifier_free_guidance(self.denoiser, self.context, self.uncond, self.scale, **extra)
-        x0 = guided(self.x, self.row[0].expand(self.x.shape[0]))
-        a, b, c, d = self.row[1], self.row[2], self.row[3], self.row[4]
-        self.x_next.copy_(a * self.x + b * x0 + c * self.prev + d * self.noise)
-        self.prev.copy_(x0)
+        self.out.copy_(guided(self.x, self.sigma))
 
-    def bind(self, context: torch.Tensor, uncond: torch.Tensor | None, scale: float, concat: torch.Tensor | None,
-             sigmas: torch.Tensor, coefficients: Coefficients) -> "StepGraph":
-        """Load one generation's conditioning, guidance scale and step table; reset the history."""
+    def bind(self, context: torch.Tensor, uncond: torch.Tensor | None, scale: float, concat: torch.Tensor | None) -> "DenoiserGraph":
+        """Load one generation's conditioning and guidance scale."""
         self.context.copy_(context)
         if self.uncond is not None:
             self.uncond.copy_(uncond)
             self.scale.fill_(scale)
         if self.concat is not None:
             self.concat.copy_(concat)
-        rows = [(s, *c) for s, c in zip(sigmas.tolist(), coefficients)]
-        self.table = torch.tensor(rows, dtype=torch.float32).to(self.row.device)
-        self.coefficients = coefficients
-        self.prev.zero_()
-        self.noise.zero_()
         return self
 
-    def __call__(self, i: int, x: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step i: load the state, the step's row and noise, replay (or run) the step."""
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The guided x_0 estimate: load x and σ, replay (or run) the call."""
         self.x.copy_(x)
-        self.row.copy_(self.table[i])
-        if noise is not None:
-            self.noise.copy_(noise)
+        self.sigma.copy_(sigma)
         if self.graph is not None:
             with self._on_device():
                 self.graph.replay()
         else:
             self._body()
-        self.replays += 1
-        # Copies, so that a callback may keep them while the buffers move on.
-        return self.x_next.clone(), self.prev.clone()
+        self.calls += 1
+        return self.out.clone()  # a copy: the sampler (and callbacks) keep it while the buffer moves on

@@ -1,18 +1,26 @@
-"""Samplers: pure functions that walk sigma space from noise to data.
+"""Samplers: plain functions that walk sigma space from noise to data.
 
-Each is `sample_NAME(denoiser, x, sigmas, *, generator=None, callback=None) -> x_0`, where
-`denoiser(x, sigma) -> x0_hat` takes sigma of shape (batch,), `x` arrives as the state at σ_0
-(noise of that scale, or an image plus noise for img2img), and
-`sigmas` is 1-D, decreasing, ending in 0. `generator` is one torch.Generator or a list with
-one per batch item, so each image's noise depends on its own seed only. `callback(i, x, x0)`
-is called after each step with the step index, the new state and the x_0 estimate; if it
-returns a tensor, that replaces the state (inpainting uses this to re-impose known pixels).
+Each is `sample_NAME(denoiser, x, sigmas, *, generator=None, callback=None, **options) -> x_0`,
+one readable loop per algorithm, in the style of k-diffusion's `sampling.py`.
+`denoiser(x, sigma) -> x0_hat` takes sigma of shape (batch,); `x` arrives as the state at σ_0
+(noise of that scale, or an image plus noise for img2img); `sigmas` is 1-D, decreasing, ending
+in 0. `generator` is one torch.Generator or a list with one per batch item, so each image's
+noise depends on its own seed only. `callback(i, x, x0)` is called after each step with the
+step index, the new state and the x_0 estimate; if it returns a tensor, that replaces the state
+(inpainting uses this to re-impose known pixels).
+
+Per-step scalars are computed in Python floats (double precision) from `sigmas.tolist()`; the
+state is only ever touched by a few tensor operations per step, so a captured CUDA graph of the
+denoiser (`unfog.graphs`) is all a sampler needs to run fast.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -60,142 +68,38 @@ def _ancestral_split(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple
     return down, up
 
 
-# ---- samplers whose step is linear in (x, x0, x0_prev, noise) ----------------------------
-#
-# All but Heun update the state as x' = a·x + b·D(x, σ_i) + c·D_prev + d·n with per-step
-# scalars (a, b, c, d) that depend on the sigmas only. Each is written below as its table of
-# coefficients, and one loop (`run_linear`) executes any of them, step by step either op by op
-# (`EagerStep`) or as one captured CUDA graph per step (`unfog.graphs.StepGraph`), so the two
-# cannot drift apart.
-
-Coefficients = list[tuple[float, float, float, float]]
-
-
-def euler_coefficients(sigmas: torch.Tensor) -> Coefficients:
-    """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 2 without churn):
-    x' = x + (x - x0)/σ·(σ' - σ)."""
+@torch.no_grad()
+def sample_euler(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None):
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 2 without churn)."""
     s = sigmas.tolist()
-    return [(s1 / s0, 1 - s1 / s0, 0.0, 0.0) for s0, s1 in zip(s, s[1:])]
-
-
-def euler_ancestral_coefficients(sigmas: torch.Tensor, eta: float = 1.0) -> Coefficients:
-    """Ancestral Euler: an Euler step to σ_down, then fresh noise up to σ_next."""
-    s, out = sigmas.tolist(), []
-    for s0, s1 in zip(s, s[1:]):
-        down, up = _ancestral_split(s0, s1, eta)
-        out.append((down / s0, 1 - down / s0, 0.0, up))
-    return out
-
-
-def ddim_coefficients(sigmas: torch.Tensor, eta: float = 0.0) -> Coefficients:
-    """DDIM (Song et al. 2021, eq. 12) in sigma space, where ᾱ = 1 / (1 + σ²) and the state is
-    x_t / sqrt(ᾱ): x' = x0 + sqrt(1 - ᾱ' - std²)/sqrt(ᾱ')·ε + std/sqrt(ᾱ')·n, ε = (x - x0)/σ."""
-    s, out = sigmas.tolist(), []
-    for s0, s1 in zip(s, s[1:]):
-        a, a_next = 1 / (1 + s0**2), 1 / (1 + s1**2)
-        std = eta * ((1 - a_next) / (1 - a) * (1 - a / a_next)) ** 0.5
-        k = max(1 - a_next - std**2, 0.0) ** 0.5 / a_next**0.5 / s0
-        out.append((k, 1 - k, 0.0, std / a_next**0.5))
-    return out
-
-
-def ddpm_coefficients(sigmas: torch.Tensor) -> Coefficients:
-    """Ancestral sampling from the DDPM posterior q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eqs. 6-7).
-    With ᾱ = 1/(1+σ²) the posterior mean and variance, moved into sigma space, reduce to
-    x' = (σ'/σ)²·x + (1 - (σ'/σ)²)·x0 + σ'·sqrt(σ² - σ'²)/σ·n: ancestral Euler with η = 1."""
-    s = sigmas.tolist()
-    return [((s1 / s0) ** 2, 1 - (s1 / s0) ** 2, 0.0, s1 * (s0**2 - s1**2) ** 0.5 / s0) for s0, s1 in zip(s, s[1:])]
-
-
-def dpmpp_2m_coefficients(sigmas: torch.Tensor) -> Coefficients:
-    """DPM-Solver++(2M), the multistep second-order solver in data prediction (Lu et al. 2022,
-    Alg. 2), in λ = -log σ; first order on the first step and on the last step to 0. It is the
-    SDE variant below with η = 0."""
-    return dpmpp_2m_sde_coefficients(sigmas, eta=0.0)
-
-
-def dpmpp_2m_sde_coefficients(sigmas: torch.Tensor, eta: float = 1.0) -> Coefficients:
-    """DPM-Solver++(2M) SDE (Lu et al. 2022, §4), the stochastic variant with the midpoint
-    correction: each step shrinks the state by extra exp(-η·h) and re-injects that noise."""
-    s, out, h_prev = sigmas.tolist(), [], None
-    for s0, s1 in zip(s, s[1:]):
-        if s1 == 0:
-            out.append((0.0, 1.0, 0.0, 0.0))
-            continue
-        h = math.log(s0) - math.log(s1)
-        eta_h = eta * h
-        e = -math.expm1(-h - eta_h)
-        corr = 0.0 if h_prev is None else 0.5 * e * h / h_prev
-        noise = s1 * (-math.expm1(-2 * eta_h)) ** 0.5 if eta > 0 else 0.0
-        out.append((s1 / s0 * math.exp(-eta_h), e + corr, -corr, noise))
-        h_prev = h
-    return out
-
-
-class EagerStep:
-    """One linear step, op by op: x' = a·x + b·D(x, σ_i) + c·D_prev + d·n (zero terms skipped)."""
-
-    def __init__(self, denoiser: Callable, sigmas: torch.Tensor, coefficients: Coefficients):
-        self.denoiser, self.sigmas, self.coefficients = denoiser, sigmas, coefficients
-        self.prev: torch.Tensor | None = None
-
-    def __call__(self, i: int, x: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b, c, d = self.coefficients[i]
-        x0 = self.denoiser(x, _sigma_batch(self.sigmas[i], x))
-        out = x0 * b if a == 0 else x * a + x0 * b
-        if c != 0:
-            out = out + self.prev * c
-        if d != 0:
-            out = out + noise * d
-        self.prev = x0
-        return out, x0
-
-
-def run_linear(step, x: torch.Tensor, *, generator: Generator = None, callback: Callable | None = None) -> torch.Tensor:
-    """Run a linear sampler: `step(i, x, noise) -> (x_next, x0)` for each row of
-    `step.coefficients`, drawing noise from `generator` only for the steps that inject some."""
-    for i, coef in enumerate(step.coefficients):
-        noise = randn_like(x, generator) if coef[3] != 0 else None
-        x, x0 = step(i, x, noise)
+    for i in range(len(s) - 1):
+        x0 = denoiser(x, _sigma_batch(sigmas[i], x))
+        # x + (x - x0)/σ·(σ' - σ), as a blend of x and x0; the step to σ' = 0 lands on x0.
+        r = s[i + 1] / s[i]
+        x = x0 if r == 0 else x * r + x0 * (1 - r)
         x = _after_step(callback, i, x, x0)
     return x
 
 
-LINEAR_SAMPLERS: dict[str, Callable[..., Coefficients]] = {
-    "ddpm": ddpm_coefficients,
-    "ddim": ddim_coefficients,
-    "euler": euler_coefficients,
-    "euler_ancestral": euler_ancestral_coefficients,
-    "dpmpp_2m": dpmpp_2m_coefficients,
-    "dpmpp_2m_sde": dpmpp_2m_sde_coefficients,
-}
-
-
-def _linear_sampler(name: str) -> Callable:
-    coefficients = LINEAR_SAMPLERS[name]
-
-    @torch.no_grad()
-    def sample(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None, **options):
-        step = EagerStep(denoiser, sigmas, coefficients(sigmas, **options))
-        return run_linear(step, x, generator=generator, callback=callback)
-
-    sample.__name__ = f"sample_{name}"
-    sample.__doc__ = coefficients.__doc__
-    return sample
-
-
-sample_ddpm = _linear_sampler("ddpm")
-sample_ddim = _linear_sampler("ddim")
-sample_euler = _linear_sampler("euler")
-sample_euler_ancestral = _linear_sampler("euler_ancestral")
-sample_dpmpp_2m = _linear_sampler("dpmpp_2m")
-sample_dpmpp_2m_sde = _linear_sampler("dpmpp_2m_sde")
+@torch.no_grad()
+def sample_euler_ancestral(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None, eta: float = 1.0):
+    """Ancestral Euler (k-diffusion's `sample_euler_ancestral`): an Euler step to σ_down,
+    then fresh noise up to σ_next; η scales the fresh noise (0 is plain Euler)."""
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        x0 = denoiser(x, _sigma_batch(sigmas[i], x))
+        down, up = _ancestral_split(s[i], s[i + 1], eta)
+        r = down / s[i]
+        x = x0 if r == 0 else x * r + x0 * (1 - r)
+        if up != 0:
+            x = x + randn_like(x, generator) * up
+        x = _after_step(callback, i, x, x0)
+    return x
 
 
 @torch.no_grad()
 def sample_heun(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None):
-    """Heun's second-order method (Karras et al. 2022, Alg. 1); Euler on the last step to 0.
-    Two network calls per step, so it has no linear form and always runs eagerly."""
+    """Heun's second-order method (Karras et al. 2022, Alg. 1); Euler on the last step to 0."""
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         x0 = denoiser(x, _sigma_batch(s, x))
@@ -206,6 +110,90 @@ def sample_heun(denoiser, x, sigmas, *, generator: Generator = None, callback: C
         else:
             d_next = _to_d(x_euler, s_next, denoiser(x_euler, _sigma_batch(s_next, x)))
             x = x + (d + d_next) / 2 * (s_next - s)
+        x = _after_step(callback, i, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None, eta: float = 0.0):
+    """DDIM (Song et al. 2021, eq. 12) in sigma space, where ᾱ = 1/(1 + σ²) and the state is
+    x_t/sqrt(ᾱ): x' = x0 + sqrt(1 - ᾱ' - std²)/sqrt(ᾱ')·ε + std/sqrt(ᾱ')·n with ε = (x - x0)/σ."""
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        x0 = denoiser(x, _sigma_batch(sigmas[i], x))
+        a, a_next = 1 / (1 + s[i] ** 2), 1 / (1 + s[i + 1] ** 2)
+        std = eta * ((1 - a_next) / (1 - a) * (1 - a / a_next)) ** 0.5
+        k = max(1 - a_next - std**2, 0.0) ** 0.5 / a_next**0.5 / s[i]  # the weight of ε·σ, i.e. of x - x0
+        x = x0 if k == 0 else x * k + x0 * (1 - k)
+        if std != 0:
+            x = x + randn_like(x, generator) * (std / a_next**0.5)
+        x = _after_step(callback, i, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None):
+    """Ancestral sampling from the DDPM posterior q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eqs. 6-7).
+    With ᾱ = 1/(1+σ²), its mean and variance moved into sigma space reduce to
+    x' = (σ'/σ)²·x + (1 - (σ'/σ)²)·x0 + σ'·sqrt(σ² - σ'²)/σ·n."""
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        x0 = denoiser(x, _sigma_batch(sigmas[i], x))
+        r2 = (s[i + 1] / s[i]) ** 2
+        x = x0 if r2 == 0 else x * r2 + x0 * (1 - r2)
+        std = s[i + 1] * (s[i] ** 2 - s[i + 1] ** 2) ** 0.5 / s[i]
+        if std != 0:
+            x = x + randn_like(x, generator) * std
+        x = _after_step(callback, i, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), the multistep second-order solver in data
+    prediction, in λ = -log σ; first order on the first step and on the last step to 0."""
+    s = sigmas.tolist()
+    x0_prev, h_prev = None, None
+    for i in range(len(s) - 1):
+        x0 = denoiser(x, _sigma_batch(sigmas[i], x))
+        if s[i + 1] == 0:
+            x = x0
+        else:
+            h = math.log(s[i]) - math.log(s[i + 1])
+            e = -math.expm1(-h)
+            # D = (1 + r/2)·x0 - r/2·x0_prev with r = h/h_prev, folded into the coefficients.
+            corr = 0.0 if h_prev is None else 0.5 * e * h / h_prev
+            x = x * (s[i + 1] / s[i]) + x0 * (e + corr)
+            if corr != 0:
+                x = x + x0_prev * (-corr)
+            h_prev = h
+        x0_prev = x0
+        x = _after_step(callback, i, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None, eta: float = 1.0):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, §4), with the midpoint correction: each step
+    shrinks the state by an extra exp(-η·h) and re-injects that much fresh noise."""
+    s = sigmas.tolist()
+    x0_prev, h_prev = None, None
+    for i in range(len(s) - 1):
+        x0 = denoiser(x, _sigma_batch(sigmas[i], x))
+        if s[i + 1] == 0:
+            x = x0
+        else:
+            h = math.log(s[i]) - math.log(s[i + 1])
+            eta_h = eta * h
+            e = -math.expm1(-h - eta_h)
+            corr = 0.0 if h_prev is None else 0.5 * e * h / h_prev
+            x = x * (s[i + 1] / s[i] * math.exp(-eta_h)) + x0 * (e + corr)
+            if corr != 0:
+                x = x + x0_prev * (-corr)
+            if eta > 0:
+                x = x + randn_like(x, generator) * (s[i + 1] * (-math.expm1(-2 * eta_h)) ** 0.5)
+            h_prev = h
+        x0_prev = x0
         x = _after_step(callback, i, x, x0)
     return x
 
@@ -223,7 +211,64 @@ SAMPLERS: dict[str, Callable] = {
 
 def get_sampler(name: str) -> Callable:
     """The sampler registered under `name`; an unknown name lists the valid ones."""
+    if not isinstance(name, str) or name not in SAMPLERS:
+        raise UnfogError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+@dataclass
+class Step:
+    """One finished sampler step: its index, the new state and the x_0 estimate it came from."""
+
+    index: int
+    x: torch.Tensor
+    x0: torch.Tensor
+
+
+class _Stopped(Exception):
+    """Raised inside a sampler's callback when the consumer of `iterate` has gone away."""
+
+
+def iterate(sampler: Callable, denoiser, x, sigmas, *, callback: Callable | None = None, **kwargs) -> Iterator[Step]:
+    """Run `sampler` as a generator: yield a `Step` after each of its steps and return its
+    result (`final = yield from iterate(...)`). The sampler runs on a helper thread that waits
+    at each step until the consumer asks for the next one, so the samplers stay plain loops and
+    a consumer (progress bar, server previews, cancel) can stop it by closing the generator;
+    the sampler then stops at its next step. `callback` runs on that thread before each yield
+    and may replace the state, as in the samplers' own contract."""
+    handoff: queue.SimpleQueue = queue.SimpleQueue()
+    resume, stop = threading.Semaphore(0), threading.Event()
+
+    def on_step(i, x_i, x0_i):
+        replaced = callback(i, x_i, x0_i) if callback is not None else None
+        handoff.put(("step", Step(i, x_i if replaced is None else replaced, x0_i)))
+        resume.acquire()
+        if stop.is_set():
+            raise _Stopped
+        return replaced
+
+    def work():
+        try:
+            with torch.inference_mode():  # thread-local: sampling never needs gradients
+                handoff.put(("done", sampler(denoiser, x, sigmas, callback=on_step, **kwargs)))
+        except _Stopped:
+            handoff.put(("done", None))
+        except BaseException as e:  # handed to the consumer, which raises it in its own thread
+            handoff.put(("error", e))
+
+    thread = threading.Thread(target=work, name="unfog-sampler", daemon=True)
+    thread.start()
     try:
-        return SAMPLERS[name]
-    except KeyError:
-        raise UnfogError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}") from None
+        while True:
+            kind, value = handoff.get()
+            if kind == "error":
+                raise value
+            if kind == "done":
+                return value
+            yield value
+            resume.release()
+    finally:
+        if thread.is_alive():
+            stop.set()
+            resume.release()
+            thread.join()

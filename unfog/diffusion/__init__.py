@@ -1,7 +1,7 @@
 """The math of the diffusion process: schedules, forward process, targets, denoiser, guidance."""
 
-from .config import SchedulerConfig
-from .denoiser import DiscreteDenoiser
+from .config import SamplingDefaults, SchedulerConfig
+from .denoiser import DiscreteDenoiser, preconditioning
 from .guidance import classifier_free_guidance
 from .process import LOSS_WEIGHTINGS, PREDICTION_TYPES, loss_weight, q_sample, snr, target, to_x0_and_eps
 from .schedules import (
@@ -20,7 +20,7 @@ from .schedules import (
 
 __all__ = [
     "BETA_SCHEDULES", "SIGMA_SCHEDULES", "PREDICTION_TYPES", "LOSS_WEIGHTINGS",
-    "SchedulerConfig", "DiscreteDenoiser", "classifier_free_guidance",
+    "SchedulerConfig", "SamplingDefaults", "DiscreteDenoiser", "preconditioning", "classifier_free_guidance",
     "make_betas", "rescale_zero_terminal_snr", "alphas_cumprod_from_betas", "sigmas_from_alphas_cumprod",
     "spaced_timesteps", "karras_sigmas", "exponential_sigmas", "timestep_to_sigma", "make_sigmas",
     "q_sample", "snr", "target", "to_x0_and_eps", "loss_weight",

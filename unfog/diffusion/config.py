@@ -1,7 +1,9 @@
-"""The noise-process settings a model was trained with, saved beside its weights."""
+"""What a model folder says about sampling: the noise process it was trained with
+(SchedulerConfig) and the settings a generation uses when the caller gives none (SamplingDefaults)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,3 +34,40 @@ class SchedulerConfig:
     def alphas_cumprod(self) -> torch.Tensor:
         betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end, zero_terminal_snr=self.zero_terminal_snr)
         return alphas_cumprod_from_betas(betas)
+
+
+@dataclass
+class SamplingDefaults:
+    """The generation settings a model ships with (model_index.json's "defaults"); every field
+    of a request that the caller leaves out comes from here."""
+
+    sampler: str = "dpmpp_2m"
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    height: int = 64
+    width: int = 64
+
+    def __post_init__(self):
+        if not isinstance(self.sampler, str) or not self.sampler:
+            raise UnfogError(f"default sampler must be a sampler name, got {self.sampler!r}")
+        for name in ("num_inference_steps", "height", "width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UnfogError(f"default {name} must be a positive integer, got {v!r}")
+        g = self.guidance_scale
+        if not isinstance(g, (int, float)) or isinstance(g, bool) or not math.isfinite(g):
+            raise UnfogError(f"default guidance_scale must be a finite number, got {g!r}")
+        self.guidance_scale = float(g)
+
+    @classmethod
+    def from_dict(cls, data, source: str = "sampling defaults") -> "SamplingDefaults":
+        """Defaults from a JSON object; unknown fields and wrong types name `source`."""
+        if not isinstance(data, dict):
+            raise UnfogError(f"{source} must be a JSON object of {', '.join(cls.__dataclass_fields__)}, got {data!r}")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise UnfogError(f"{source} has unknown fields {unknown}; expected some of {list(cls.__dataclass_fields__)}")
+        try:
+            return cls(**data)
+        except UnfogError as e:
+            raise UnfogError(f"{source}: {e}") from None

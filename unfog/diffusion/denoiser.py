@@ -2,7 +2,10 @@
 
 Sampler state lives in sigma space, x = x_0 + σ·n (Karras et al. 2022). The network was
 trained on x_t = sqrt(ᾱ)·x_0 + sqrt(1-ᾱ)·ε = sqrt(ᾱ)·x, so it sees c_in·x with
-c_in = sqrt(ᾱ) = 1 / sqrt(σ² + 1), at the timestep whose σ_t matches σ.
+c_in = sqrt(ᾱ) = 1 / sqrt(σ² + 1), at the timestep whose σ_t matches σ, and its output F
+becomes D = c_skip·x + c_out·F (Karras et al. 2022, Table 1, "VP" column, per prediction type).
+Training calls the network through the same `network_output`, so both see one parameterization
+and one dtype handling.
 """
 
 from __future__ import annotations
@@ -15,6 +18,19 @@ from .process import PREDICTION_TYPES, loss_weight, q_sample, snr, target
 from .schedules import sigmas_from_alphas_cumprod
 
 
+def preconditioning(prediction_type: str, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out, c_in) for a network of this prediction type at noise level σ, so that
+    D(x, σ) = c_skip·x + c_out·F(c_in·x, t(σ))."""
+    c_in = 1 / (sigma**2 + 1).sqrt()
+    if prediction_type == "epsilon":  # x_0 = x - σ·ε
+        return torch.ones_like(sigma), -sigma, c_in
+    if prediction_type == "v_prediction":  # x_0 = sqrt(ᾱ)·x_t - sqrt(1-ᾱ)·v with x_t = c_in·x
+        return c_in**2, -(sigma * c_in), c_in
+    if prediction_type == "sample":
+        return torch.zeros_like(sigma), torch.ones_like(sigma), c_in
+    raise UnfogError(f"unknown prediction type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+
+
 class DiscreteDenoiser(nn.Module):
     """Wraps `network(x_t, t, context)` trained on a discrete schedule into D(x, σ, **cond)."""
 
@@ -24,9 +40,6 @@ class DiscreteDenoiser(nn.Module):
             raise UnfogError(f"unknown prediction type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
         self.network = network
         self.prediction_type = prediction_type
-        # Call the network at the nearest integer timestep instead of the interpolated one, as
-        # diffusers' DPM-Solver does with Karras sigmas (for parity with it; off by default).
-        self.round_timesteps = False
         self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64), persistent=False)
         self.register_buffer("log_sigmas", sigmas_from_alphas_cumprod(alphas_cumprod).log().float(), persistent=False)
 
@@ -46,24 +59,23 @@ class DiscreteDenoiser(nn.Module):
         w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
         return (idx - 1 + w).to(sigma.device)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, concat: torch.Tensor | None = None, **cond) -> torch.Tensor:
-        """x_0 estimate; `concat` channels (an inpainting model's mask and masked image) are
-        appended to the scaled input unscaled, as such models were trained."""
-        s = sigma.to(torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
-        c_in = 1 / (s**2 + 1).sqrt()
+    def network_output(self, x_t: torch.Tensor, t: torch.Tensor, concat: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        """F(x_t, t) in float32. The input is cast to the network's dtype; `concat` channels (an
+        inpainting model's mask and masked image) are appended unscaled, as such models were trained."""
+        if concat is not None:
+            x_t = torch.cat([x_t, concat.to(x_t.dtype)], dim=1)
         net_dtype = next(self.network.parameters()).dtype
-        x_in = x * c_in if concat is None else torch.cat([x * c_in, concat.to(x.dtype)], dim=1)
+        return self.network(x_t.to(net_dtype), t, **cond).to(torch.float32)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, *, round_timesteps: bool = False, **cond) -> torch.Tensor:
+        """The x_0 estimate D(x, σ). `round_timesteps` calls the network at the nearest integer
+        timestep instead of the interpolated one, as diffusers' DPM-Solver does with Karras
+        sigmas (for parity with it)."""
+        s = sigma.to(torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
+        c_skip, c_out, c_in = preconditioning(self.prediction_type, s)
         t = self.sigma_to_t(sigma)
-        out = self.network(x_in.to(net_dtype), t.round() if self.round_timesteps else t, **cond).to(torch.float32)
-        xf = x.to(torch.float32)
-        if self.prediction_type == "epsilon":
-            x0 = xf - s * out
-        elif self.prediction_type == "v_prediction":
-            # x_0 = sqrt(ᾱ)·x_t - sqrt(1-ᾱ)·v, rewritten with x_t = c_in·x.
-            x0 = c_in**2 * xf - s * c_in * out
-        else:
-            x0 = out
-        return x0.to(x.dtype)
+        out = self.network_output(x * c_in, t.round() if round_timesteps else t, **cond)
+        return (c_skip * x.to(torch.float32) + c_out * out).to(x.dtype)
 
     def loss(
         self,
@@ -84,9 +96,10 @@ class DiscreteDenoiser(nn.Module):
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device="cpu", dtype=x0.dtype).to(x0.device)
         ac = self.alphas_cumprod.to(x0.device)
+        # x_t = c_in·(x_0 + σ·ε), formed from ᾱ directly so that a zero-terminal-SNR step (σ = ∞) stays finite.
         x_t = q_sample(x0, t, noise, ac.to(x0.dtype))
-        out = self.network(x_t, t, **cond)
+        out = self.network_output(x_t, t, **cond)
         tgt = target(self.prediction_type, x0, noise, t, ac.to(x0.dtype))
-        per_sample = ((out.float() - tgt.float()) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+        per_sample = ((out - tgt.float()) ** 2).mean(dim=tuple(range(1, x0.ndim)))
         w = loss_weight(weighting, self.prediction_type, snr(ac, t).float(), snr_gamma)
         return (w * per_sample).mean()

@@ -1,28 +1,40 @@
-"""Reading and writing weights: unfog's model folder and Stable Diffusion layouts."""
+"""Reading and writing weights: unfog's model folder and Stable Diffusion layouts, all through
+one checked loader (`weights.load_checked`)."""
 
 from pathlib import Path
 
+from ..diffusion import PREDICTION_TYPES
 from ..errors import UnfogError
 from .folder import ModelParts, is_model_folder, load_model, save_model
+from .weights import load_checked, read_safetensors
 
 
-def load_any(path: str | Path, **kwargs) -> ModelParts:
+def load_any(path: str | Path, *, config: str | Path | None = None, tokenizer: str | Path | None = None,
+             prediction_type: str | None = None, clip_skip: int = 0) -> ModelParts:
     """An unfog model folder, a diffusers-layout Stable Diffusion folder, or a single-file
-    Stable Diffusion checkpoint (`kwargs`: config, tokenizer, prediction_type, clip_skip)."""
+    Stable Diffusion checkpoint. `prediction_type` and `clip_skip` apply to all three; `config`
+    (a diffusers-layout config folder) and `tokenizer` (a CLIP tokenizer folder) only to single
+    files, which carry neither: given for a folder, they are refused rather than ignored."""
     from .diffusers_folder import is_diffusers_folder, load_diffusers
     from .single_file import load_single_file
 
+    if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 0:
+        raise UnfogError(f"clip_skip must be a non-negative integer, got {clip_skip!r}")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise UnfogError(f"unknown prediction type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
     p = Path(path)
     if p.is_file():
-        return load_single_file(p, **kwargs)
-    kwargs = {k: v for k, v in kwargs.items() if k == "clip_skip" and v}
-    if is_model_folder(p) and not is_diffusers_folder(p):
-        return load_model(p)
-    if is_diffusers_folder(p):
-        return load_diffusers(p, **kwargs)
+        return load_single_file(p, config=config, tokenizer=tokenizer, prediction_type=prediction_type, clip_skip=clip_skip)
     if not p.exists():
         raise UnfogError(f"model path {p} does not exist")
+    given = [name for name, v in (("config", config), ("tokenizer", tokenizer)) if v is not None]
+    if given:
+        raise UnfogError(f"{' and '.join(given)} apply to single-file checkpoints; {p} is a folder, which carries its own")
+    if is_model_folder(p) and not is_diffusers_folder(p):
+        return load_model(p, clip_skip=clip_skip, prediction_type=prediction_type)
+    if is_diffusers_folder(p):
+        return load_diffusers(p, clip_skip=clip_skip, prediction_type=prediction_type)
     raise UnfogError(f"{p} is neither an unfog model folder nor a diffusers Stable Diffusion folder (no model_index.json)")
 
 
-__all__ = ["ModelParts", "is_model_folder", "load_model", "save_model", "load_any"]
+__all__ = ["ModelParts", "is_model_folder", "load_model", "save_model", "load_any", "load_checked", "read_safetensors"]

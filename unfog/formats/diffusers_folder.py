@@ -5,28 +5,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
-from torch import nn
 
 from ..errors import UnfogError
 from ..nn import Autoencoder, TextEncoder, Tokenizer, TokenizerConfig, UNet
-from .folder import ModelParts, read_tensors_file
+from .folder import ModelParts
 from .keymaps import (
-    map_text_encoder_key, map_unet_key, map_vae_key, scheduler_config_from_diffusers, text_encoder_config_from_transformers,
-    unet_config_from_diffusers, vae_config_from_diffusers,
+    map_text_encoder_key, map_unet_key, map_vae_key, scheduler_config_from_diffusers, stable_diffusion_defaults,
+    text_encoder_config_from_transformers, unet_config_from_diffusers, vae_config_from_diffusers,
 )
+from .weights import load_checked, read_safetensors
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 # CLIP's pre-tokenizer pattern: special tokens, English contractions, letter runs, single
 # digits, and runs of other non-space characters.
 CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-SAMPLER_FOR_SCHEDULER = {
-    "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_ancestral",
-    "HeunDiscreteScheduler": "heun", "DPMSolverMultistepScheduler": "dpmpp_2m",
-}
 
 
 def is_diffusers_folder(path: str | Path) -> bool:
@@ -54,12 +49,12 @@ def component_state(directory: Path, stem: str) -> dict[str, torch.Tensor]:
     in `stem.safetensors.index.json`. Pickled weights are refused."""
     for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
         if (directory / name).is_file():
-            return read_tensors_file(directory / name)
+            return read_safetensors(directory / name)
     index = directory / f"{stem}.safetensors.index.json"
     if index.is_file():
         state = {}
         for shard in sorted(set(_json(index).get("weight_map", {}).values())):
-            state.update(read_tensors_file(directory / shard))
+            state.update(read_safetensors(directory / shard))
         return state
     pickles = [p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES]
     if pickles:
@@ -68,28 +63,6 @@ def component_state(directory: Path, stem: str) -> dict[str, torch.Tensor]:
             f"arbitrary code. Convert them to safetensors first: unfog convert --allow-pickle {directory / pickles[0]} OUT_DIR"
         )
     raise UnfogError(f"no {stem}.safetensors in {directory}")
-
-
-def load_mapped(module: nn.Module, state: dict[str, torch.Tensor], key_map: Callable[[str], str | None], source: str, dtype=torch.float32) -> nn.Module:
-    """Rename foreign keys with `key_map`, check every key and shape, and load them."""
-    expected = module.state_dict()
-    mapped: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        new = key_map(key)
-        if new is None:
-            continue
-        if new not in expected:
-            raise UnfogError(f"{source}: weight {key!r} has no place in unfog's network (mapped to {new!r}); is this the right architecture?")
-        if tuple(value.shape) != tuple(expected[new].shape):
-            raise UnfogError(f"{source}: weight {key!r} has shape {tuple(value.shape)} but the config needs {tuple(expected[new].shape)}")
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise UnfogError(f"{source}: weight {key!r} holds NaN or infinite values; the file is damaged")
-        mapped[new] = value.to(dtype) if value.is_floating_point() else value
-    missing = sorted(set(expected) - set(mapped))
-    if missing:
-        raise UnfogError(f"{source}: missing weights for {missing[:5]}{' …' if len(missing) > 5 else ''}")
-    module.load_state_dict(mapped, assign=True)
-    return module.eval()
 
 
 def _clip_bpe(directory: Path) -> HFTokenizer:
@@ -134,7 +107,16 @@ def clip_tokenizer(directory: Path, context_length: int = 77) -> Tokenizer:
     return Tokenizer(backend, TokenizerConfig(context_length=length, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token=pad))
 
 
-def load_diffusers(path: str | Path, *, clip_skip: int = 0) -> ModelParts:
+def native_size(root: Path, vae_factor: int) -> int:
+    """The image side a diffusers-layout model was trained at: its U-Net's sample_size × the autoencoder's factor."""
+    sample = _json(root / "unet" / "config.json").get("sample_size", 64)
+    sample = sample[0] if isinstance(sample, (list, tuple)) and sample else sample
+    if not isinstance(sample, int) or isinstance(sample, bool) or sample < 1:
+        raise UnfogError(f"{root / 'unet' / 'config.json'}: sample_size must be a positive integer, got {sample!r}")
+    return sample * vae_factor
+
+
+def load_diffusers(path: str | Path, *, clip_skip: int = 0, prediction_type: str | None = None) -> ModelParts:
     """A Stable Diffusion 1.x / 2.x folder in diffusers' layout."""
     root = Path(path)
     index = _json(root / "model_index.json")
@@ -145,13 +127,14 @@ def load_diffusers(path: str | Path, *, clip_skip: int = 0) -> ModelParts:
     vae_cfg = vae_config_from_diffusers(_json(root / "vae" / "config.json"))
     te_cfg = text_encoder_config_from_transformers(_json(root / "text_encoder" / "config.json"), clip_skip)
     sched, hints = scheduler_config_from_diffusers(_json(root / "scheduler" / "scheduler_config.json"))
+    if prediction_type:
+        sched.prediction_type = prediction_type
     with torch.device("meta"):
         unet, vae, te = UNet(unet_cfg), Autoencoder(vae_cfg), TextEncoder(te_cfg)
-    load_mapped(unet, component_state(root / "unet", "diffusion_pytorch_model"), map_unet_key, str(root / "unet"))
-    load_mapped(vae, component_state(root / "vae", "diffusion_pytorch_model"), map_vae_key, str(root / "vae"))
-    load_mapped(te, component_state(root / "text_encoder", "model"), map_text_encoder_key, str(root / "text_encoder"))
+    load_checked(unet, component_state(root / "unet", "diffusion_pytorch_model"), str(root / "unet"), key_map=map_unet_key)
+    load_checked(vae, component_state(root / "vae", "diffusion_pytorch_model"), str(root / "vae"), key_map=map_vae_key)
+    load_checked(te, component_state(root / "text_encoder", "model"), str(root / "text_encoder"), key_map=map_text_encoder_key)
     tokenizer = clip_tokenizer(root / "tokenizer", te_cfg.context_length)
-    sample = _json(root / "unet" / "config.json").get("sample_size", 64)
-    size = (sample if isinstance(sample, int) else sample[0]) * vae_cfg.downsample_factor
-    defaults = {"sampler": SAMPLER_FOR_SCHEDULER.get(hints["class"], "dpmpp_2m"), "num_inference_steps": 50, "guidance_scale": 7.5, "height": size, "width": size}
-    return ModelParts(tokenizer=tokenizer, text_encoder=te, unet=unet, vae=vae, scheduler=sched, defaults=defaults)
+    size = native_size(root, vae_cfg.downsample_factor)
+    return ModelParts(tokenizer=tokenizer, text_encoder=te.eval(), unet=unet.eval(), vae=vae.eval(), scheduler=sched,
+                      defaults=stable_diffusion_defaults(hints["class"], size))

@@ -17,16 +17,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..diffusion.config import SchedulerConfig
+from ..diffusion.config import SamplingDefaults, SchedulerConfig
 from ..errors import UnfogError
 from ..nn import Autoencoder, AutoencoderConfig, TextEncoder, TextEncoderConfig, Tokenizer, UNet, UNetConfig
+from .weights import load_checked, read_safetensors
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -41,7 +40,7 @@ class ModelParts:
     unet: UNet
     vae: Autoencoder | None
     scheduler: SchedulerConfig
-    defaults: dict[str, Any] = field(default_factory=dict)
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 def read_config(path: Path, cls):
@@ -67,33 +66,10 @@ def write_config(path: Path, config) -> None:
     path.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
 
-def read_tensors_file(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; a damaged file gives an error naming it."""
-    if not path.is_file():
-        raise UnfogError(f"weight file {path} is missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UnfogError(f"weight file {path} is not a readable safetensors file ({e}); re-save or re-download it") from None
-
-
-def load_weights(module: nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> None:
-    """Load a safetensors file into `module`, requiring exactly its keys and shapes; floating
-    tensors are cast to `dtype` (files may be stored in half precision to save space)."""
-    state = read_tensors_file(path)
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise UnfogError(
-            f"weight file {path} does not match its config: "
-            + (f"missing keys {missing[:5]}{' …' if len(missing) > 5 else ''} " if missing else "")
-            + (f"unexpected keys {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}" if unexpected else "")
-        )
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise UnfogError(f"weight file {path}: key {key!r} has shape {tuple(value.shape)} but the config needs {tuple(expected[key].shape)}")
-    module.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, assign=True)
+def load_weights(module: nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a safetensors file into `module` through the checked loader; floating tensors are
+    cast to `dtype` (files may be stored in half precision to save space)."""
+    return load_checked(module, read_safetensors(path), f"weight file {path}", dtype=dtype)
 
 
 def save_weights(module: nn.Module, path: Path, dtype: torch.dtype | None = None) -> None:
@@ -116,7 +92,7 @@ def save_model(parts: ModelParts, directory: str | Path, dtype: torch.dtype | No
             "format": "unfog",
             "format_version": FORMAT_VERSION,
             "components": {"tokenizer": True, "text_encoder": True, "unet": True, "vae": parts.vae is not None},
-            "defaults": parts.defaults,
+            "defaults": dataclasses.asdict(parts.defaults),
         }
         write_config(tmp / "scheduler" / "config.json", parts.scheduler)
         parts.tokenizer.save(tmp / "tokenizer")
@@ -155,8 +131,9 @@ def is_model_folder(directory: str | Path) -> bool:
     return (Path(directory) / "model_index.json").is_file()
 
 
-def load_model(directory: str | Path) -> ModelParts:
-    """Read a model folder written by `save_model`."""
+def load_model(directory: str | Path, *, clip_skip: int = 0, prediction_type: str | None = None) -> ModelParts:
+    """Read a model folder written by `save_model`. `clip_skip` takes the text states that many
+    layers before the usual ones; `prediction_type` overrides the scheduler's."""
     d = Path(directory)
     if not d.is_dir():
         raise UnfogError(f"model folder {d} does not exist")
@@ -166,22 +143,30 @@ def load_model(directory: str | Path) -> ModelParts:
         index = json.loads((d / "model_index.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UnfogError(f"{d / 'model_index.json'} is not valid JSON: {e}") from None
-    if index.get("format") != "unfog" or index.get("format_version") != FORMAT_VERSION:
+    if not isinstance(index, dict) or index.get("format") != "unfog" or index.get("format_version") != FORMAT_VERSION:
         raise UnfogError(f"{d / 'model_index.json'} is not unfog format version {FORMAT_VERSION}")
+    components = index.get("components", {})
+    if not isinstance(components, dict):
+        raise UnfogError(f"{d / 'model_index.json'}: components must be an object like {{\"vae\": true}}, got {components!r}")
     modules = {}
     for name, cls, cfg_cls in (("text_encoder", TextEncoder, TextEncoderConfig), ("unet", UNet, UNetConfig), ("vae", Autoencoder, AutoencoderConfig)):
-        if name == "vae" and not index.get("components", {}).get("vae", False):
+        if name == "vae" and components.get("vae") is not True:
             modules[name] = None
             continue
         config = read_config(d / name / "config.json", cfg_cls)
+        if name == "text_encoder":
+            config.skip_last_layers += clip_skip
         # Built on the meta device: no time is spent initialising weights that are replaced next.
         with torch.device("meta"):
             module = cls(config)
         load_weights(module, d / name / WEIGHTS)
         modules[name] = module.eval()
+    scheduler = read_config(d / "scheduler" / "config.json", SchedulerConfig)
+    if prediction_type:
+        scheduler = dataclasses.replace(scheduler, prediction_type=prediction_type)
     return ModelParts(
         tokenizer=Tokenizer.load(d / "tokenizer"),
-        scheduler=read_config(d / "scheduler" / "config.json", SchedulerConfig),
-        defaults=index.get("defaults", {}),
+        scheduler=scheduler,
+        defaults=SamplingDefaults.from_dict(index.get("defaults", {}), f"{d / 'model_index.json'} defaults"),
         **modules,
     )

@@ -7,7 +7,7 @@ unfog's networks do not implement instead of loading them wrongly.
 
 from __future__ import annotations
 
-from ..diffusion.config import SchedulerConfig
+from ..diffusion.config import SamplingDefaults, SchedulerConfig
 from ..errors import UnfogError
 from ..nn import AutoencoderConfig, TextEncoderConfig, UNetConfig
 
@@ -156,3 +156,18 @@ def scheduler_config_from_diffusers(cfg: dict) -> tuple[SchedulerConfig, dict]:
     )
     hints = {"class": cfg.get("_class_name"), "set_alpha_to_one": cfg.get("set_alpha_to_one", True), "timestep_spacing": spacing}
     return sched, hints
+
+
+SAMPLER_FOR_SCHEDULER = {
+    "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_ancestral",
+    "HeunDiscreteScheduler": "heun", "DPMSolverMultistepScheduler": "dpmpp_2m",
+}
+
+
+def stable_diffusion_defaults(scheduler_class: str | None, size: int) -> SamplingDefaults:
+    """The sampling defaults of a Stable Diffusion model, whichever way its weights arrive (a
+    diffusers folder, or a single file with or without a config folder): diffusers' 50 steps at
+    guidance 7.5, the sampler its scheduler class names (DPM-Solver++(2M) when it names none
+    that unfog has, e.g. PNDM), at the model's native size."""
+    return SamplingDefaults(sampler=SAMPLER_FOR_SCHEDULER.get(scheduler_class or "", "dpmpp_2m"), num_inference_steps=50,
+                            guidance_scale=7.5, height=size, width=size)

@@ -15,9 +15,13 @@ import torch
 
 from ..errors import UnfogError
 from ..nn import Autoencoder, AutoencoderConfig, TextEncoder, TextEncoderConfig, UNet, UNetConfig
-from .diffusers_folder import _json, clip_tokenizer, load_mapped
-from .folder import ModelParts, read_tensors_file
-from .keymaps import map_text_encoder_key, scheduler_config_from_diffusers, text_encoder_config_from_transformers, unet_config_from_diffusers, vae_config_from_diffusers
+from .diffusers_folder import _json, clip_tokenizer, native_size
+from .folder import ModelParts
+from .keymaps import (
+    map_text_encoder_key, scheduler_config_from_diffusers, stable_diffusion_defaults, text_encoder_config_from_transformers,
+    unet_config_from_diffusers, vae_config_from_diffusers,
+)
+from .weights import load_checked, read_safetensors
 from ..diffusion.config import SchedulerConfig
 
 UNET, VAE, SD1_TEXT, SD2_TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", "cond_stage_model.model."
@@ -221,7 +225,7 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None, toke
             f"{path} is a pickle checkpoint; unfog does not load pickles because loading one can run arbitrary code. "
             f"Convert it once with: unfog convert --allow-pickle {path} OUT_DIR"
         )
-    return parts_from_state(read_tensors_file(path), str(path), config=config, tokenizer=tokenizer, prediction_type=prediction_type, clip_skip=clip_skip)
+    return parts_from_state(read_safetensors(path), str(path), config=config, tokenizer=tokenizer, prediction_type=prediction_type, clip_skip=clip_skip)
 
 
 def read_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -251,7 +255,8 @@ def parts_from_state(state: dict, source: str, *, config=None, tokenizer=None, p
         file_layers = infer_text_config(state, family).layers
         te_cfg.skip_last_layers = file_layers - te_cfg.layers + clip_skip
         te_cfg.layers = file_layers
-        sched, _ = scheduler_config_from_diffusers(_json(root / "scheduler" / "scheduler_config.json"))
+        sched, hints = scheduler_config_from_diffusers(_json(root / "scheduler" / "scheduler_config.json"))
+        scheduler_class = hints["class"]
         tok = clip_tokenizer(root / "tokenizer", te_cfg.context_length)
     else:
         if tokenizer is None:
@@ -260,18 +265,19 @@ def parts_from_state(state: dict, source: str, *, config=None, tokenizer=None, p
         te_cfg.skip_last_layers += clip_skip
         sched = SchedulerConfig(beta_schedule="scaled_linear", prediction_type="v_prediction" if family == "sd2" else "epsilon",
                                 sigma_schedule="leading", steps_offset=1)
+        scheduler_class = None
         tok = clip_tokenizer(Path(tokenizer), te_cfg.context_length)
     if prediction_type:
         sched.prediction_type = prediction_type
     with torch.device("meta"):
         unet, vae, te = UNet(unet_cfg), Autoencoder(vae_cfg), TextEncoder(te_cfg)
-    load_mapped(unet, convert_unet(_sub(state, UNET), unet_cfg), lambda k: k, f"{source} (U-Net)")
-    load_mapped(vae, convert_vae(_sub(state, VAE), vae_cfg), lambda k: k, f"{source} (autoencoder)")
+    load_checked(unet, convert_unet(_sub(state, UNET), unet_cfg), f"{source} (U-Net)")
+    load_checked(vae, convert_vae(_sub(state, VAE), vae_cfg), f"{source} (autoencoder)")
     if family == "sd1":
         text = {new: v for k, v in _sub(state, SD1_TEXT).items() if (new := map_text_encoder_key(k)) is not None}
     else:
         text = convert_open_clip(_sub(state, SD2_TEXT))
-    load_mapped(te, text, lambda k: k, f"{source} (text encoder)")
-    size = 64 * vae_cfg.downsample_factor
-    defaults = {"sampler": "dpmpp_2m", "num_inference_steps": 30, "guidance_scale": 7.5, "height": size, "width": size}
-    return ModelParts(tokenizer=tok, text_encoder=te, unet=unet, vae=vae, scheduler=sched, defaults=defaults)
+    load_checked(te, text, f"{source} (text encoder)")
+    size = native_size(Path(config), vae_cfg.downsample_factor) if config is not None else 64 * vae_cfg.downsample_factor
+    return ModelParts(tokenizer=tok, text_encoder=te.eval(), unet=unet.eval(), vae=vae.eval(), scheduler=sched,
+                      defaults=stable_diffusion_defaults(scheduler_class, size))

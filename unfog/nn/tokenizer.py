@@ -24,7 +24,7 @@ class TokenizerConfig:
 
 
 class Tokenizer:
-    """`tokenizer(texts) -> LongTensor (B, context_length)`."""
+    """`tokenizer(texts) -> LongTensor (B, context_length)`; `frame` also says which were cut off."""
 
     def __init__(self, backend: HFTokenizer, config: TokenizerConfig):
         self.backend = backend
@@ -36,7 +36,6 @@ class Tokenizer:
                 raise UnfogError(f"special token {name!r} is not in the tokenizer's vocabulary")
             ids.append(i)
         self.bos_id, self.eos_id, self.pad_id = ids
-        self.last_truncated: list[bool] = []
 
     @property
     def vocab_size(self) -> int:
@@ -47,16 +46,18 @@ class Tokenizer:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
-        if isinstance(texts, str):
-            texts = [texts]
+        """(B, context_length) framed ids; longer texts are cut off (see `frame`)."""
+        return self.frame([texts] if isinstance(texts, str) else texts)[0]
+
+    def frame(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
+        """Framed ids (B, context_length) and, per text, whether it was cut off to fit."""
         n = self.config.context_length
         rows, truncated = [], []
         for ids in self.encode(texts):
             truncated.append(len(ids) > n - 2)
             ids = [self.bos_id, *ids[: n - 2], self.eos_id]
             rows.append(ids + [self.pad_id] * (n - len(ids)))
-        self.last_truncated = truncated
-        return torch.tensor(rows, dtype=torch.long)
+        return torch.tensor(rows, dtype=torch.long), truncated
 
     def windows(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, W, context_length): each text cut into windows of context_length - 2 tokens,
@@ -68,7 +69,6 @@ class Tokenizer:
         for ids in token_lists:
             chunks = [ids[k : k + n] for k in range(0, n * count, n)]
             rows.append([[self.bos_id, *c, self.eos_id] + [self.pad_id] * (n - len(c)) for c in chunks])
-        self.last_truncated = [False] * len(rows)
         return torch.tensor(rows, dtype=torch.long)
 
     @classmethod

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import random
 import secrets
 from dataclasses import asdict, dataclass
@@ -14,6 +13,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from ..errors import UnfogError
+from ..request import GenerationRequest
 from ..samplers import SAMPLERS
 from .jobs import JobQueue, QueueFull
 
@@ -45,57 +46,98 @@ class Refused(Exception):
         self.status, self.body, self.headers = status, {"error": error, "field": field, "allowed": allowed}, headers or {}
 
 
-def _int(body: dict, name: str, default: int, lo: int, hi: int) -> int:
-    v = body.get(name, default)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise Refused(422, f"{name} must be an integer from {lo} to {hi}, got {v!r}", name, [lo, hi])
-    return v
+# The API's field names and the generation request's, where they differ.
+FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "num_inference_steps", "guidance_scale": "guidance_scale",
+          "sampler": "sampler", "seed": "seed", "width": "width", "height": "height", "num_images": "num_images_per_prompt"}
+API_NAMES = {v: k for k, v in FIELDS.items()}
 
 
-def validate(body: Any, pipe, s: ServerSettings) -> dict:
-    """The request body as generation parameters, or a Refused naming the field and its range."""
-    if not isinstance(body, dict):
-        raise Refused(422, "the body must be a JSON object")
-    known = {"prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "seed", "width", "height", "num_images"}
-    extra = sorted(set(body) - known)
-    if extra:
-        raise Refused(422, f"unknown fields {extra}", extra[0], sorted(known))
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > s.max_prompt_chars:
-        raise Refused(422, f"prompt must be a non-empty string of at most {s.max_prompt_chars} characters", "prompt", [1, s.max_prompt_chars])
-    negative = body.get("negative_prompt") or ""
-    if not isinstance(negative, str) or len(negative) > s.max_prompt_chars:
-        raise Refused(422, f"negative_prompt must be a string of at most {s.max_prompt_chars} characters", "negative_prompt", [0, s.max_prompt_chars])
-    d = pipe.defaults
-    steps = _int(body, "steps", d["num_inference_steps"], 1, s.max_steps)
-    g = body.get("guidance_scale", d["guidance_scale"])
-    if not isinstance(g, (int, float)) or isinstance(g, bool) or not math.isfinite(g) or not 0 <= g <= s.max_guidance:
-        raise Refused(422, f"guidance_scale must be a finite number from 0 to {s.max_guidance}, got {g!r}", "guidance_scale", [0, s.max_guidance])
-    sampler = body.get("sampler", d["sampler"])
-    if sampler not in SAMPLERS:
-        raise Refused(422, f"unknown sampler {sampler!r}", "sampler", sorted(SAMPLERS))
-    f = pipe.downsample_factor
-    width, height = (_int(body, n, d[n], f, s.max_side) for n in ("width", "height"))
-    for name, v in (("width", width), ("height", height)):
-        if v % f:
-            raise Refused(422, f"{name} must be a multiple of {f}, got {v}", name, {"multiple_of": f, "max": s.max_side})
-    if width * height > s.max_pixels:
-        raise Refused(422, f"width × height must be at most {s.max_pixels} pixels, got {width * height}", "width", {"max_pixels": s.max_pixels})
-    n = _int(body, "num_images", 1, 1, s.max_images)
-    seed = body.get("seed")
-    if seed is None or seed == -1:
-        seed = random.SystemRandom().randrange(2**32)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63 - s.max_images:
-        raise Refused(422, "seed must be an integer from 0 to 2^63 - 9, or -1/null for a random one", "seed", [0, 2**63 - 1 - s.max_images])
-    return {"prompt": prompt, "negative_prompt": negative, "steps": steps, "guidance_scale": float(g), "sampler": sampler,
-            "seed": seed, "width": width, "height": height, "num_images": n}
+def _allowed(s: ServerSettings, factor: int) -> dict[str, Any]:
+    """What each field accepts, reported with every refusal of it."""
+    side = {"multiple_of": factor, "max": s.max_side, "max_pixels": s.max_pixels}
+    return {"prompt": [1, s.max_prompt_chars], "negative_prompt": [0, s.max_prompt_chars], "steps": [1, s.max_steps],
+            "guidance_scale": [0, s.max_guidance], "sampler": sorted(SAMPLERS), "seed": [0, 2**63 - 1 - s.max_images],
+            "width": side, "height": side, "num_images": [1, s.max_images]}
+
+
+def _limits(body: dict, s: ServerSettings) -> None:
+    """The server's own bounds, checked on the raw values before anything is built from them
+    (a type error is left to the request, which names it)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    checks = [
+        ("prompt", not isinstance(body.get("prompt"), str) or not body["prompt"].strip() or len(body["prompt"]) > s.max_prompt_chars,
+         f"prompt must be a non-empty string of at most {s.max_prompt_chars} characters"),
+        ("negative_prompt", body.get("negative_prompt") is not None and (not isinstance(body["negative_prompt"], str) or len(body["negative_prompt"]) > s.max_prompt_chars),
+         f"negative_prompt must be a string of at most {s.max_prompt_chars} characters"),
+        ("steps", number(body.get("steps")) and body["steps"] > s.max_steps, f"steps must be at most {s.max_steps}"),
+        ("num_images", number(body.get("num_images")) and body["num_images"] > s.max_images, f"num_images must be at most {s.max_images}"),
+        ("width", number(body.get("width")) and body["width"] > s.max_side, f"width must be at most {s.max_side}"),
+        ("height", number(body.get("height")) and body["height"] > s.max_side, f"height must be at most {s.max_side}"),
+        ("guidance_scale", number(body.get("guidance_scale")) and not 0 <= body["guidance_scale"] <= s.max_guidance,
+         f"guidance_scale must be a finite number from 0 to {s.max_guidance}"),
+        ("seed", body.get("seed") is not None and not (isinstance(body["seed"], int) and not isinstance(body["seed"], bool) and -1 <= body["seed"] < 2**63 - s.max_images),
+         "seed must be an integer from 0 to 2^63 - 9, or -1/null for a random one"),
+    ]
+    for name, failed, message in checks:
+        if failed:
+            raise Refused(422, f"{message}, got {body.get(name)!r}"[:300], name)
+
+
+def validate(body: Any, pipe, s: ServerSettings) -> GenerationRequest:
+    """The request body as the pipeline's own GenerationRequest, or a Refused naming the field
+    and what it accepts. Types and model constraints are the request's to check; this adds only
+    the server's limits."""
+    allowed = _allowed(s, pipe.downsample_factor)
+    try:
+        if not isinstance(body, dict):
+            raise Refused(422, "the body must be a JSON object")
+        extra = sorted(set(body) - set(FIELDS))
+        if extra:
+            raise Refused(422, f"unknown fields {extra}", extra[0], sorted(FIELDS))
+        _limits(body, s)
+        options = {FIELDS[k]: v for k, v in body.items()}
+        if options.get("seed") in (None, -1):
+            options["seed"] = random.SystemRandom().randrange(2**32)
+        try:
+            request = pipe.request(**options)
+        except UnfogError as e:
+            raise Refused(422, str(e), API_NAMES.get(e.field, e.field)) from None
+        if request.width * request.height > s.max_pixels:
+            raise Refused(422, f"width × height must be at most {s.max_pixels} pixels, got {request.width * request.height}", "width")
+        return request
+    except Refused as r:
+        if r.body["field"] in allowed and r.body["allowed"] is None:
+            r.body["allowed"] = allowed[r.body["field"]]
+        raise
+
+
+def public_params(r: GenerationRequest) -> dict:
+    """A request as the API shows it back (and writes into each PNG)."""
+    return {"prompt": r.prompts[0], "negative_prompt": r.negative_prompts[0], "steps": r.num_inference_steps, "guidance_scale": r.guidance_scale,
+            "sampler": r.sampler, "seed": r.seeds[0], "width": r.width, "height": r.height, "num_images": r.batch}
 
 
 def create_app(pipe, settings: ServerSettings | None = None, *, model_name: str = "default") -> FastAPI:
+    """The FastAPI app serving `pipe`: the guard on every request, the job API and the page."""
     s = settings or ServerSettings()
     jobs = JobQueue(pipe, model_name=model_name, max_queue=s.max_queue, job_timeout_s=s.job_timeout_s, preview_every=s.preview_every)
     app = FastAPI(title="unfog", description="Text-to-image diffusion: an HTTP API with a job queue and live progress.", version="1")
     app.state.jobs, app.state.settings = jobs, s
+    _add_guard(app, s)
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, r: Refused):
+        return JSONResponse(r.body, status_code=r.status, headers=r.headers)
+
+    _add_job_routes(app, jobs, pipe, s)
+    _add_info_routes(app, jobs, pipe, s, model_name)
+    return app
+
+
+def _add_guard(app: FastAPI, s: ServerSettings) -> None:
+    """Host, Origin, token and declared body size, checked before any route runs."""
     loopback = {"127.0.0.1", "localhost", "[::1]"}
     own = loopback if s.host in loopback or s.host == "::1" else loopback | {s.host}
 
@@ -122,25 +164,25 @@ def create_app(pipe, settings: ServerSettings | None = None, *, model_name: str 
             return JSONResponse(r.body, status_code=r.status, headers=r.headers)
         return await call_next(request)
 
-    @app.exception_handler(Refused)
-    async def refused(request: Request, r: Refused):
-        return JSONResponse(r.body, status_code=r.status, headers=r.headers)
 
-    async def body_json(request: Request) -> Any:
-        # Read in pieces and stop at the limit: a chunked body has no Content-Length to check.
-        raw = bytearray()
-        async for piece in request.stream():
-            raw += piece
-            if len(raw) > s.max_body_bytes:
-                raise Refused(413, f"request body larger than {s.max_body_bytes} bytes", allowed=s.max_body_bytes)
-        try:
-            return json.loads(bytes(raw))
-        except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting or digit counts
-            raise Refused(400, "the body is not valid JSON") from None
+async def _body_json(request: Request, s: ServerSettings) -> Any:
+    """The JSON body, read in pieces that stop at the limit (a chunked body has no Content-Length)."""
+    raw = bytearray()
+    async for piece in request.stream():
+        raw += piece
+        if len(raw) > s.max_body_bytes:
+            raise Refused(413, f"request body larger than {s.max_body_bytes} bytes", allowed=s.max_body_bytes)
+    try:
+        return json.loads(bytes(raw))
+    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting or digit counts
+        raise Refused(400, "the body is not valid JSON") from None
 
-    def submit(params: dict):
+
+def _add_job_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings) -> None:
+    async def submit(request: Request):
+        gen = validate(await _body_json(request, s), pipe, s)
         try:
-            return jobs.submit(params)
+            return jobs.submit(gen, public_params(gen))
         except QueueFull:
             raise Refused(429, f"the queue is full ({s.max_queue} jobs); retry later", headers={"Retry-After": "5"}) from None
 
@@ -150,13 +192,9 @@ def create_app(pipe, settings: ServerSettings | None = None, *, model_name: str 
             raise Refused(404, f"no job {job_id!r}", "id")
         return job
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page():
-        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
-
     @app.post("/v1/jobs", status_code=202)
     async def create_job(request: Request):
-        job, position = submit(validate(await body_json(request), pipe, s))
+        job, position = await submit(request)
         return JSONResponse({"id": job.id, "state": job.state, "queue_position": position, "url": f"/v1/jobs/{job.id}"}, status_code=202)
 
     @app.get("/v1/jobs/{job_id}")
@@ -190,17 +228,10 @@ def create_app(pipe, settings: ServerSettings | None = None, *, model_name: str 
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/v1/images/{name}")
-    def image(name: str):
-        data = jobs.images.get(name)  # only names the server made exist here; nothing touches the filesystem
-        if data is None:
-            raise Refused(404, "no such image", "name")
-        return Response(data, media_type="image/png")
-
     @app.post("/v1/images/generate", responses={200: {"content": {"image/png": {}}}})
     async def generate(request: Request):
         """Synchronous convenience call: waits for the job and returns its first PNG."""
-        job, _ = submit(validate(await body_json(request), pipe, s))
+        job, _ = await submit(request)
         deadline = asyncio.get_running_loop().time() + s.sync_timeout_s
         while not await asyncio.to_thread(jobs.wait, job, 0.5):
             if await request.is_disconnected() or asyncio.get_running_loop().time() > deadline:
@@ -210,20 +241,31 @@ def create_app(pipe, settings: ServerSettings | None = None, *, model_name: str 
             raise Refused(500 if job.state == "failed" else 409, f"job {job.state}: {job.error}")
         return Response(jobs.images[job.images[0]], media_type="image/png", headers={"X-Seeds": ",".join(map(str, job.seeds))})
 
+
+def _add_info_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings, model_name: str) -> None:
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/v1/images/{name}")
+    def image(name: str):
+        data = jobs.images.get(name)  # only names the server made exist here; nothing touches the filesystem
+        if data is None:
+            raise Refused(404, "no such image", "name")
+        return Response(data, media_type="image/png")
+
     @app.get("/v1/health")
     def health():
         return {"status": "ok", "queued": jobs.queue.qsize(), "device": str(pipe.device)}
 
     @app.get("/v1/models")
     def models():
-        return {"models": [{"name": model_name, "defaults": pipe.defaults, "downsample_factor": pipe.downsample_factor}]}
+        return {"models": [{"name": model_name, "defaults": asdict(pipe.defaults), "downsample_factor": pipe.downsample_factor}]}
 
     @app.get("/v1/samplers")
     def samplers():
-        return {"samplers": sorted(SAMPLERS), "default": pipe.defaults["sampler"]}
+        return {"samplers": sorted(SAMPLERS), "default": pipe.defaults.sampler}
 
     @app.get("/v1/limits")
     def limits():
         return {k: v for k, v in asdict(s).items() if k not in ("token",)}
-
-    return app

@@ -4,6 +4,7 @@ device). Jobs report progress as events; a cancelled or timed-out job stops at i
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import queue
 import threading
@@ -29,7 +30,8 @@ class QueueFull(Exception):
 @dataclass
 class Job:
     id: str
-    params: dict[str, Any]
+    params: dict[str, Any]  # the request as the API shows it
+    request: Any = None  # the pipeline's GenerationRequest
     state: str = "queued"  # queued, running, done, failed, cancelled
     step: int = 0
     total: int = 0
@@ -72,8 +74,8 @@ class JobQueue:
 
     # ---- called from request handlers -----------------------------------------------------
 
-    def submit(self, params: dict) -> tuple[Job, int]:
-        job = Job(id=uuid.uuid4().hex, params=params, total=params["steps"])
+    def submit(self, request, params: dict) -> tuple[Job, int]:
+        job = Job(id=uuid.uuid4().hex, params=params, request=request, total=params["steps"])
         with self.lock:
             try:
                 self.queue.put_nowait(job)
@@ -162,31 +164,21 @@ class JobQueue:
             torch.cuda.empty_cache()
 
     def _run(self, job: Job) -> None:
-        p = job.params
+        p, pipe = job.params, self.pipe
         start = time.time()
-
-        def on_step(i, x, x0):
-            if job.cancel_requested:
-                raise JobStopped("cancelled")
-            if time.time() - start > self.job_timeout_s:
-                raise JobStopped(f"timed out after {self.job_timeout_s:.0f} s")
-            event = {"type": "progress", "step": i + 1, "total": job.total}
-            if self.preview_every and ((i + 1) % self.preview_every == 0 or i + 1 == job.total):
-                preview = self.pipe.decode(x0[:1])[0]
-                preview.thumbnail((128, 128))
-                event["preview"] = "data:image/png;base64," + base64.b64encode(png_bytes(preview)).decode()
-            with self.lock:
-                job.step = i + 1
-                self._event(job, event)
-
-        result = self.pipe(
-            p["prompt"], negative_prompt=p["negative_prompt"] or None, num_inference_steps=p["steps"], guidance_scale=p["guidance_scale"],
-            sampler=p["sampler"], seed=p["seed"], height=p["height"], width=p["width"], num_images_per_prompt=p["num_images"], callback=on_step,
-        )
+        state = pipe.initial_state(job.request)
+        with contextlib.closing(pipe.denoise(job.request, state)) as steps:  # leaving early stops the sampler
+            for step in steps:
+                if job.cancel_requested:
+                    raise JobStopped("cancelled")
+                if time.time() - start > self.job_timeout_s:
+                    raise JobStopped(f"timed out after {self.job_timeout_s:.0f} s")
+                self._progress(job, step.index, step.x0)
+        images = pipe.decode(state.x)
         names = []
-        for image, seed in zip(result.images, result.seeds):
-            text = {"prompt": p["prompt"], "negative_prompt": p["negative_prompt"], "seed": seed, "steps": p["steps"], "sampler": p["sampler"],
-                    "guidance_scale": p["guidance_scale"], "width": p["width"], "height": p["height"], "model": self.model_name, "software": "unfog"}
+        for image, seed in zip(images, job.request.seeds):
+            text = {**p, "seed": seed, "model": self.model_name, "software": "unfog"}
+            text.pop("num_images")
             name = f"{uuid.uuid4().hex}.png"
             with self.lock:
                 self.images[name] = png_bytes(image, text)
@@ -194,7 +186,15 @@ class JobQueue:
                     self.images.popitem(last=False)
             names.append(name)
         with self.lock:
-            job.images, job.seeds, job.state = names, result.seeds, "done"
-            self._event(job, {"type": "done", "images": [f"/v1/images/{n}" for n in names], "seeds": result.seeds})
+            job.images, job.seeds, job.state = names, job.request.seeds, "done"
+            self._event(job, {"type": "done", "images": [f"/v1/images/{n}" for n in names], "seeds": job.seeds})
 
-
+    def _progress(self, job: Job, i: int, x0) -> None:
+        event = {"type": "progress", "step": i + 1, "total": job.total}
+        if self.preview_every and ((i + 1) % self.preview_every == 0 or i + 1 == job.total):
+            preview = self.pipe.decode(x0[:1])[0]
+            preview.thumbnail((128, 128))
+            event["preview"] = "data:image/png;base64," + base64.b64encode(png_bytes(preview)).decode()
+        with self.lock:
+            job.step = i + 1
+            self._event(job, event)

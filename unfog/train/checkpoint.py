@@ -21,10 +21,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..errors import UnfogError
+from ..formats.weights import load_checked, read_safetensors
 
 PREFIX = "step-"
 
@@ -101,18 +100,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UnfogError(f"checkpoint file {path} is unreadable ({e}); delete that checkpoint folder to resume from an older one") from None
+    """A checkpoint file's tensors, through the one safetensors reader."""
+    return read_safetensors(path, hint="delete that checkpoint folder to resume from an older one")
 
 
 def load_checkpoint(path: Path, model, ema, optimizer) -> dict:
     """Restore modules, optimizer and RNG states; returns the saved state dict."""
     path = Path(path)
-    model.load_state_dict(read_tensors(path / "model.safetensors"))
+    load_checked(model, read_tensors(path / "model.safetensors"), f"checkpoint {path / 'model.safetensors'}")
     if ema is not None:
-        ema.load_state_dict(read_tensors(path / "ema.safetensors"))
+        load_checked(ema, read_tensors(path / "ema.safetensors"), f"checkpoint {path / 'ema.safetensors'}")
     state = json.loads((path / "state.json").read_text())
     tensors = read_tensors(path / "optimizer.safetensors")
     if optimizer is not None:

@@ -1,4 +1,4 @@
-"""Pictures a training run leaves behind: sample grids and the loss curve (PIL only)."""
+"""The loss curve a training run leaves behind (PIL only); sample grids use unfog.images.grid."""
 
 from __future__ import annotations
 
@@ -7,17 +7,6 @@ import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-
-
-def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
-    """Images pasted row by row, `columns` wide (default: one row)."""
-    columns = columns or len(images)
-    w, h = images[0].size
-    rows = math.ceil(len(images) / columns)
-    out = Image.new("RGB", (columns * w, rows * h), "white")
-    for k, im in enumerate(images):
-        out.paste(im, ((k % columns) * w, (k // columns) * h))
-    return out
 
 
 def loss_curve(metrics_path: Path, out_path: Path, size: tuple[int, int] = (640, 360)) -> None:

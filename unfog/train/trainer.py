@@ -24,9 +24,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..diffusion import DiscreteDenoiser, SchedulerConfig
+from ..diffusion import DiscreteDenoiser, SamplingDefaults, SchedulerConfig
 from ..errors import UnfogError
 from ..formats.folder import load_weights, read_config, save_weights
+from ..formats.weights import load_checked
+from ..images import grid, to_pil
 from ..nn import Autoencoder, AutoencoderConfig, TextEncoder, TextEncoderConfig, Tokenizer, TokenizerConfig, UNet, UNetConfig
 from . import plots
 from .checkpoint import latest_checkpoint, load_checkpoint, read_tensors, save_checkpoint
@@ -100,7 +102,7 @@ def load_autoencoder(source: str | Path) -> tuple[Autoencoder, bool]:
     if (src / "config.json").is_file() and (src / "checkpoints").is_dir():
         cfg, ckpt = read_run(src, "autoencoder", "pass an autoencoder run")
         model = AutoencoderModel(AutoencoderConfig(**cfg.autoencoder), 0.0)
-        model.load_state_dict(read_tensors(ckpt / "ema.safetensors"))
+        load_checked(model, read_tensors(ckpt / "ema.safetensors"), f"checkpoint {ckpt / 'ema.safetensors'}")
         return model.autoencoder.eval(), True
     vae_dir = src / "vae" if (src / "vae").is_dir() else src
     if not (vae_dir / "config.json").is_file():
@@ -233,7 +235,7 @@ class Trainer:
         for key in ("vocab_size", "eos_token_id"):
             te.pop(key)
         c.text_encoder, c.unet, c.scheduler = te, asdict(parts.unet.config), asdict(parts.scheduler)
-        c.defaults = {**c.defaults, **parts.defaults}
+        c.defaults = {**c.defaults, **asdict(parts.defaults)}
         f = self.vae.config.downsample_factor
         self.latent_shape = (self.vae.config.latent_channels, c.resolution // f, c.resolution // f)
         self.model = DiffusionModel(parts.unet.train(), parts.text_encoder.train(), self.scheduler, c.loss_weighting, c.snr_gamma)
@@ -432,21 +434,19 @@ class Trainer:
         if self.config.stage == "autoencoder":
             images = self.data.images(list(range(8)))
             rec = self.ema.autoencoder.decode(self.ema.autoencoder.encode(self._to_pixels(images))[0])
-            from ..pipeline import to_pil
-
-            plots.grid(to_pil(self._to_pixels(images)) + to_pil(rec), 8).save(out)
+            grid(to_pil(self._to_pixels(images)) + to_pil(rec), 8).save(out)
             return out
         pipe = self.pipeline()
         prompts = self.config.sample_prompts
         images = pipe(prompts, seed=0).images
-        plots.grid(images, math.ceil(math.sqrt(len(images)))).save(out)
+        grid(images, math.ceil(math.sqrt(len(images)))).save(out)
         return out
 
     def pipeline(self):
         """A Pipeline over the EMA weights (diffusion runs)."""
         from ..pipeline import Pipeline
 
-        return Pipeline(self.tokenizer, self.ema.text_encoder, self.ema.unet, self.vae, self.scheduler, self.config.defaults)
+        return Pipeline(self.tokenizer, self.ema.text_encoder, self.ema.unet, self.vae, self.scheduler, SamplingDefaults.from_dict(self.config.defaults))
 
 
 def export(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -461,7 +461,7 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None =
     scheduler = SchedulerConfig(**c.scheduler)
     with torch.device("meta"):
         model = DiffusionModel(UNet(UNetConfig(**c.unet)), TextEncoder(te_cfg), SchedulerConfig(), c.loss_weighting, c.snr_gamma)
-    model.load_state_dict(read_tensors(ckpt / "ema.safetensors"), assign=True)
-    pipe = Pipeline(tokenizer, model.text_encoder, model.unet, vae, scheduler, c.defaults)
+    load_checked(model, read_tensors(ckpt / "ema.safetensors"), f"checkpoint {ckpt / 'ema.safetensors'}")
+    pipe = Pipeline(tokenizer, model.text_encoder, model.unet, vae, scheduler, SamplingDefaults.from_dict(c.defaults, f"{run / 'config.json'} defaults"))
     pipe.save_pretrained(out_dir, dtype)
     return Path(out_dir)

@@ -1,0 +1,214 @@
+"""A generation request: every argument of a generation, validated once and typed.
+
+`Pipeline.request(...)` builds one; the Python call, the CLI and the server all go through it,
+so a value is checked in one place and every front end reports the same error, naming the field.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from .diffusion import SIGMA_SCHEDULES, SamplingDefaults
+from .errors import UnfogError
+from .samplers import SAMPLERS
+
+LONG_PROMPTS = ("chunk", "truncate")
+# Sampler arguments that the pipeline itself passes; the rest of a sampler's keywords are options.
+_SAMPLER_ARGS = {"denoiser", "x", "sigmas", "generator", "callback"}
+
+
+@dataclass
+class GenerationRequest:
+    """One validated generation. `prompts` and `negative_prompts` hold one entry per image
+    (each prompt repeated `num_images_per_prompt` times), and `seeds` one seed per image."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    num_inference_steps: int
+    guidance_scale: float
+    sampler: str
+    height: int
+    width: int
+    seeds: list[int]
+    sigma_schedule: str
+    sampler_options: dict[str, float] = field(default_factory=dict)
+    generators: list[torch.Generator] | None = None  # given by the caller instead of seeds
+    latents: torch.Tensor | None = None
+    image: Image.Image | None = None
+    mask_image: Image.Image | None = None
+    strength: float = 1.0
+    long_prompts: str = "chunk"
+    round_timesteps: bool = False
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def guided(self) -> bool:
+        """Whether the unconditional half runs (classifier-free guidance at a scale other than 1)."""
+        return self.guidance_scale != 1
+
+
+@dataclass
+class ModelFacts:
+    """What validation needs to know about the model: its defaults and its shapes."""
+
+    defaults: SamplingDefaults
+    sigma_schedule: str
+    downsample_factor: int  # pixels per latent cell × U-Net factor: sizes must be multiples of it
+    vae_factor: int
+    latent_channels: int
+    inpainting: bool
+
+
+def _int(name: str, v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise UnfogError(f"{name} must be a positive integer, got {v!r}", name)
+    return v
+
+
+def _number(name: str, v: Any) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise UnfogError(f"{name} must be a finite number, got {v!r}", name)
+    return float(v)
+
+
+def _text(name: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise UnfogError(f"{name} must be a string, got {v!r}", name)
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnfogError(f"{name} is not valid Unicode text (it holds a lone surrogate); send UTF-8 text", name) from None
+    return v
+
+
+def _prompts(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str]]:
+    if isinstance(prompt, str):
+        prompts = [_text("prompt", prompt)]
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [_text("prompt", p) for p in prompt]
+    else:
+        raise UnfogError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}", "prompt")
+    if isinstance(negative_prompt, (list, tuple)):
+        if len(negative_prompt) != len(prompts) or not all(isinstance(n, str) for n in negative_prompt):
+            raise UnfogError(f"negative_prompt must be one string or a list of {len(prompts)} strings, one per prompt", "negative_prompt")
+        return prompts, [_text("negative_prompt", n) for n in negative_prompt]
+    return prompts, [_text("negative_prompt", negative_prompt or "")] * len(prompts)
+
+
+def _seeds(seed: Any, generator: Any, total: int) -> tuple[list[int], list[torch.Generator] | None]:
+    if generator is not None:
+        gens = [generator] * total if isinstance(generator, torch.Generator) else list(generator)
+        if len(gens) != total or not all(isinstance(g, torch.Generator) for g in gens):
+            raise UnfogError(f"generator must be one torch.Generator or a list of {total}, one per image", "generator")
+        return [g.initial_seed() for g in gens], gens
+    if seed is None:
+        base = random.SystemRandom().randrange(2**32)
+        return [base + k for k in range(total)], None
+    if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63 - total:
+        return [seed + k for k in range(total)], None
+    if isinstance(seed, (list, tuple)) and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in seed):
+        if len(seed) != total:
+            raise UnfogError(f"got {len(seed)} seeds for {total} images; pass one per image or a single int", "seed")
+        return list(seed), None
+    raise UnfogError(f"seed must be a non-negative int below 2^63 or a list of them, got {seed!r}", "seed")
+
+
+def _sampler(name: Any, options: Any) -> tuple[str, dict[str, float]]:
+    if not isinstance(name, str) or name not in SAMPLERS:
+        raise UnfogError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}", "sampler")
+    if options is None:
+        return name, {}
+    if not isinstance(options, dict):
+        raise UnfogError(f"sampler_options must be a dict of option names to numbers, got {options!r}", "sampler_options")
+    accepted = [p for p in inspect.signature(SAMPLERS[name]).parameters if p not in _SAMPLER_ARGS]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise UnfogError(f"sampler {name} does not take the options {unknown}; it takes {accepted or 'none'}", "sampler_options")
+    return name, {k: _number(f"sampler_options[{k!r}]", v) for k, v in options.items()}
+
+
+def _size(name: str, v: Any, factor: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % factor:
+        raise UnfogError(f"{name} must be a positive multiple of {factor} for this model (its downsampling factor), got {v!r}", name)
+    return v
+
+
+def _image_inputs(image: Any, mask_image: Any, strength: Any, steps: int, inpainting: bool) -> float:
+    """Checks img2img and inpainting inputs; returns the strength to use."""
+    for name, v in (("image", image), ("mask_image", mask_image)):
+        if v is not None and not isinstance(v, Image.Image):
+            raise UnfogError(f"{name} must be a PIL image, got {type(v).__name__}", name)
+    if mask_image is not None and image is None:
+        raise UnfogError("mask_image needs image: pass the picture to inpaint as image=", "mask_image")
+    if inpainting and mask_image is None:
+        raise UnfogError("this is an inpainting model: pass image= and mask_image=", "mask_image")
+    strength = (1.0 if mask_image is not None else 0.8) if strength is None else strength
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
+        raise UnfogError(f"strength must be in (0, 1], got {strength!r}", "strength")
+    if image is not None and int(steps * strength) < 1:
+        raise UnfogError(f"strength {strength} with {steps} steps leaves no step to run; raise strength or num_inference_steps", "strength")
+    return float(strength)
+
+
+def make_request(
+    model: ModelFacts,
+    prompt: str | Sequence[str],
+    *,
+    negative_prompt: str | Sequence[str] | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    sampler: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_images_per_prompt: int = 1,
+    seed: int | Sequence[int] | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    latents: torch.Tensor | None = None,
+    sigma_schedule: str | None = None,
+    sampler_options: dict[str, float] | None = None,
+    image: Image.Image | None = None,
+    mask_image: Image.Image | None = None,
+    strength: float | None = None,
+    long_prompts: str = "chunk",
+    round_timesteps: bool = False,
+) -> GenerationRequest:
+    """Validate a generation's arguments against the model and fill the omitted ones from its
+    defaults (see Pipeline.__call__ for what each means)."""
+    d, f = model.defaults, model.downsample_factor
+    prompts, negatives = _prompts(prompt, negative_prompt)
+    n = _int("num_images_per_prompt", num_images_per_prompt)
+    steps = _int("num_inference_steps", d.num_inference_steps if num_inference_steps is None else num_inference_steps)
+    scale = _number("guidance_scale", d.guidance_scale if guidance_scale is None else guidance_scale)
+    sampler_name, options = _sampler(d.sampler if sampler is None else sampler, sampler_options)
+    strength = _image_inputs(image, mask_image, strength, steps, model.inpainting)
+    if image is not None:  # the image's own size, rounded down to what the model takes
+        height = height or max(f, image.size[1] // f * f)
+        width = width or max(f, image.size[0] // f * f)
+    height, width = _size("height", d.height if height is None else height, f), _size("width", d.width if width is None else width, f)
+    schedule = model.sigma_schedule if sigma_schedule is None else sigma_schedule
+    if schedule not in SIGMA_SCHEDULES:
+        raise UnfogError(f"unknown sigma schedule {schedule!r}; choose one of {', '.join(SIGMA_SCHEDULES)}", "sigma_schedule")
+    if long_prompts not in LONG_PROMPTS:
+        raise UnfogError(f"long_prompts must be 'chunk' or 'truncate', got {long_prompts!r}", "long_prompts")
+    total = len(prompts) * n
+    seeds, generators = _seeds(seed, generator, total)
+    if latents is not None:
+        shape = (total, model.latent_channels, height // model.vae_factor, width // model.vae_factor)
+        if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+            raise UnfogError(f"latents must be a tensor of shape {shape} for this request, got {getattr(latents, 'shape', latents)!r}", "latents")
+    return GenerationRequest(
+        prompts=[p for p in prompts for _ in range(n)], negative_prompts=[q for q in negatives for _ in range(n)],
+        num_inference_steps=steps, guidance_scale=scale, sampler=sampler_name, height=height, width=width, seeds=seeds,
+        sigma_schedule=schedule, sampler_options=options, generators=generators, latents=latents, image=image,
+        mask_image=mask_image, strength=strength, long_prompts=long_prompts, round_timesteps=bool(round_timesteps),
+    )
