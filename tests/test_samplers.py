@@ -7,7 +7,7 @@ import torch
 
 from unfog.diffusion import karras_sigmas
 from unfog.errors import UnfogError
-from unfog.samplers import SAMPLERS, get_sampler, randn_like, sample_ddim, sample_ddpm, sample_euler_ancestral
+from unfog.samplers import SAMPLERS, get_sampler, iterate, randn_like, sample_ddim, sample_ddpm, sample_euler_ancestral
 
 MU, S = 0.5, 0.8  # data: x_0 ~ N(MU, S²) in every dimension
 SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
@@ -155,3 +155,48 @@ def test_samplers_equal_the_algorithms_written_out(name, eta):
         ref, h_prev = reference_step(name, ref, r0, prev, h_prev, s0, s1, noise, eta_value)
         prev = r0
         torch.testing.assert_close(seen[i], ref, rtol=1e-10, atol=1e-10)
+
+
+# ---- a sampler as a generator of steps --------------------------------------------------------
+
+def test_iterate_yields_every_step_and_returns_the_samplers_result():
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)) * SIGMA_MAX
+    s = sigmas(7)
+    expected = sample_euler_ancestral(gaussian_denoiser, x.clone(), s, generator=torch.Generator().manual_seed(4))
+    gen = iterate(sample_euler_ancestral, gaussian_denoiser, x.clone(), s, generator=torch.Generator().manual_seed(4))
+    steps = []
+    while True:
+        try:
+            steps.append(next(gen))
+        except StopIteration as done:
+            final = done.value
+            break
+    assert [st.index for st in steps] == list(range(7))
+    torch.testing.assert_close(final, expected, rtol=0, atol=0)
+    torch.testing.assert_close(steps[-1].x, expected, rtol=0, atol=0)
+
+
+def test_closing_the_generator_stops_the_sampler():
+    calls = []
+
+    def counting(x, sigma):
+        calls.append(1)
+        return gaussian_denoiser(x, sigma)
+
+    gen = iterate(SAMPLERS["heun"], counting, torch.randn(2, 2) * SIGMA_MAX, sigmas(20))
+    for step in gen:
+        if step.index == 2:
+            break
+    gen.close()
+    assert len(calls) == 2 * 3  # Heun: two calls for each of steps 0, 1 and 2, none after
+
+
+def test_iterate_passes_errors_and_state_replacements_through():
+    def broken(x, sigma):
+        raise RuntimeError("out of memory (simulated)")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        list(iterate(SAMPLERS["euler"], broken, torch.zeros(1, 2), sigmas(3)))
+    zeros = lambda i, x, x0: torch.zeros_like(x)  # noqa: E731
+    steps = list(iterate(SAMPLERS["dpmpp_2m"], gaussian_denoiser, torch.randn(1, 2) * SIGMA_MAX, sigmas(3), callback=zeros))
+    assert all(torch.equal(st.x, torch.zeros(1, 2)) for st in steps)

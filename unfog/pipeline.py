@@ -11,6 +11,7 @@ A generation is four steps, each a method a caller can use on its own:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import warnings
@@ -228,10 +229,11 @@ class Pipeline:
                 state.keep_known = functools.partial(_keep_known, init, noise, small, state.sigmas)
         return state
 
+    @torch.inference_mode()
     def denoise(self, request: GenerationRequest, state: DenoisingState) -> Iterator[Step]:
         """Step 3: run the request's sampler from `state`, yielding each step (index, state,
         x_0 estimate); when it is exhausted, `state.x` holds the final latents. Stopping the
-        iteration early stops the sampler at its next step."""
+        iteration early (closing the generator) stops the sampler at its next step."""
         sample = get_sampler(request.sampler)
         denoiser = self._guided_denoiser(request, state)
         state.x = yield from iterate(sample, denoiser, state.x, state.sigmas, generator=state.generators,
@@ -271,8 +273,9 @@ class Pipeline:
         """
         request = self.request(prompt, **options)
         state = self.initial_state(request)
-        with tqdm(total=len(state.sigmas) - 1, desc="denoising", disable=not progress, leave=False) as bar:
-            for step in self.denoise(request, state):
+        steps = contextlib.closing(self.denoise(request, state))  # a callback that raises stops the sampler too
+        with steps as steps, tqdm(total=len(state.sigmas) - 1, desc="denoising", disable=not progress, leave=False) as bar:
+            for step in steps:
                 bar.update(1)
                 if callback is not None:
                     callback(step.index, step.x, step.x0)
