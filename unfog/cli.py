@@ -212,12 +212,20 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `unfog` argument parser: one sub-command per task."""
     from . import __version__
-    from .samplers import SAMPLERS
 
     parser = argparse.ArgumentParser(prog="unfog", description="Text-to-image diffusion from first principles.")
     parser.add_argument("--version", action="version", version=f"unfog {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_generate_parser, _noise_parser, _data_parser, _train_parser, _export_parser, _convert_parser, _serve_parser, _eval_parser):
+        add(sub)
+    return parser
+
+
+def _generate_parser(sub) -> None:
+    """`unfog generate`: make images from a prompt."""
+    from .samplers import SAMPLERS
 
     g = sub.add_parser("generate", help="make images from a prompt")
     g.add_argument("prompt")
@@ -236,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-skip", type=int, default=0)
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps …")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--optimize", action="store_true", help="the fast path: pipe.optimize() (bf16 U-Net where the hardware has it; on CUDA also each denoising step as one CUDA graph)")
+    g.add_argument("--optimize", action="store_true", help="the fast path: pipe.optimize() (bf16 U-Net where the hardware has it; on CUDA also the guided denoiser as one CUDA graph)")
     g.add_argument("--init-image", help="img2img / inpainting: the starting picture")
     g.add_argument("--strength", type=float, help="img2img: how far to re-noise the init image, (0, 1] (default 0.8; 1 with --mask)")
     g.add_argument("--mask", help="inpainting: a mask image, white = repaint")
@@ -245,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
+
+def _noise_parser(sub) -> None:
+    """`unfog noise`: the forward process on an image."""
     n = sub.add_parser("noise", help="show the forward process on an image: x_0 → x_T")
     n.add_argument("image")
     n.add_argument("-o", "--output", default="noise.png")
@@ -256,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--seed", type=int, default=0)
     n.set_defaults(func=cmd_noise)
 
-    from .train.config import PRESETS
 
+def _data_parser(sub) -> None:
+    """`unfog data`: datasets."""
     d = sub.add_parser("data", help="make datasets")
     dsub = d.add_subparsers(dest="dataset", required=True)
     ds = dsub.add_parser("shapes", help="render shapes-v1 images + metadata.jsonl")
@@ -265,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--count", type=int, default=1000)
     ds.add_argument("--seed", type=int, default=0)
     ds.set_defaults(func=cmd_data_shapes)
+
+
+def _train_parser(sub) -> None:
+    """`unfog train`: training."""
+    from .train.config import PRESETS
 
     t = sub.add_parser("train", help="train an autoencoder or a text-to-image model")
     t.add_argument("--data", required=True, help="an image+caption folder, or 'shapes' for the endless shapes-v1 stream")
@@ -289,12 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-q", "--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 
+
+def _export_parser(sub) -> None:
+    """`unfog export`: a run's EMA weights as a model folder."""
     x = sub.add_parser("export", help="write a run's EMA weights as a model folder")
     x.add_argument("run_dir")
     x.add_argument("out_dir")
     x.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="storage precision")
     x.set_defaults(func=cmd_export)
 
+
+def _convert_parser(sub) -> None:
+    """`unfog convert`: Stable Diffusion weights to an unfog folder."""
     c = sub.add_parser("convert", help="convert Stable Diffusion weights (diffusers folder, single file, pickle) to an unfog model folder")
     c.add_argument("input", help="diffusers-layout folder, single-file .safetensors, or .ckpt/.pt with --allow-pickle")
     c.add_argument("output", help="unfog model folder to write")
@@ -305,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     c.set_defaults(func=cmd_convert)
 
+
+def _serve_parser(sub) -> None:
+    """`unfog serve`: the HTTP API and web page."""
     v = sub.add_parser("serve", help="HTTP API and web page")
     v.add_argument("--model", help="model folder or checkpoint (default: the bundled model)")
     v.add_argument("--host", default="127.0.0.1")
@@ -320,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--compile", action="store_true", help="with --optimize: also torch.compile the U-Net (slow first request per size)")
     v.set_defaults(func=cmd_serve)
 
+
+def _eval_parser(sub) -> None:
+    """`unfog eval`: measurements of a model."""
     e = sub.add_parser("eval", help="measure a model")
     esub = e.add_subparsers(dest="suite", required=True)
     es = esub.add_parser("shapes", help="prompt adherence on shapes-v1")
@@ -334,7 +363,6 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--grid", help="also save the first 64 images as a grid PNG")
     es.add_argument("-q", "--quiet", action="store_true")
     es.set_defaults(func=cmd_eval_shapes)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
