@@ -7,6 +7,7 @@ default settings (median of repeats after a warm-up).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -46,7 +47,7 @@ def main() -> None:
         "load_s_in_process": warm_load,
         "image_s_median": statistics.median(times),
         "image_s_min": min(times),
-        "settings": {k: d[k] for k in ("sampler", "num_inference_steps", "guidance_scale", "height", "width")},
+        "settings": dataclasses.asdict(d),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),

@@ -235,7 +235,7 @@ def bench_image(device, repeats, emit=None) -> list[dict]:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         d = pipe.defaults
-        rows.append({"case": f"bundled model, one 64×64 image ({d['sampler']}, {d['num_inference_steps']} steps, CFG)", "impl": name,
+        rows.append({"case": f"bundled model, one 64×64 image ({d.sampler}, {d.num_inference_steps} steps, CFG)", "impl": name,
                      "s_per_image": round(statistics.median(times), 3)})
         if emit:
             emit(rows[-1])
