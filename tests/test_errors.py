@@ -4,6 +4,8 @@ import json
 import math
 import shutil
 
+import torch
+
 import pytest
 
 from unfog import Pipeline, UnfogError
@@ -118,3 +120,40 @@ def test_save_never_replaces_a_diffusers_folder(tiny_pipe, tmp_path):
     with pytest.raises(UnfogError, match="not an unfog model folder"):
         tiny_pipe.save_pretrained(d)
     assert (d / "model_index.json").is_file()
+
+
+def test_non_finite_weights_in_an_unfog_folder_are_refused(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = copy_model(tiny_model_dir, tmp_path)
+    path = d / "unet" / "model.safetensors"
+    state = load_file(str(path))
+    key = sorted(state)[3]
+    state[key][0] = float("inf")
+    save_file(state, str(path))
+    with pytest.raises(UnfogError, match=f"{key}.*NaN or infinite"):
+        Pipeline.from_pretrained(d)
+
+
+def test_weights_of_the_wrong_kind_are_refused(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = copy_model(tiny_model_dir, tmp_path)
+    path = d / "unet" / "model.safetensors"
+    state = load_file(str(path))
+    key = sorted(state)[0]
+    state[key] = state[key].to(torch.int32)
+    save_file(state, str(path))
+    with pytest.raises(UnfogError, match=f"{key}.*int32"):
+        Pipeline.from_pretrained(d)
+
+
+@pytest.mark.parametrize("defaults, match", [([1], "must be a JSON object"), ({"steps": 3}, "unknown fields"),
+                                             ({"num_inference_steps": "30"}, "positive integer"), ({"guidance_scale": None}, "finite number")])
+def test_bad_sampling_defaults_name_the_file(tiny_model_dir, tmp_path, defaults, match):
+    d = copy_model(tiny_model_dir, tmp_path)
+    index = json.loads((d / "model_index.json").read_text())
+    index["defaults"] = defaults
+    (d / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UnfogError, match=f"model_index.json.*{match}"):
+        Pipeline.from_pretrained(d)

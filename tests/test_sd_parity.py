@@ -341,3 +341,27 @@ def test_nine_channel_inpainting_model_matches_diffusers(sd, tmp_path):
     expected = pipe("a cat", image=init, mask_image=mask, generator=torch.Generator().manual_seed(5), output_type="np", **kwargs).images[0]
     got = ours("a cat", image=init, mask_image=mask, sampler="ddim", sigma_schedule="leading", generator=torch.Generator().manual_seed(5), **kwargs).images[0]
     assert np.abs(np.asarray(got, dtype=np.float32) / 255 - expected).max() <= 1e-3 + 0.5 / 255
+
+
+def test_the_same_weights_get_the_same_defaults_and_options_are_never_dropped(sd, tmp_path):
+    from ldm_layout import write_ldm_checkpoint
+
+    _, ours, folder = sd
+    ckpt = tmp_path / "model.safetensors"
+    write_ldm_checkpoint(ours, ckpt, open_clip=ours.unet.config.linear_projection)
+    from_file = Pipeline.from_pretrained(ckpt, config=folder)
+    assert from_file.defaults == ours.defaults
+    assert ours.defaults.num_inference_steps == 50 and ours.defaults.sampler == "ddim"  # the folder's DDIMScheduler
+    assert ours.defaults.height == 16  # the U-Net's sample_size × the autoencoder's factor
+    # Options apply everywhere or are refused; nothing is silently dropped.
+    assert Pipeline.from_pretrained(folder, prediction_type="sample").scheduler.prediction_type == "sample"
+    assert Pipeline.from_pretrained(ckpt, config=folder, prediction_type="sample").scheduler.prediction_type == "sample"
+    skipped = Pipeline.from_pretrained(folder, clip_skip=1).text_encoder.config.skip_last_layers
+    assert skipped == ours.text_encoder.config.skip_last_layers + 1
+    for bad in ({"config": folder}, {"tokenizer": folder / "tokenizer"}):
+        with pytest.raises(UnfogError, match="apply to single-file checkpoints"):
+            Pipeline.from_pretrained(folder, **bad)
+    with pytest.raises(UnfogError, match="unknown prediction type"):
+        Pipeline.from_pretrained(folder, prediction_type="velocity")
+    with pytest.raises(TypeError):
+        Pipeline.from_pretrained(folder, clip_skp=1)

@@ -220,3 +220,12 @@ def test_cancelled_queued_jobs_free_their_slots(pipe):
             assert r.status_code == 202
             c.delete(f"/v1/jobs/{r.json()['id']}")
         c.delete(f"/v1/jobs/{running}")
+
+
+@pytest.mark.parametrize("body, field", [({"prompt": "a", "sampler": []}, "sampler"), ({"prompt": "a", "sampler": {}}, "sampler"),
+                                         ({"prompt": "\ud800"}, "prompt"), ({"prompt": "a", "negative_prompt": "\udfff"}, "negative_prompt"),
+                                         ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": "a", "seed": [1]}, "seed")])
+def test_odd_json_values_are_422s_naming_the_field(api, body, field):
+    r = api.post("/v1/jobs", content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["field"] == field and r.json()["allowed"] is not None
+    assert api.get("/v1/health").status_code == 200
