@@ -20,7 +20,7 @@ from unfog.data.shapes import ShapesStream
 from unfog.eval.shapes import evaluate, format_table
 from unfog.pipeline import Pipeline
 from unfog.train import Trainer, export, preset
-from unfog.train.plots import grid
+from unfog.images import grid
 
 
 def timed_run(trainer: Trainer, seconds: float, warm: int = 20, probe: int = 40) -> dict:

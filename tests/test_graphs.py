@@ -12,7 +12,7 @@ from PIL import Image
 
 from unfog import Pipeline
 from unfog.nn import Autoencoder, UNet, UNetConfig
-from unfog.samplers import SAMPLERS
+from unfog.samplers import CALLS_PER_STEP, SAMPLERS
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -42,7 +42,8 @@ def assert_graph_ran(pipe, before: int, calls: int) -> None:
 
 
 def network_calls(sampler: str, steps: int) -> int:
-    return 2 * steps - 1 if sampler == "heun" else steps  # Heun: two per step, one on the last
+    """Two-evaluation samplers (Heun, DPM-2, …) take one call on the last step to σ = 0."""
+    return 2 * steps - 1 if CALLS_PER_STEP[sampler] == 2 else steps
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
@@ -141,7 +142,7 @@ def test_nine_channel_inpainting_model():
 
 
 @cuda
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral", "heun"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral", "heun", "dpm_2", "dpmpp_sde"])
 def test_cuda_graph_replay_equals_eager(tiny_model_dir, sampler):
     """The captured step on the GPU gives the image the eager GPU path gives for the seed."""
     eager = Pipeline.from_pretrained(tiny_model_dir).to("cuda").optimize(cuda_graphs=False)
@@ -173,3 +174,22 @@ def test_cuda_fast_path_close_to_float32(tiny_model_dir):
     kw = dict(prompt="a red circle", num_inference_steps=10, seed=0)
     a, b = latents_of(exact, **kw), latents_of(fast, **kw)
     assert ((b - a).norm() / a.norm()).item() < 5e-2  # bfloat16 keeps 8 bits of mantissa
+
+
+def test_interleaved_generations_of_one_shape_keep_their_own_conditioning(pair):
+    eager, graphed = pair
+    graphed.cuda_graphs = True
+    graphed.denoiser_graphs.clear()
+    requests = [graphed.request(p, num_inference_steps=4, seed=k, guidance_scale=g) for k, (p, g) in enumerate((("a red circle", 3.0), ("a blue square", 6.0)))]
+    states = [graphed.initial_state(r) for r in requests]
+    gens = [graphed.denoise(r, s) for r, s in zip(requests, states)]
+    done = [False, False]
+    while not all(done):  # one step of each in turn, on one cached graph
+        for k, gen in enumerate(gens):
+            done[k] = done[k] or next(gen, None) is None
+    assert len(graphed.denoiser_graphs) == 1
+    for r, s in zip(requests, states):
+        alone = eager.initial_state(r)
+        for _ in eager.denoise(r, alone):
+            pass
+        torch.testing.assert_close(s.x, alone.x, atol=1e-5, rtol=1e-5)

@@ -200,3 +200,34 @@ def test_iterate_passes_errors_and_state_replacements_through():
     zeros = lambda i, x, x0: torch.zeros_like(x)  # noqa: E731
     steps = list(iterate(SAMPLERS["dpmpp_2m"], gaussian_denoiser, torch.randn(1, 2) * SIGMA_MAX, sigmas(3), callback=zeros))
     assert all(torch.equal(st.x, torch.zeros(1, 2)) for st in steps)
+
+
+def test_iterate_keeps_each_sides_grad_mode_and_the_callers_context():
+    import contextvars
+
+    var = contextvars.ContextVar("probe", default="unset")
+    var.set("caller")
+    seen = []
+
+    def denoiser(x, sigma):
+        seen.append((var.get(), torch.is_grad_enabled()))
+        return gaussian_denoiser(x, sigma)
+
+    torch.set_grad_enabled(True)
+    for _ in iterate(SAMPLERS["euler"], denoiser, torch.randn(1, 2), sigmas(3)):
+        assert torch.is_grad_enabled()  # the sampler's no_grad stays on its side
+    assert torch.is_grad_enabled()
+    assert seen == [("caller", False)] * 3
+
+
+def test_iterate_must_be_resumed_on_its_own_thread():
+    import threading
+
+    gen = iterate(SAMPLERS["euler"], gaussian_denoiser, torch.randn(1, 2), sigmas(3))
+    next(gen)
+    errors = []
+    t = threading.Thread(target=lambda: errors.append(pytest.raises(UnfogError, next, gen)))
+    t.start()
+    t.join()
+    assert "thread that started it" in str(errors[0].value)
+    gen.close()

@@ -45,7 +45,7 @@ class DenoiserGraph:
 
     `DenoiserGraph(denoiser, x_shape, context_shape, guided, concat_shape)` allocates the
     buffers on `device` and, on CUDA, captures the guided call. Per generation, `bind(context,
-    uncond, scale, concat)` loads the conditioning; then `graph(x, sigma) -> x0` is a denoiser.
+    uncond, scale, concat)` returns that generation's denoiser `(x, sigma) -> x0` over the graph.
     `denoiser` is called as `denoiser(x, sigma, context=..., concat=...)`; bind any other
     argument (such as `round_timesteps`) before, and key the cache on it. The buffers make one
     DenoiserGraph (and so one Pipeline with graphs on) single-threaded.
@@ -63,6 +63,7 @@ class DenoiserGraph:
         self.uncond = torch.zeros(context_shape, device=device, dtype=context_dtype) if guided else None
         self.concat = torch.zeros(concat_shape, **z) if concat_shape is not None else None
         self.calls = 0
+        self.bound: object | None = None  # which generation's conditioning the buffers hold
         t0 = time.perf_counter()
         self.graph = None
         if device.type == "cuda":
@@ -80,15 +81,28 @@ class DenoiserGraph:
         guided = classifier_free_guidance(self.denoiser, self.context, self.uncond, self.scale, **extra)
         self.out.copy_(guided(self.x, self.sigma))
 
-    def bind(self, context: torch.Tensor, uncond: torch.Tensor | None, scale: float, concat: torch.Tensor | None) -> "DenoiserGraph":
-        """Load one generation's conditioning and guidance scale."""
-        self.context.copy_(context)
-        if self.uncond is not None:
-            self.uncond.copy_(uncond)
-            self.scale.fill_(scale)
-        if self.concat is not None:
-            self.concat.copy_(concat)
-        return self
+    def bind(self, context: torch.Tensor, uncond: torch.Tensor | None, scale: float, concat: torch.Tensor | None) -> Callable:
+        """One generation's guided denoiser on this graph: loads its conditioning and guidance
+        scale into the buffers, and loads them again before a call if another generation has
+        bound the graph since (two generators of the same shape may be interleaved)."""
+        token = object()
+
+        def load() -> None:
+            self.context.copy_(context)
+            if self.uncond is not None:
+                self.uncond.copy_(uncond)
+                self.scale.fill_(scale)
+            if self.concat is not None:
+                self.concat.copy_(concat)
+            self.bound = token
+
+        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            if self.bound is not token:
+                load()
+            return self(x, sigma)
+
+        load()
+        return denoise
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The guided x_0 estimate: load x and σ, replay (or run) the call."""

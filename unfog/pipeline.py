@@ -98,6 +98,10 @@ class Pipeline:
         self.vae = vae.eval() if vae is not None else None
         self.scheduler = scheduler
         self.defaults = defaults if isinstance(defaults, SamplingDefaults) else SamplingDefaults.from_dict(defaults or {})
+        try:
+            get_sampler(self.defaults.sampler)
+        except UnfogError as e:
+            raise UnfogError(f"the model's default sampler is not one unfog has: {e}") from None
         self.decode_tile: int | None = None  # latent tile size for decoding large images
         # Replay the guided denoiser as a captured CUDA graph (optimize() turns this on for CUDA;
         # on a CPU the same static-buffer call runs without capture). Graphs are cached per shape.

@@ -6,6 +6,7 @@ so a value is checked in one place and every front end reports the same error, n
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 import random
@@ -17,7 +18,7 @@ from PIL import Image
 
 from .diffusion import SIGMA_SCHEDULES, SamplingDefaults
 from .errors import UnfogError
-from .samplers import SAMPLERS
+from .samplers import OPTION_CHOICES, get_sampler
 
 LONG_PROMPTS = ("chunk", "truncate")
 # Sampler arguments that the pipeline itself passes; the rest of a sampler's keywords are options.
@@ -38,7 +39,7 @@ class GenerationRequest:
     width: int
     seeds: list[int]
     sigma_schedule: str
-    sampler_options: dict[str, float] = field(default_factory=dict)
+    sampler_options: dict[str, Any] = field(default_factory=dict)
     generators: list[torch.Generator] | None = None  # given by the caller instead of seeds
     latents: torch.Tensor | None = None
     image: Image.Image | None = None
@@ -107,7 +108,7 @@ def _prompts(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str]]:
 
 def _seeds(seed: Any, generator: Any, total: int) -> tuple[list[int], list[torch.Generator] | None]:
     if generator is not None:
-        gens = [generator] * total if isinstance(generator, torch.Generator) else list(generator)
+        gens = [generator] * total if isinstance(generator, torch.Generator) else list(generator) if isinstance(generator, (list, tuple)) else []
         if len(gens) != total or not all(isinstance(g, torch.Generator) for g in gens):
             raise UnfogError(f"generator must be one torch.Generator or a list of {total}, one per image", "generator")
         return [g.initial_seed() for g in gens], gens
@@ -123,18 +124,39 @@ def _seeds(seed: Any, generator: Any, total: int) -> tuple[list[int], list[torch
     raise UnfogError(f"seed must be a non-negative int below 2^63 or a list of them, got {seed!r}", "seed")
 
 
-def _sampler(name: Any, options: Any) -> tuple[str, dict[str, float]]:
-    if not isinstance(name, str) or name not in SAMPLERS:
-        raise UnfogError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}", "sampler")
+def _sampler(name: Any, options: Any) -> tuple[str, dict[str, Any]]:
+    sampler = get_sampler(name)
     if options is None:
         return name, {}
     if not isinstance(options, dict):
-        raise UnfogError(f"sampler_options must be a dict of option names to numbers, got {options!r}", "sampler_options")
-    accepted = [p for p in inspect.signature(SAMPLERS[name]).parameters if p not in _SAMPLER_ARGS]
-    unknown = sorted(set(options) - set(accepted))
+        raise UnfogError(f"sampler_options must be a dict of option names to values, got {options!r}", "sampler_options")
+    # A sampler's options are its keywords with a number or a name as default (callables such as
+    # noise_sampler are for Python callers of the sampler itself).
+    accepted = {p.name: p.default for p in inspect.signature(sampler).parameters.values()
+                if p.name not in _SAMPLER_ARGS and isinstance(p.default, (int, float, str))}
+    unknown = sorted(set(options) - set(accepted), key=str)
     if unknown:
-        raise UnfogError(f"sampler {name} does not take the options {unknown}; it takes {accepted or 'none'}", "sampler_options")
-    return name, {k: _number(f"sampler_options[{k!r}]", v) for k, v in options.items()}
+        raise UnfogError(f"sampler {name} does not take the options {unknown}; it takes {sorted(accepted) or 'none'}", "sampler_options")
+    return name, {k: _option(name, k, v, accepted[k]) for k, v in options.items()}
+
+
+def _option(sampler: str, key: str, value: Any, default: Any) -> Any:
+    """One sampler option, checked against the kind of its default (a name, a count, a number)."""
+    where = f"sampler_options[{key!r}]"
+    if isinstance(default, str):
+        choices = OPTION_CHOICES.get(key, ())
+        if value not in choices:
+            raise UnfogError(f"{where} must be one of {', '.join(choices)}, got {value!r}", "sampler_options")
+        if value == "brownian" and importlib.util.find_spec("torchsde") is None:
+            raise UnfogError("noise='brownian' needs torchsde: pip install 'unfog[brownian]' (or pip install torchsde)", "sampler_options")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UnfogError(f"{where} of {sampler} must be a positive integer, got {value!r}", "sampler_options")
+        return value
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or (math.isinf(value) and not math.isinf(default)):
+        raise UnfogError(f"{where} must be a finite number, got {value!r}", "sampler_options")
+    return float(value)
 
 
 def _size(name: str, v: Any, factor: int) -> int:
@@ -192,12 +214,14 @@ def make_request(
     sampler_name, options = _sampler(d.sampler if sampler is None else sampler, sampler_options)
     strength = _image_inputs(image, mask_image, strength, steps, model.inpainting)
     if image is not None:  # the image's own size, rounded down to what the model takes
-        height = height or max(f, image.size[1] // f * f)
-        width = width or max(f, image.size[0] // f * f)
+        height = max(f, image.size[1] // f * f) if height is None else height
+        width = max(f, image.size[0] // f * f) if width is None else width
     height, width = _size("height", d.height if height is None else height, f), _size("width", d.width if width is None else width, f)
     schedule = model.sigma_schedule if sigma_schedule is None else sigma_schedule
     if schedule not in SIGMA_SCHEDULES:
         raise UnfogError(f"unknown sigma schedule {schedule!r}; choose one of {', '.join(SIGMA_SCHEDULES)}", "sigma_schedule")
+    if not isinstance(round_timesteps, bool):
+        raise UnfogError(f"round_timesteps must be True or False, got {round_timesteps!r}", "round_timesteps")
     if long_prompts not in LONG_PROMPTS:
         raise UnfogError(f"long_prompts must be 'chunk' or 'truncate', got {long_prompts!r}", "long_prompts")
     total = len(prompts) * n
@@ -210,5 +234,5 @@ def make_request(
         prompts=[p for p in prompts for _ in range(n)], negative_prompts=[q for q in negatives for _ in range(n)],
         num_inference_steps=steps, guidance_scale=scale, sampler=sampler_name, height=height, width=width, seeds=seeds,
         sigma_schedule=schedule, sampler_options=options, generators=generators, latents=latents, image=image,
-        mask_image=mask_image, strength=strength, long_prompts=long_prompts, round_timesteps=bool(round_timesteps),
+        mask_image=mask_image, strength=strength, long_prompts=long_prompts, round_timesteps=round_timesteps,
     )

@@ -4,8 +4,9 @@ Sampler state lives in sigma space, x = x_0 + σ·n (Karras et al. 2022). The ne
 trained on x_t = sqrt(ᾱ)·x_0 + sqrt(1-ᾱ)·ε = sqrt(ᾱ)·x, so it sees c_in·x with
 c_in = sqrt(ᾱ) = 1 / sqrt(σ² + 1), at the timestep whose σ_t matches σ, and its output F
 becomes D = c_skip·x + c_out·F (Karras et al. 2022, Table 1, "VP" column, per prediction type).
-Training calls the network through the same `network_output`, so both see one parameterization
-and one dtype handling.
+Training calls the network through the same `network_output` (input scaling, timestep, dtype);
+its target is that relation solved for F, in the closed form of `process.target`, which stays
+finite at a zero-terminal-SNR step where σ = ∞.
 """
 
 from __future__ import annotations

@@ -146,8 +146,8 @@ def load_model(directory: str | Path, *, clip_skip: int = 0, prediction_type: st
     if not isinstance(index, dict) or index.get("format") != "unfog" or index.get("format_version") != FORMAT_VERSION:
         raise UnfogError(f"{d / 'model_index.json'} is not unfog format version {FORMAT_VERSION}")
     components = index.get("components", {})
-    if not isinstance(components, dict):
-        raise UnfogError(f"{d / 'model_index.json'}: components must be an object like {{\"vae\": true}}, got {components!r}")
+    if not isinstance(components, dict) or not all(isinstance(v, bool) for v in components.values()):
+        raise UnfogError(f"{d / 'model_index.json'}: components must be an object of true/false like {{\"vae\": true}}, got {components!r}")
     modules = {}
     for name, cls, cfg_cls in (("text_encoder", TextEncoder, TextEncoderConfig), ("unet", UNet, UNetConfig), ("vae", Autoencoder, AutoencoderConfig)):
         if name == "vae" and components.get("vae") is not True:

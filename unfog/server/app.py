@@ -78,7 +78,7 @@ def _limits(body: dict, s: ServerSettings) -> None:
         ("guidance_scale", number(body.get("guidance_scale")) and not 0 <= body["guidance_scale"] <= s.max_guidance,
          f"guidance_scale must be a finite number from 0 to {s.max_guidance}"),
         ("seed", body.get("seed") is not None and not (isinstance(body["seed"], int) and not isinstance(body["seed"], bool) and -1 <= body["seed"] < 2**63 - s.max_images),
-         "seed must be an integer from 0 to 2^63 - 9, or -1/null for a random one"),
+         f"seed must be an integer from 0 to 2^63 - {s.max_images + 1}, or -1/null for a random one"),
     ]
     for name, failed, message in checks:
         if failed:
@@ -122,6 +122,8 @@ def public_params(r: GenerationRequest) -> dict:
 def create_app(pipe, settings: ServerSettings | None = None, *, model_name: str = "default") -> FastAPI:
     """The FastAPI app serving `pipe`: the guard on every request, the job API and the page."""
     s = settings or ServerSettings()
+    if pipe.is_inpainting_model:
+        raise UnfogError("unfog serve serves text-to-image models; this is an inpainting model, which needs an image and a mask for every request")
     jobs = JobQueue(pipe, model_name=model_name, max_queue=s.max_queue, job_timeout_s=s.job_timeout_s, preview_every=s.preview_every)
     app = FastAPI(title="unfog", description="Text-to-image diffusion: an HTTP API with a job queue and live progress.", version="1")
     app.state.jobs, app.state.settings = jobs, s

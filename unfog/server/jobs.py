@@ -18,7 +18,6 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 
-
 class JobStopped(Exception):
     """Raised inside the pipeline's step callback to stop a job (cancelled or timed out)."""
 
