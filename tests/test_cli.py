@@ -72,3 +72,16 @@ def test_generate_with_the_fast_path(tiny_model_dir, tmp_path):
     assert main(["generate", "a red circle", "-o", str(out), "--model", str(tiny_model_dir), "--steps", "3", "--optimize", "-q"]) == 0
     with Image.open(out) as im:
         assert im.size == (32, 32)
+
+
+def test_generate_with_every_sampler_option_kind(tiny_model_dir, tmp_path, capsys):
+    common = ["--model", str(tiny_model_dir), "--steps", "3", "--seed", "1", "-q"]
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "a.png"), "--sampler", "dpmpp_2m_sde", "--schedule", "beta",
+                 "--sampler-option", "eta=0.5", "--sampler-option", "solver_type=heun", *common]) == 0
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "b.png"), "--sampler", "lms", "--sampler-option", "order=3",
+                 "--schedule", "simple", *common]) == 0
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "c.png"), "--sampler", "euler", "--sampler-option", "eta=0.5", *common]) == 2
+    assert "does not take the options ['eta']" in capsys.readouterr().err
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "c.png"), "--sampler-option", "eta", *common]) == 2
+    assert "NAME=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from unfog.diffusion import (
-    DiscreteDenoiser, SchedulerConfig, karras_sigmas, loss_weight, make_betas, make_sigmas,
+    SIGMA_SCHEDULES, DiscreteDenoiser, SchedulerConfig, karras_sigmas, loss_weight, make_betas, make_sigmas,
     q_sample, sigmas_from_alphas_cumprod, snr, spaced_timesteps, target, to_x0_and_eps,
 )
 from unfog.diffusion.schedules import alphas_cumprod_from_betas
@@ -64,7 +64,7 @@ def test_stable_diffusion_timestep_spacings():
     assert spaced_timesteps(1000, 4, "linspace").tolist() == [999, 666, 333, 0]
 
 
-@pytest.mark.parametrize("schedule", ["leading", "trailing", "linspace", "karras", "exponential"])
+@pytest.mark.parametrize("schedule", SIGMA_SCHEDULES)
 def test_sigma_schedules_decrease_to_zero(schedule):
     ac = SchedulerConfig().alphas_cumprod()
     s = make_sigmas(schedule, 12, ac)
@@ -133,3 +133,58 @@ def test_trailing_spacing_has_exactly_the_requested_steps():
 def test_min_snr_epsilon_weight_is_finite_at_zero_snr():
     w = loss_weight("min_snr", "epsilon", torch.tensor([0.0, 1.0, 100.0]))
     assert torch.isfinite(w).all() and w[0] == 1
+
+
+# ---- ComfyUI's schedules, written out here from their definitions ------------------------------
+
+def comfy_reference(schedule, steps, ac):
+    """ComfyUI's schedulers over a discrete model's sigmas, as its samplers.py defines them."""
+    import numpy as np
+    from scipy import stats
+
+    sig = ((1 - ac) / ac).sqrt()
+    log_sig = sig.log()
+
+    def sigma_at(t):  # ComfyUI's ModelSamplingDiscrete.sigma: log-linear between integer timesteps
+        lo, hi = int(np.floor(t)), int(np.ceil(t))
+        w = t - lo
+        return float(((1 - w) * log_sig[lo] + w * log_sig[hi]).exp())
+
+    if schedule == "simple":
+        ss = len(sig) / steps
+        out = [float(sig[-(1 + int(x * ss))]) for x in range(steps)]
+    elif schedule in ("normal", "sgm_uniform"):
+        ts = np.linspace(len(sig) - 1, 0, steps + 1)[:-1] if schedule == "sgm_uniform" else np.linspace(len(sig) - 1, 0, steps)
+        out = [sigma_at(t) for t in ts]
+    else:
+        ts = np.rint(stats.beta.ppf(1 - np.linspace(0, 1, steps, endpoint=False), 0.6, 0.6) * (len(sig) - 1))
+        out, last = [], -1
+        for t in ts:
+            if t != last:
+                out.append(float(sig[int(t)]))
+            last = t
+    return torch.tensor(out + [0.0])
+
+
+@pytest.mark.parametrize("schedule", ["simple", "normal", "sgm_uniform", "beta"])
+@pytest.mark.parametrize("steps", [1, 4, 13, 30])
+def test_comfyui_schedules_match_their_definitions(schedule, steps):
+    pytest.importorskip("scipy")
+    ac = SchedulerConfig().alphas_cumprod()
+    got = make_sigmas(schedule, steps, ac)
+    torch.testing.assert_close(got, comfy_reference(schedule, steps, ac).float(), rtol=1e-5, atol=1e-6)
+    assert got[0] == pytest.approx(((1 - ac[-1]) / ac[-1]).sqrt().item(), rel=1e-6)  # all start at σ_max
+
+
+def test_beta_quantiles_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    from unfog.diffusion.schedules import beta_ppf
+
+    for a, b in ((0.6, 0.6), (2.0, 5.0), (0.5, 3.0)):
+        for q in (1e-4, 0.1, 0.37, 0.5, 0.9, 0.9999):
+            assert beta_ppf(q, a, b) == pytest.approx(stats.beta.ppf(q, a, b), abs=1e-12)
+
+
+def test_polyexponential_with_rho_one_is_exponential():
+    ac = SchedulerConfig().alphas_cumprod()
+    torch.testing.assert_close(make_sigmas("polyexponential", 9, ac), make_sigmas("exponential", 9, ac))

@@ -23,6 +23,23 @@ def _open_image(path: str | None, flag: str):
     return image
 
 
+def _sampler_options(pairs: list[str]) -> dict | None:
+    """NAME=VALUE strings as sampler options: numbers where they parse as numbers, else names."""
+    options = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UnfogError(f"--sampler-option takes NAME=VALUE, got {pair!r}")
+        try:
+            options[name] = int(value)
+        except ValueError:
+            try:
+                options[name] = float(value)
+            except ValueError:
+                options[name] = value
+    return options or None
+
+
 def _output_paths(out: Path, n: int) -> list[Path]:
     if n == 1:
         return [out]
@@ -58,6 +75,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         sampler=args.sampler,
+        sigma_schedule=args.schedule,
+        sampler_options=_sampler_options(args.sampler_option),
         height=args.height,
         width=args.width,
         num_images_per_prompt=args.num_images,
@@ -225,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _generate_parser(sub) -> None:
     """`unfog generate`: make images from a prompt."""
+    from .diffusion import SIGMA_SCHEDULES
     from .samplers import SAMPLERS
 
     g = sub.add_parser("generate", help="make images from a prompt")
@@ -234,6 +254,9 @@ def _generate_parser(sub) -> None:
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     g.add_argument("--seed", type=int, help="seed of the first image; image k uses seed + k")
     g.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampling algorithm")
+    g.add_argument("--schedule", choices=SIGMA_SCHEDULES, help="sigma schedule (the model's own if omitted)")
+    g.add_argument("--sampler-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a sampler option, e.g. eta=0.5, s_churn=10, noise=brownian, solver_type=heun (repeatable)")
     g.add_argument("--negative", help="negative prompt")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--height", type=int)

@@ -14,7 +14,7 @@ import torch
 from ..errors import UnfogError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
-SIGMA_SCHEDULES = ("leading", "trailing", "linspace", "karras", "exponential")
+SIGMA_SCHEDULES = ("leading", "trailing", "linspace", "karras", "exponential", "polyexponential", "simple", "normal", "sgm_uniform", "beta")
 
 # A zero-terminal-SNR schedule has ᾱ_T = 0, i.e. σ_T = ∞. Samplers need a finite start, so
 # sampling clamps ᾱ to this floor (σ_max ≈ 4096), far beyond any data scale.
@@ -100,6 +100,70 @@ def exponential_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.
     return torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
 
 
+def polyexponential_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
+    """k-diffusion's polyexponential spacing: log σ follows (1 - i/(n-1))^ρ from log σ_max to
+    log σ_min (ρ = 1, its default, is the exponential schedule)."""
+    ramp = torch.linspace(1, 0, steps, dtype=torch.float64) ** rho
+    return (ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp()
+
+
+def _beta_continued_fraction(x: float, a: float, b: float) -> float:
+    """The continued fraction of the regularised incomplete beta function, by the modified
+    Lentz method (Press et al., Numerical Recipes, §6.4)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)), -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return f
+
+
+def beta_cdf(x: float, a: float, b: float) -> float:
+    """The Beta(a, b) distribution function, the regularised incomplete beta I_x(a, b)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _beta_continued_fraction(x, a, b) / a
+    return 1.0 - front * _beta_continued_fraction(1 - x, b, a) / b
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """The Beta(a, b) quantile function, by bisection on `beta_cdf` to double precision."""
+    lo, hi = 0.0, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if beta_cdf(mid, a, b) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def comfy_sigmas(schedule: str, steps: int, alphas_cumprod: torch.Tensor, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+    """ComfyUI's schedules over the model's own training sigmas (N of them, σ at timestep t):
+    `simple` takes every N/steps-th one from the top; `normal` is evenly spaced timesteps from
+    N-1 to 0 (σ interpolated in log σ), `sgm_uniform` the same without the last (SGM's spacing);
+    `beta` spaces timesteps by the Beta(α, β) quantiles (more steps at both ends; Lee et al.
+    2024), dropping repeats."""
+    all_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)
+    n = len(all_sigmas)
+    if schedule == "simple":
+        return all_sigmas[[n - 1 - int(k * n / steps) for k in range(steps)]]
+    if schedule in ("normal", "sgm_uniform"):
+        t = torch.linspace(n - 1, 0, steps + 1, dtype=torch.float64)[:-1] if schedule == "sgm_uniform" else torch.linspace(n - 1, 0, steps, dtype=torch.float64)
+        return timestep_to_sigma(alphas_cumprod, t)
+    ts = [round(beta_ppf(1 - k / steps, alpha, beta) * (n - 1)) for k in range(steps)]
+    return all_sigmas[[t for k, t in enumerate(ts) if k == 0 or t != ts[k - 1]]]
+
+
 def timestep_to_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """σ at (possibly fractional) timesteps, interpolating log σ between integer steps."""
     log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).log()
@@ -120,8 +184,9 @@ def make_sigmas(
 ) -> torch.Tensor:
     """The sigmas a sampler walks: `steps` decreasing values followed by a final 0.
 
-    `leading`/`trailing`/`linspace` take σ at evenly spaced training timesteps; `karras` and
-    `exponential` span the model's own [σ_min, σ_max].
+    `leading`/`trailing`/`linspace` take σ at evenly spaced training timesteps; `karras`,
+    `exponential` and `polyexponential` span the model's own [σ_min, σ_max]; `simple`, `normal`,
+    `sgm_uniform` and `beta` are ComfyUI's (see `comfy_sigmas`).
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise UnfogError(f"number of inference steps must be a positive integer, got {steps!r}")
@@ -133,6 +198,11 @@ def make_sigmas(
         all_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)
         lo, hi = all_sigmas.min().item(), all_sigmas.max().item()
         sigmas = karras_sigmas(steps, lo, hi, rho) if schedule == "karras" else exponential_sigmas(steps, lo, hi)
+    elif schedule == "polyexponential":
+        all_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)
+        sigmas = polyexponential_sigmas(steps, all_sigmas.min().item(), all_sigmas.max().item())
+    elif schedule in ("simple", "normal", "sgm_uniform", "beta"):
+        sigmas = comfy_sigmas(schedule, steps, alphas_cumprod)
     else:
         raise UnfogError(f"unknown sigma schedule {schedule!r}; choose one of {', '.join(SIGMA_SCHEDULES)}")
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
