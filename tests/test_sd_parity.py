@@ -365,3 +365,43 @@ def test_the_same_weights_get_the_same_defaults_and_options_are_never_dropped(sd
         Pipeline.from_pretrained(folder, prediction_type="velocity")
     with pytest.raises(TypeError):
         Pipeline.from_pretrained(folder, clip_skp=1)
+
+
+# Stable Diffusion's scheduler configs as shipped (runwayml/stable-diffusion-v1-5 and
+# stabilityai/stable-diffusion-2-1, scheduler/scheduler_config.json).
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+                  "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+SD21_SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+DIFFUSERS_FOR = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler",
+                 "heun": "HeunDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler", "lms": "LMSDiscreteScheduler"}
+
+
+@pytest.fixture(scope="module", params=["sd15", "sd21"])
+def shipped(request, tmp_path_factory):
+    """A tiny SD model saved by diffusers with the real SD 1.5 or 2.1 scheduler config."""
+    root = tmp_path_factory.mktemp(request.param)
+    ref = build_sd(root, v2=request.param == "sd21")
+    config = SD15_SCHEDULER if request.param == "sd15" else SD21_SCHEDULER
+    (root / "sd" / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    return ref, Pipeline.from_pretrained(root / "sd"), config
+
+
+@pytest.mark.parametrize("sampler", sorted(DIFFUSERS_FOR))
+def test_samplers_reproduce_diffusers_on_the_models_own_scheduler_config(shipped, sampler):
+    ref, ours, config = shipped
+    ref.scheduler = getattr(diffusers, DIFFUSERS_FOR[sampler]).from_config(config)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(num_inference_steps=8, guidance_scale=6.0, height=16, width=16)
+    expected = ref("a photo of a cat", latents=latents.clone(), output_type="np", generator=torch.Generator().manual_seed(11), **kwargs).images[0]
+    got = ours("a photo of a cat", latents=latents, sampler=sampler, generator=torch.Generator().manual_seed(11), **kwargs).images[0]
+    assert np.abs(np.asarray(got, dtype=np.float32) / 255 - expected).max() <= 1.5 / 255  # within one level of 8 bits
+    # Where diffusers' schedule differs from the common definition, the common one stays an explicit choice.
+    finals = {}
+    for match in (True, False):
+        seen = []
+        ours("a photo of a cat", latents=latents, sampler=sampler, match_diffusers=match, callback=lambda i, x, x0: seen.append(x), **kwargs)
+        finals[match] = seen[-1]
+    assert not torch.equal(finals[True], finals[False])  # both shipped configs leave the spacing or DDIM's end to diffusers

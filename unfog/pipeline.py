@@ -197,7 +197,7 @@ class Pipeline:
     def request(self, prompt: str | Sequence[str], **options) -> GenerationRequest:
         """Step 1: a validated request for this model; options are those of `__call__`."""
         facts = ModelFacts(self.defaults, self.scheduler.sigma_schedule, self.downsample_factor, self.vae_factor,
-                           self.latent_channels, self.is_inpainting_model)
+                           self.latent_channels, self.is_inpainting_model, self.scheduler.match_diffusers, self.scheduler.spacing_given)
         return make_request(facts, prompt, **options)
 
     @torch.inference_mode()
@@ -209,7 +209,8 @@ class Pipeline:
         r = request
         gens = r.generators or [torch.Generator("cpu").manual_seed(s) for s in r.seeds]
         h, w = r.height // self.vae_factor, r.width // self.vae_factor
-        sigmas = make_sigmas(r.sigma_schedule, r.num_inference_steps, self.denoiser.alphas_cumprod.cpu(), steps_offset=self.scheduler.steps_offset)
+        sigmas = make_sigmas(r.sigma_schedule, r.num_inference_steps, self.denoiser.alphas_cumprod.cpu(), steps_offset=self.scheduler.steps_offset,
+                             diffusers_sampler=r.sampler if r.match_diffusers else None, set_alpha_to_one=self.scheduler.set_alpha_to_one)
         if r.image is not None:  # start part-way: the last int(steps·strength) steps of the full schedule
             sigmas = sigmas[r.num_inference_steps - int(r.num_inference_steps * r.strength):]
         pixels = from_pil(resized(r.image, r.width, r.height)).expand(r.batch, -1, -1, -1) if r.image is not None else None
@@ -268,7 +269,9 @@ class Pipeline:
         `guidance_scale`, `height`, `width`, `num_images_per_prompt`, `latents` (standard-normal
         starting noise (B, C, h, w), scaled here by sqrt(1 + σ_0²)), `generator`; and `seed` (an
         int, image k using seed + k, or one per image), `sampler`, `sampler_options` (e.g.
-        {"eta": 0.5}), `sigma_schedule`, `long_prompts` ("chunk" or "truncate"), `round_timesteps`.
+        {"eta": 0.5}), `sigma_schedule`, `long_prompts` ("chunk" or "truncate"), `round_timesteps`,
+        `match_diffusers` (walk the sigmas diffusers' scheduler of the same name walks on the model's
+        scheduler config; default: on for Stable Diffusion weights, see README "Samplers").
         img2img: `image` with `strength` in (0, 1] (default 0.8) starts that far along the
         schedule from the encoded image. Inpainting: also `mask_image` (white = repaint,
         strength default 1); a 9-channel inpainting U-Net sees the mask and the masked image,

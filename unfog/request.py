@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from .diffusion import SIGMA_SCHEDULES, SamplingDefaults
+from .diffusion.schedules import DIFFUSERS_DEFAULT_SPACING
 from .errors import UnfogError
 from .samplers import OPTION_CHOICES, get_sampler
 
@@ -47,6 +48,7 @@ class GenerationRequest:
     strength: float = 1.0
     long_prompts: str = "chunk"
     round_timesteps: bool = False
+    match_diffusers: bool = False
 
     @property
     def batch(self) -> int:
@@ -68,6 +70,8 @@ class ModelFacts:
     vae_factor: int
     latent_channels: int
     inpainting: bool
+    match_diffusers: bool = False
+    spacing_given: bool = True  # False: a diffusers config named no spacing (see SchedulerConfig)
 
 
 def _int(name: str, v: Any) -> int:
@@ -203,6 +207,7 @@ def make_request(
     strength: float | None = None,
     long_prompts: str = "chunk",
     round_timesteps: bool = False,
+    match_diffusers: bool | None = None,
 ) -> GenerationRequest:
     """Validate a generation's arguments against the model and fill the omitted ones from its
     defaults (see Pipeline.__call__ for what each means)."""
@@ -217,11 +222,15 @@ def make_request(
         height = max(f, image.size[1] // f * f) if height is None else height
         width = max(f, image.size[0] // f * f) if width is None else width
     height, width = _size("height", d.height if height is None else height, f), _size("width", d.width if width is None else width, f)
-    schedule = model.sigma_schedule if sigma_schedule is None else sigma_schedule
+    matching = model.match_diffusers if match_diffusers is None else match_diffusers
+    schedule = sigma_schedule
+    if schedule is None:
+        schedule = DIFFUSERS_DEFAULT_SPACING.get(sampler_name, model.sigma_schedule) if matching and not model.spacing_given else model.sigma_schedule
     if schedule not in SIGMA_SCHEDULES:
         raise UnfogError(f"unknown sigma schedule {schedule!r}; choose one of {', '.join(SIGMA_SCHEDULES)}", "sigma_schedule")
-    if not isinstance(round_timesteps, bool):
-        raise UnfogError(f"round_timesteps must be True or False, got {round_timesteps!r}", "round_timesteps")
+    for name, flag in (("round_timesteps", round_timesteps), ("match_diffusers", match_diffusers)):
+        if not isinstance(flag, bool) and not (name == "match_diffusers" and flag is None):
+            raise UnfogError(f"{name} must be True or False, got {flag!r}", name)
     if long_prompts not in LONG_PROMPTS:
         raise UnfogError(f"long_prompts must be 'chunk' or 'truncate', got {long_prompts!r}", "long_prompts")
     total = len(prompts) * n
@@ -235,4 +244,5 @@ def make_request(
         num_inference_steps=steps, guidance_scale=scale, sampler=sampler_name, height=height, width=width, seeds=seeds,
         sigma_schedule=schedule, sampler_options=options, generators=generators, latents=latents, image=image,
         mask_image=mask_image, strength=strength, long_prompts=long_prompts, round_timesteps=round_timesteps,
+        match_diffusers=matching,
     )

@@ -24,6 +24,14 @@ class SchedulerConfig:
     # How sampling spaces its sigmas by default, and SD's offset for `leading` spacing.
     sigma_schedule: str = "karras"
     steps_offset: int = 0
+    # Walk the sigmas diffusers' scheduler of the same name walks on this config where they differ
+    # from the common definition (on for Stable Diffusion weights; see schedules.make_sigmas), and
+    # diffusers' DDIM setting of where its last step ends.
+    match_diffusers: bool = False
+    set_alpha_to_one: bool = True
+    # False when a diffusers config names no timestep spacing: diffusers then uses the default of
+    # whichever scheduler class is chosen (leading for DDIM, linspace for Euler and DPM-Solver).
+    spacing_given: bool = True
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:

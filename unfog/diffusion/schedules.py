@@ -174,6 +174,17 @@ def timestep_to_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Te
     return ((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]).exp()
 
 
+# diffusers' DPMSolverMultistepScheduler, behind these samplers, divides `leading` and
+# `linspace` into steps + 1 and drops the last timestep; its DDIMScheduler, behind `ddim`, ends
+# at ᾱ_0 rather than 1 unless set_alpha_to_one (the original CompVis DDIM does the same).
+DIFFUSERS_N_PLUS_ONE = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
+# Its Euler, Heun, LMS and KDPM2 schedulers take `linspace` timesteps unrounded and interpolate σ
+# linearly between training steps.
+DIFFUSERS_FRACTIONAL = ("euler", "euler_ancestral", "heun", "lms", "dpm_2", "dpm_2_ancestral")
+# The spacing each of those schedulers uses when a config names none (SD 1.5's does not).
+DIFFUSERS_DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading", **{name: "linspace" for name in DIFFUSERS_N_PLUS_ONE + DIFFUSERS_FRACTIONAL}}
+
+
 def make_sigmas(
     schedule: str,
     steps: int,
@@ -181,17 +192,32 @@ def make_sigmas(
     *,
     steps_offset: int = 0,
     rho: float = 7.0,
+    diffusers_sampler: str | None = None,
+    set_alpha_to_one: bool = True,
 ) -> torch.Tensor:
     """The sigmas a sampler walks: `steps` decreasing values followed by a final 0.
 
     `leading`/`trailing`/`linspace` take σ at evenly spaced training timesteps; `karras`,
     `exponential` and `polyexponential` span the model's own [σ_min, σ_max]; `simple`, `normal`,
-    `sgm_uniform` and `beta` are ComfyUI's (see `comfy_sigmas`).
+    `sgm_uniform` and `beta` are ComfyUI's (see `comfy_sigmas`). With `diffusers_sampler` (a
+    sampler name), the sigmas are those diffusers' scheduler for that sampler walks on this
+    config where it differs: DPM-Solver's n + 1 divisions of `leading` and `linspace`, Euler's
+    (and Heun's, LMS's, KDPM2's) unrounded `linspace` with σ interpolated linearly, and for
+    `ddim` without `set_alpha_to_one` a last step that ends at σ(t = 0) instead of 0.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise UnfogError(f"number of inference steps must be a positive integer, got {steps!r}")
     n = len(alphas_cumprod)
-    if schedule in ("leading", "trailing", "linspace"):
+    if schedule in ("leading", "linspace") and diffusers_sampler in DIFFUSERS_N_PLUS_ONE:
+        t = spaced_timesteps(n, steps + 1, schedule, steps_offset if schedule == "leading" else 0)[:-1]
+        sigmas = timestep_to_sigma(alphas_cumprod, t)
+    elif schedule == "linspace" and diffusers_sampler in DIFFUSERS_FRACTIONAL:
+        t = torch.linspace(n - 1, 0, steps, dtype=torch.float64)
+        table = sigmas_from_alphas_cumprod(alphas_cumprod)
+        lo = t.floor().long()
+        hi = (lo + 1).clamp(max=n - 1)
+        sigmas = table[lo] + (t - lo) * (table[hi] - table[lo])
+    elif schedule in ("leading", "trailing", "linspace"):
         t = spaced_timesteps(n, steps, schedule, steps_offset)
         sigmas = timestep_to_sigma(alphas_cumprod, t)
     elif schedule in ("karras", "exponential"):
@@ -205,4 +231,7 @@ def make_sigmas(
         sigmas = comfy_sigmas(schedule, steps, alphas_cumprod)
     else:
         raise UnfogError(f"unknown sigma schedule {schedule!r}; choose one of {', '.join(SIGMA_SCHEDULES)}")
-    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+    end = sigmas.new_zeros(1)
+    if diffusers_sampler == "ddim" and not set_alpha_to_one:
+        end = sigmas_from_alphas_cumprod(alphas_cumprod[:1]).to(sigmas)
+    return torch.cat([sigmas, end]).float()

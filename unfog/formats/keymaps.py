@@ -153,6 +153,8 @@ def scheduler_config_from_diffusers(cfg: dict) -> tuple[SchedulerConfig, dict]:
         num_train_timesteps=cfg.get("num_train_timesteps", 1000), beta_schedule=BETA_SCHEDULE_NAMES[beta], beta_start=cfg.get("beta_start", 0.0001),
         beta_end=cfg.get("beta_end", 0.02), zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr", False)), prediction_type=cfg.get("prediction_type", "epsilon"),
         sigma_schedule="karras" if karras else spacing, steps_offset=cfg.get("steps_offset", 0),
+        match_diffusers=True, set_alpha_to_one=bool(cfg.get("set_alpha_to_one", True)),
+        spacing_given=karras or "timestep_spacing" in cfg,
     )
     hints = {"class": cfg.get("_class_name"), "set_alpha_to_one": cfg.get("set_alpha_to_one", True), "timestep_spacing": spacing}
     return sched, hints

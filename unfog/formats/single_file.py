@@ -264,7 +264,8 @@ def parts_from_state(state: dict, source: str, *, config=None, tokenizer=None, p
         unet_cfg, vae_cfg, te_cfg = infer_unet_config(state, family), infer_vae_config(state), infer_text_config(state, family)
         te_cfg.skip_last_layers += clip_skip
         sched = SchedulerConfig(beta_schedule="scaled_linear", prediction_type="v_prediction" if family == "sd2" else "epsilon",
-                                sigma_schedule="leading", steps_offset=1)
+                                sigma_schedule="leading", steps_offset=1, match_diffusers=True, set_alpha_to_one=False,
+                                spacing_given=False)  # as SD's shipped scheduler configs
         scheduler_class = None
         tok = clip_tokenizer(Path(tokenizer), te_cfg.context_length)
     if prediction_type:
