@@ -11,8 +11,9 @@ from unfog.samplers import SAMPLERS, get_sampler, iterate, randn_like, sample_dd
 
 MU, S = 0.5, 0.8  # data: x_0 ~ N(MU, S²) in every dimension
 SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
-REQUIRED = ["ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde"]
-DETERMINISTIC = ["ddim", "euler", "heun", "dpmpp_2m"]
+REQUIRED = ["ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "lms", "dpm_2", "dpm_2_ancestral",
+            "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_3m_sde", "uni_pc", "lcm"]
+DETERMINISTIC = ["ddim", "euler", "heun", "dpmpp_2m", "dpm_2", "lms", "uni_pc"]
 
 
 def gaussian_denoiser(x, sigma):
@@ -37,10 +38,11 @@ def test_unknown_sampler_lists_valid_ones():
 
 
 # First-order samplers converge slowly in the step count; the second-order ones need few steps.
-STEPS = {"ddpm": 1000, "ddim": 1000, "euler": 1000, "euler_ancestral": 1000, "heun": 50, "dpmpp_2m": 50, "dpmpp_2m_sde": 100}
+STEPS = {"ddpm": 1000, "ddim": 1000, "euler": 1000, "euler_ancestral": 1000, "heun": 50, "dpmpp_2m": 50, "dpmpp_2m_sde": 100, "lms": 50,
+         "dpm_2": 50, "dpm_2_ancestral": 200, "dpmpp_2s_ancestral": 100, "dpmpp_sde": 100, "dpmpp_3m_sde": 100, "uni_pc": 50, "lcm": 1000}
 
 
-@pytest.mark.parametrize("name", REQUIRED)
+@pytest.mark.parametrize("name", [n for n in REQUIRED if n != "lcm"])  # LCM samples only consistency models exactly
 def test_output_distribution_matches_data(name):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20_000, 8, generator=g) * SIGMA_MAX
@@ -231,3 +233,23 @@ def test_iterate_must_be_resumed_on_its_own_thread():
     t.join()
     assert "thread that started it" in str(errors[0].value)
     gen.close()
+
+
+def test_lcm_jumps_to_the_estimate_and_renoises_to_the_next_sigma():
+    s = sigmas(4)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)) * SIGMA_MAX
+    seen = []
+    SAMPLERS["lcm"](gaussian_denoiser, x, s, generator=torch.Generator().manual_seed(1), callback=lambda i, x_i, x0: seen.append((x_i, x0)))
+    g = torch.Generator().manual_seed(1)
+    for i, (x_i, x0) in enumerate(seen[:-1]):
+        torch.testing.assert_close(x_i, x0 + torch.randn(3, 5, generator=g) * s[i + 1])
+    torch.testing.assert_close(seen[-1][0], seen[-1][1])
+
+
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_uni_pc_error_falls_with_steps_in_every_order_and_variant(order, variant):
+    x_T = torch.randn(1000, generator=torch.Generator().manual_seed(1)) * SIGMA_MAX
+    exact = MU + (x_T - MU) * S / math.sqrt(S**2 + SIGMA_MAX**2)
+    errors = [(SAMPLERS["uni_pc"](gaussian_denoiser, x_T.clone(), sigmas(n), order=order, variant=variant) - exact).abs().max().item() for n in (8, 16, 32)]
+    assert errors[2] < errors[1] < errors[0] and errors[2] < 0.3 * errors[0]

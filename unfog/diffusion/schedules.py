@@ -177,7 +177,7 @@ def timestep_to_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Te
 # diffusers' DPMSolverMultistepScheduler, behind these samplers, divides `leading` and
 # `linspace` into steps + 1 and drops the last timestep; its DDIMScheduler, behind `ddim`, ends
 # at ᾱ_0 rather than 1 unless set_alpha_to_one (the original CompVis DDIM does the same).
-DIFFUSERS_N_PLUS_ONE = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
+DIFFUSERS_N_PLUS_ONE = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "uni_pc")
 # Its Euler, Heun, LMS and KDPM2 schedulers take `linspace` timesteps unrounded and interpolate σ
 # linearly between training steps.
 DIFFUSERS_FRACTIONAL = ("euler", "euler_ancestral", "heun", "lms", "dpm_2", "dpm_2_ancestral")

@@ -31,6 +31,7 @@ from ..errors import UnfogError
 from .common import NOISE_KINDS, OPTION_CHOICES, BrownianNoise, noise_sampler, randn_like
 from .discrete import sample_ddim, sample_ddpm, sample_lcm
 from .dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2s_ancestral, sample_dpmpp_3m_sde, sample_dpmpp_sde
+from .unipc import sample_uni_pc
 from .karras import sample_dpm_2, sample_dpm_2_ancestral, sample_euler, sample_euler_ancestral, sample_heun, sample_lms
 
 SAMPLERS: dict[str, Callable] = {
@@ -47,6 +48,7 @@ SAMPLERS: dict[str, Callable] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    "uni_pc": sample_uni_pc,
     "lcm": sample_lcm,
 }
 # Network calls per step (the last step to σ = 0 may take fewer): what a step costs.

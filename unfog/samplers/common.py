@@ -15,7 +15,7 @@ NoiseSampler = Callable[[float, float], torch.Tensor]
 NOISE_KINDS = ("gaussian", "brownian")
 SOLVER_TYPES = ("midpoint", "heun")
 # Sampler options that take a name, and the names each accepts.
-OPTION_CHOICES = {"noise": NOISE_KINDS, "solver_type": SOLVER_TYPES}
+OPTION_CHOICES = {"noise": NOISE_KINDS, "solver_type": SOLVER_TYPES, "variant": ("bh1", "bh2")}
 
 
 def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ..errors import UnfogError
-from .common import SOLVER_TYPES, Generator, NoiseSampler, after_step, ancestral_split, noise_sampler as make_noise, sigma_batch, to_d
+from .common import SOLVER_TYPES, Generator, NoiseSampler, after_step, ancestral_split, noise_sampler as make_noise, randn_like, sigma_batch, to_d
 
 
 @torch.no_grad()
@@ -141,9 +141,11 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, generator: Generator = None, callba
     """DPM-Solver++ SDE, single-step (k-diffusion's `sample_dpmpp_sde`; Lu et al. 2022 with the
     ancestral noise of each sub-step): an ancestral first-order step to the intermediate
     λ + r·h, a second x_0 estimate there, then an ancestral step to σ_next with the estimates
-    blended 1 - 1/(2r) : 1/(2r). Two network calls per step."""
+    blended 1 - 1/(2r) : 1/(2r). Two network calls per step. The noise of the two sub-steps are
+    increments of one Brownian path over [σ_mid, σ] and [σ_next, σ]; with "gaussian" noise they are
+    built from two independent draws per step so that they are correlated as such increments are."""
     s = sigmas.tolist()
-    fresh = noise_sampler or make_noise(x, sigmas, generator, noise)
+    fresh = noise_sampler or (None if noise == "gaussian" else make_noise(x, sigmas, generator, noise))
     for i in range(len(s) - 1):
         x0 = denoiser(x, sigma_batch(sigmas[i], x))
         if s[i + 1] == 0:
@@ -151,15 +153,21 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, generator: Generator = None, callba
         else:
             h = math.log(s[i]) - math.log(s[i + 1])
             s_mid = math.exp(math.log(s[i]) - r * h)
+            if fresh is None:
+                z_mid, z_rest = randn_like(x, generator), randn_like(x, generator)
+                noise_mid = z_mid
+                noise_next = (z_mid * (s[i] - s_mid) ** 0.5 + z_rest * (s_mid - s[i + 1]) ** 0.5) / (s[i] - s[i + 1]) ** 0.5
+            else:
+                noise_mid, noise_next = fresh(s[i], s_mid), fresh(s[i], s[i + 1])
             down, up = ancestral_split(s[i], s_mid, eta)
             x_mid = x * (down / s[i]) + x0 * (1 - down / s[i])
             if up != 0:
-                x_mid = x_mid + fresh(s[i], s_mid) * (s_noise * up)
+                x_mid = x_mid + noise_mid * (s_noise * up)
             x0_mid = denoiser(x_mid, sigma_batch(s_mid, x))
             down, up = ancestral_split(s[i], s[i + 1], eta)
             blend = x0 * (1 - 1 / (2 * r)) + x0_mid * (1 / (2 * r))
             x = x * (down / s[i]) + blend * (1 - down / s[i])
             if up != 0:
-                x = x + fresh(s[i], s[i + 1]) * (s_noise * up)
+                x = x + noise_next * (s_noise * up)
         x = after_step(callback, i, x, x0)
     return x
