@@ -376,7 +376,8 @@ SD21_SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0",
                   "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
                   "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
 DIFFUSERS_FOR = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler",
-                 "heun": "HeunDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler", "lms": "LMSDiscreteScheduler", "uni_pc": "UniPCMultistepScheduler"}
+                 "heun": "HeunDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler", "lms": "LMSDiscreteScheduler", "uni_pc": "UniPCMultistepScheduler",
+                 "lcm": "LCMScheduler"}
 
 
 @pytest.fixture(scope="module", params=["sd15", "sd21"])

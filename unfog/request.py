@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .diffusion import SIGMA_SCHEDULES, SamplingDefaults
-from .diffusion.schedules import DIFFUSERS_DEFAULT_SPACING
+from .diffusion.schedules import DIFFUSERS_DEFAULT_SPACING, DIFFUSERS_FIXED_SCHEDULE
 from .errors import UnfogError
 from .samplers import OPTION_CHOICES, get_sampler
 
@@ -224,7 +224,9 @@ def make_request(
     height, width = _size("height", d.height if height is None else height, f), _size("width", d.width if width is None else width, f)
     matching = model.match_diffusers if match_diffusers is None else match_diffusers
     schedule = sigma_schedule
-    if schedule is None:
+    if schedule is None and matching and sampler_name in DIFFUSERS_FIXED_SCHEDULE:
+        schedule = DIFFUSERS_FIXED_SCHEDULE[sampler_name]
+    elif schedule is None:
         schedule = DIFFUSERS_DEFAULT_SPACING.get(sampler_name, model.sigma_schedule) if matching and not model.spacing_given else model.sigma_schedule
     if schedule not in SIGMA_SCHEDULES:
         raise UnfogError(f"unknown sigma schedule {schedule!r}; choose one of {', '.join(SIGMA_SCHEDULES)}", "sigma_schedule")

@@ -14,7 +14,7 @@ import torch
 from ..errors import UnfogError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
-SIGMA_SCHEDULES = ("leading", "trailing", "linspace", "karras", "exponential", "polyexponential", "simple", "normal", "sgm_uniform", "beta")
+SIGMA_SCHEDULES = ("leading", "trailing", "linspace", "karras", "exponential", "polyexponential", "simple", "normal", "sgm_uniform", "beta", "lcm")
 
 # A zero-terminal-SNR schedule has ᾱ_T = 0, i.e. σ_T = ∞. Samplers need a finite start, so
 # sampling clamps ᾱ to this floor (σ_max ≈ 4096), far beyond any data scale.
@@ -181,8 +181,22 @@ DIFFUSERS_N_PLUS_ONE = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "uni_pc")
 # Its Euler, Heun, LMS and KDPM2 schedulers take `linspace` timesteps unrounded and interpolate σ
 # linearly between training steps.
 DIFFUSERS_FRACTIONAL = ("euler", "euler_ancestral", "heun", "lms", "dpm_2", "dpm_2_ancestral")
-# The spacing each of those schedulers uses when a config names none (SD 1.5's does not).
+# The spacing each of those schedulers uses when a config names none (SD 1.5's does not), and the
+# schedule a scheduler always uses whatever its config says (LCMScheduler's own timesteps).
 DIFFUSERS_DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading", **{name: "linspace" for name in DIFFUSERS_N_PLUS_ONE + DIFFUSERS_FRACTIONAL}}
+DIFFUSERS_FIXED_SCHEDULE = {"lcm": "lcm"}
+
+
+def lcm_timesteps(num_timesteps: int, steps: int, original_steps: int = 50) -> torch.Tensor:
+    """Latent-consistency timesteps (Luo et al. 2023, as diffusers' LCMScheduler takes them): the
+    `original_steps` evenly spaced timesteps the model was distilled on, k·j - 1 for k = N/original,
+    of which `steps` are picked at evenly spaced positions from the top."""
+    if not 1 <= steps <= original_steps:
+        raise UnfogError(f"the lcm schedule takes 1 to {original_steps} steps (the distillation's), got {steps}")
+    k = num_timesteps // original_steps
+    origin = torch.arange(original_steps, 0, -1, dtype=torch.float64) * k - 1
+    picks = torch.floor(torch.linspace(0, original_steps, steps + 1, dtype=torch.float64)[:-1]).long()
+    return origin[picks]
 
 
 def make_sigmas(
@@ -199,7 +213,8 @@ def make_sigmas(
 
     `leading`/`trailing`/`linspace` take σ at evenly spaced training timesteps; `karras`,
     `exponential` and `polyexponential` span the model's own [σ_min, σ_max]; `simple`, `normal`,
-    `sgm_uniform` and `beta` are ComfyUI's (see `comfy_sigmas`). With `diffusers_sampler` (a
+    `sgm_uniform` and `beta` are ComfyUI's (see `comfy_sigmas`), `lcm` the latent-consistency
+    timesteps (`lcm_timesteps`). With `diffusers_sampler` (a
     sampler name), the sigmas are those diffusers' scheduler for that sampler walks on this
     config where it differs: DPM-Solver's n + 1 divisions of `leading` and `linspace`, Euler's
     (and Heun's, LMS's, KDPM2's) unrounded `linspace` with σ interpolated linearly, and for
@@ -229,6 +244,8 @@ def make_sigmas(
         sigmas = polyexponential_sigmas(steps, all_sigmas.min().item(), all_sigmas.max().item())
     elif schedule in ("simple", "normal", "sgm_uniform", "beta"):
         sigmas = comfy_sigmas(schedule, steps, alphas_cumprod)
+    elif schedule == "lcm":
+        sigmas = timestep_to_sigma(alphas_cumprod, lcm_timesteps(n, steps))
     else:
         raise UnfogError(f"unknown sigma schedule {schedule!r}; choose one of {', '.join(SIGMA_SCHEDULES)}")
     end = sigmas.new_zeros(1)

@@ -162,7 +162,8 @@ def scheduler_config_from_diffusers(cfg: dict) -> tuple[SchedulerConfig, dict]:
 
 SAMPLER_FOR_SCHEDULER = {
     "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_ancestral",
-    "HeunDiscreteScheduler": "heun", "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "HeunDiscreteScheduler": "heun", "DPMSolverMultistepScheduler": "dpmpp_2m", "LMSDiscreteScheduler": "lms", "KDPM2DiscreteScheduler": "dpm_2",
+    "KDPM2AncestralDiscreteScheduler": "dpm_2_ancestral", "DPMSolverSDEScheduler": "dpmpp_sde", "UniPCMultistepScheduler": "uni_pc", "LCMScheduler": "lcm",
 }
 
 
