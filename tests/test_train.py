@@ -221,3 +221,13 @@ def test_resume_can_extend_a_run_but_not_change_its_recipe(ae_run, tmp_path):
     assert t.run()["step"] == 5
     with pytest.raises(UnfogError, match="cannot change when resuming"):
         Trainer(cfg, stream(cfg), tmp_path / "r", vae=ae_run, resume=True, progress=False, resume_overrides={"lr": 1.0})
+
+
+def test_a_torn_metrics_line_does_not_break_the_loss_plot(tmp_path):
+    from unfog.train.plots import loss_curve
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo\n{"step": 4, "loss": 0.3}\n[1]\n')
+    loss_curve(metrics, tmp_path / "loss.png")
+    with Image.open(tmp_path / "loss.png") as im:
+        assert im.size == (640, 360)

@@ -13,8 +13,11 @@ def loss_curve(metrics_path: Path, out_path: Path, size: tuple[int, int] = (640,
     """Plot the logged loss against step (log scale), with its running mean."""
     points = []
     for line in Path(metrics_path).read_text().splitlines():
-        row = json.loads(line)
-        if "loss" in row and row["loss"] is not None and math.isfinite(row["loss"]) and row["loss"] > 0:
+        try:  # a line torn by a kill mid-write is skipped, not fatal to every later run
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step" in row and "loss" in row and row["loss"] is not None and math.isfinite(row["loss"]) and row["loss"] > 0:
             points.append((row["step"], math.log10(row["loss"])))
     im = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(im)
