@@ -85,3 +85,41 @@ def test_generate_with_every_sampler_option_kind(tiny_model_dir, tmp_path, capsy
     assert main(["generate", "a red circle", "-o", str(tmp_path / "c.png"), "--sampler-option", "eta", *common]) == 2
     assert "NAME=VALUE" in capsys.readouterr().err
     assert not (tmp_path / "c.png").exists()
+
+
+def test_bad_output_device_and_port_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import unfog.pipeline
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(unfog.pipeline.Pipeline, "from_pretrained", no_loading)
+    for out, message in (("", "must name an image file"), (str(tmp_path), "must name an image file"), (str(tmp_path / "x.nope"), "no image extension"),
+                         (str(tmp_path / "noext"), "no image extension")):
+        assert main(["generate", "x", "-o", out]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["generate", "x", "-o", str(tmp_path / "a.png"), "--device", "warp9"]) == 2
+    assert "not a device name" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["generate", "x", "-o", str(tmp_path / "a.png"), "--device", "cuda"]) == 2
+        assert "sees no CUDA GPU" in capsys.readouterr().err
+    assert main(["serve", "--port", "99999"]) == 2
+    assert "--port must be from 1 to 65535" in capsys.readouterr().err
+
+
+def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, tmp_path, capsys):
+    import unfog.pipeline
+
+    def broken(*a, **k):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(unfog.pipeline.Pipeline, "from_pretrained", broken)
+    assert main(["generate", "x", "-o", str(tmp_path / "a.png")]) == 1
+    err = capsys.readouterr().err
+    assert "KeyError" in err and "--debug" in err and "Traceback" not in err
+    import pytest
+
+    with pytest.raises(KeyError):
+        main(["--debug", "generate", "x", "-o", str(tmp_path / "a.png")])

@@ -23,6 +23,40 @@ def _open_image(path: str | None, flag: str):
     return image
 
 
+def _check_output(path: str | None, flag: str) -> None:
+    """Refuse an output path that could not be written, before any work: no name, a folder, or
+    an extension no image format has."""
+    if path is None:
+        return
+    from PIL import Image
+
+    p = Path(path)
+    if not path or p.is_dir():
+        raise UnfogError(f"{flag} must name an image file (e.g. out.png), got {path!r}")
+    if p.suffix.lower() not in Image.registered_extensions():
+        raise UnfogError(f"{flag} {path!r} has no image extension PIL can write; use .png, .jpg or .webp")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise UnfogError(f"{flag} {path!r}: {p.parent} is not a folder")
+
+
+def _check_device(device: str | None) -> None:
+    """Refuse a device this torch cannot use, before the model is loaded."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UnfogError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, mps …): {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UnfogError(f"--device {device}: this torch build sees no CUDA GPU (install a CUDA build of torch, or use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UnfogError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UnfogError(f"--device {device}: MPS is not available on this machine")
+
+
 def _sampler_options(pairs: list[str]) -> dict | None:
     """NAME=VALUE strings as sampler options: numbers where they parse as numbers, else names."""
     options = {}
@@ -54,6 +88,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.trajectory_frames < 2:
         raise UnfogError("--trajectory-frames must be at least 2")
+    _check_output(args.output, "-o/--output")
+    _check_output(args.trajectory, "--trajectory")
+    _check_device(args.device)
     options = {k: v for k, v in (("config", args.config), ("tokenizer", args.tokenizer), ("clip_skip", args.clip_skip)) if v}
     pipe = Pipeline.from_pretrained(args.model, **options)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype] if args.dtype else None
@@ -200,6 +237,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UnfogError(f"the server needs the serve extra ({e.name} is missing): pip install 'unfog[serve]'") from None
     from .pipeline import Pipeline
 
+    if not 1 <= args.port <= 65535:
+        raise UnfogError(f"--port must be from 1 to 65535, got {args.port}")
+    _check_device(args.device)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         raise UnfogError(f"binding to {args.host} exposes the server to the network: pass --token T, and clients send Authorization: Bearer T")
     settings = ServerSettings(host=args.host, port=args.port, token=args.token, max_queue=args.max_queue, job_timeout_s=args.job_timeout,
@@ -236,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="unfog", description="Text-to-image diffusion from first principles.")
     parser.add_argument("--version", action="version", version=f"unfog {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_generate_parser, _noise_parser, _data_parser, _train_parser, _export_parser, _convert_parser, _serve_parser, _eval_parser):
         add(sub)
@@ -389,6 +430,8 @@ def _eval_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command: bad input is one line and exit 2, any other failure one line and exit 1
+    (with its traceback under --debug)."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
@@ -398,8 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("unfog: interrupted", file=sys.stderr)
         return 130
-    except (OSError, RuntimeError) as e:  # files, devices, out of memory: say it in one line
-        print(f"unfog: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+    except Exception as e:  # files, devices, out of memory, a bug: say it in one line
+        if args.debug:
+            raise
+        print(f"unfog: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (run with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
 
