@@ -231,3 +231,40 @@ def test_a_torn_metrics_line_does_not_break_the_loss_plot(tmp_path):
     loss_curve(metrics, tmp_path / "loss.png")
     with Image.open(tmp_path / "loss.png") as im:
         assert im.size == (640, 360)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_last_complete_one(ae_run, tmp_path):
+    run = tmp_path / "r"
+    train(run, ae_run, max_steps=8, checkpoint_every=4)
+    newest = latest_checkpoint(run)
+    assert newest.name == "step-0000008"
+    (newest / "state.json").write_text('{"step": 8, "optim')  # torn by a kill
+    (run / "checkpoints" / ".tmp-left-by-a-kill").mkdir()
+    with pytest.warns(UserWarning, match="damaged checkpoint"):
+        t = Trainer(preset("tiny"), None, run, resume=True, progress=False)
+    assert t.step == 4
+    with pytest.warns(UserWarning):
+        t.checkpoint()
+    assert not (run / "checkpoints" / ".tmp-left-by-a-kill").exists()
+
+
+def test_a_vae_copy_cut_short_does_not_break_resume(ae_run, tmp_path, monkeypatch):
+    import unfog.train.trainer as trainer_module
+    from unfog.train.trainer import load_autoencoder, write_vae
+
+    vae, _ = load_autoencoder(ae_run)
+    d = tmp_path / "vae"
+
+    def killed(module, path):
+        path.write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "save_weights", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_vae(vae, d)
+    assert not (d / "config.json").exists() and not (d / "model.safetensors").exists()  # so --resume copies it again
+    monkeypatch.undo()
+    write_vae(vae, d)
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
+    again, _ = load_autoencoder(d)
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), again.state_dict().values()))

@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,6 +46,8 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, state: dict
     """Write checkpoint `step` atomically and delete all but the newest `keep`."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a kill mid-write; one writer per run, so none is live
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{PREFIX}{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
@@ -86,12 +89,28 @@ def _py_state():
     return [version, list(internal), gauss]
 
 
+def _complete(path: Path) -> bool:
+    """Whether a checkpoint folder holds all its files and a readable state.json."""
+    if not all((path / name).is_file() for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")):
+        return False
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and all(k in state for k in ("step", "optimizer", "python_random"))
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first; a damaged one (a torn state.json, a missing file) is
+    passed over with a warning, so resuming falls back to the newest complete one."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file())
+    found = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    damaged = [p for p in found if not _complete(p)]
+    if damaged:
+        warnings.warn(f"skipping damaged checkpoint(s) {', '.join(p.name for p in damaged)} in {root} (incomplete or unreadable)", stacklevel=2)
+    return [p for p in found if p not in damaged]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -112,6 +112,17 @@ def load_autoencoder(source: str | Path) -> tuple[Autoencoder, bool]:
     return vae.eval(), False
 
 
+def write_vae(vae: Autoencoder, directory: Path) -> None:
+    """The run's copy of its autoencoder, weights first and each file renamed into place, so
+    that a kill mid-copy never leaves a config.json without its weights (which --resume reads)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, write in (("model.safetensors", lambda p: save_weights(vae, p)),
+                        ("config.json", lambda p: p.write_text(json.dumps(asdict(vae.config), indent=2) + "\n"))):
+        tmp = directory / f".{name}.tmp"
+        write(tmp)
+        os.replace(tmp, directory / name)
+
+
 class Trainer:
     """One training run in `out_dir`; `run()` trains until max_steps or a stop."""
 
@@ -204,9 +215,7 @@ class Trainer:
             if from_run:
                 self.vae.config.scaling_factor = self._measure_scaling_factor()
             if self.rank == 0:
-                vae_dir.mkdir(parents=True, exist_ok=True)
-                (vae_dir / "config.json").write_text(json.dumps(asdict(self.vae.config), indent=2) + "\n")
-                save_weights(self.vae, vae_dir / "model.safetensors")
+                write_vae(self.vae, vae_dir)
         f = self.vae.config.downsample_factor
         if c.resolution % f:
             raise UnfogError(f"resolution {c.resolution} is not a multiple of the autoencoder's factor {f}")
@@ -241,10 +250,7 @@ class Trainer:
         self.model = DiffusionModel(parts.unet.train(), parts.text_encoder.train(), self.scheduler, c.loss_weighting, c.snr_gamma)
         if self.rank == 0:
             self.tokenizer.save(self.out / "tokenizer")
-            vae_dir = self.out / "vae"
-            vae_dir.mkdir(parents=True, exist_ok=True)
-            (vae_dir / "config.json").write_text(json.dumps(asdict(self.vae.config), indent=2) + "\n")
-            save_weights(self.vae, vae_dir / "model.safetensors")
+            write_vae(self.vae, self.out / "vae")
 
     @torch.no_grad()
     def _measure_scaling_factor(self, n: int = 512) -> float:
