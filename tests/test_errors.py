@@ -157,3 +157,8 @@ def test_bad_sampling_defaults_name_the_file(tiny_model_dir, tmp_path, defaults,
     (d / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(UnfogError, match=f"model_index.json.*{match}"):
         Pipeline.from_pretrained(d)
+
+
+def test_a_non_finite_result_is_an_error_not_a_black_image(tiny_pipe):
+    with pytest.raises(UnfogError, match="NaN or infinite latents.*guidance_scale 1e\\+30"):
+        tiny_pipe("a red circle", guidance_scale=1e30, num_inference_steps=3, seed=0)

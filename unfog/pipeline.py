@@ -243,6 +243,9 @@ class Pipeline:
         denoiser = self._guided_denoiser(request, state)
         state.x = yield from iterate(sample, denoiser, state.x, state.sigmas, generator=state.generators,
                                      callback=state.keep_known, **request.sampler_options)
+        if not torch.isfinite(state.x).all():  # one check at the end: per step it would stall the GPU every step
+            raise UnfogError(f"the denoising ended in NaN or infinite latents (guidance_scale {request.guidance_scale:g}, sampler {request.sampler}); "
+                             "lower guidance_scale, or check the model's weights and dtype (float16 can overflow)")
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
