@@ -162,3 +162,18 @@ def test_bad_sampling_defaults_name_the_file(tiny_model_dir, tmp_path, defaults,
 def test_a_non_finite_result_is_an_error_not_a_black_image(tiny_pipe):
     with pytest.raises(UnfogError, match="NaN or infinite latents.*guidance_scale 1e\\+30"):
         tiny_pipe("a red circle", guidance_scale=1e30, num_inference_steps=3, seed=0)
+
+
+@pytest.mark.parametrize("component, field, value, match", [
+    ("vae", "scaling_factor", 0, "scaling_factor"), ("vae", "scaling_factor", None, "scaling_factor"),
+    ("vae", "block_channels", [16, 10**9], "block_channels"), ("scheduler", "beta_end", 1.5, "beta_end"),
+    ("scheduler", "num_train_timesteps", 10**9, "num_train_timesteps"), ("scheduler", "steps_offset", -1, "steps_offset"),
+])
+def test_out_of_range_config_values_name_the_file_and_field(tiny_model_dir, tmp_path, component, field, value, match):
+    d = copy_model(tiny_model_dir, tmp_path)
+    path = d / component / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg[field] = value
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(UnfogError, match=f"{component}/config.json.*{match}"):
+        Pipeline.from_pretrained(d)

@@ -184,7 +184,7 @@ def test_a_failing_job_fails_alone(pipe, monkeypatch):
 
 
 def test_job_timeout(pipe):
-    with client(pipe, job_timeout_s=0.0) as c:
+    with client(pipe, job_timeout_s=1e-6) as c:
         job = wait_done(c, c.post("/v1/jobs", json={"prompt": "a", "steps": 5}).json()["id"])
         assert job["state"] == "failed" and "timed out" in job["error"]
 
@@ -229,3 +229,12 @@ def test_odd_json_values_are_422s_naming_the_field(api, body, field):
     r = api.post("/v1/jobs", content=json.dumps(body), headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["field"] == field and r.json()["allowed"] is not None
     assert api.get("/v1/health").status_code == 200
+
+
+@pytest.mark.parametrize("flags, message", [(["--max-queue", "0"], "max_queue"), (["--max-steps", "0"], "max_steps"), (["--max-side", "-5"], "max_side"),
+                                            (["--max-images", "0"], "max_images"), (["--job-timeout", "-1"], "job_timeout_s")])
+def test_serve_refuses_settings_that_would_refuse_every_request(flags, message, capsys):
+    from unfog.cli import main
+
+    assert main(["serve", *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -34,6 +34,15 @@ class SchedulerConfig:
     spacing_given: bool = True
 
     def __post_init__(self):
+        n = self.num_train_timesteps
+        if not isinstance(n, int) or isinstance(n, bool) or not 2 <= n <= 100_000:
+            raise UnfogError(f"num_train_timesteps must be an integer from 2 to 100000, got {n!r}")
+        for name in ("beta_start", "beta_end"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1:
+                raise UnfogError(f"{name} must be a number between 0 and 1 (exclusive), got {v!r}")
+        if not isinstance(self.steps_offset, int) or isinstance(self.steps_offset, bool) or not 0 <= self.steps_offset < n:
+            raise UnfogError(f"steps_offset must be an integer from 0 to num_train_timesteps - 1, got {self.steps_offset!r}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise UnfogError(f"unknown prediction type {self.prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
         if self.sigma_schedule not in SIGMA_SCHEDULES:

@@ -51,6 +51,8 @@ def read_config(path: Path, cls):
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UnfogError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise UnfogError(f"config file {path} must hold a JSON object of {cls.__name__} fields, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -59,6 +61,8 @@ def read_config(path: Path, cls):
         return cls(**data)
     except TypeError as e:
         raise UnfogError(f"config file {path} does not describe a {cls.__name__}: {e}") from None
+    except UnfogError as e:
+        raise UnfogError(f"config file {path}: {e}") from None
 
 
 def write_config(path: Path, config) -> None:

@@ -7,6 +7,7 @@ so that they have roughly unit variance for the diffusion model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,19 @@ class AutoencoderConfig:
     mid_attention: bool = True
     scaling_factor: float = 0.18215
     shift_factor: float = 0.0
+
+    def __post_init__(self):
+        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_groups"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 4096:
+                raise UnfogError(f"AutoencoderConfig.{name} must be an integer from 1 to 4096, got {v!r}")
+        if not isinstance(self.block_channels, list) or not 1 <= len(self.block_channels) <= 8 or not all(
+                isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 4096 for c in self.block_channels):
+            raise UnfogError(f"AutoencoderConfig.block_channels must be a list of 1 to 8 integers from 1 to 4096, got {self.block_channels!r}")
+        for name in ("scaling_factor", "shift_factor"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or (name == "scaling_factor" and v <= 0):
+                raise UnfogError(f"AutoencoderConfig.{name} must be a finite number{' above 0' if name == 'scaling_factor' else ''}, got {v!r}")
 
     @property
     def downsample_factor(self) -> int:

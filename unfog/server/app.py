@@ -40,6 +40,19 @@ class ServerSettings:
     sync_timeout_s: float = 600.0
     preview_every: int = 2
 
+    def __post_init__(self):
+        positive = ("max_queue", "max_side", "max_pixels", "max_steps", "max_images", "max_prompt_chars", "max_body_bytes")
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UnfogError(f"server setting {name} must be a positive integer, got {v!r}")
+        for name in ("job_timeout_s", "sync_timeout_s", "max_guidance"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
+                raise UnfogError(f"server setting {name} must be a positive number, got {v!r}")
+        if not isinstance(self.preview_every, int) or isinstance(self.preview_every, bool) or self.preview_every < 0:
+            raise UnfogError(f"server setting preview_every must be 0 (no previews) or a positive integer, got {self.preview_every!r}")
+
 
 class Refused(Exception):
     def __init__(self, status: int, error: str, field: str | None = None, allowed: Any = None, headers: dict | None = None):
