@@ -419,3 +419,16 @@ def test_uni_pc_orders_and_variants_match_diffusers(shipped, order, variant):
     expected = ref("a photo of a cat", latents=latents.clone(), output_type="np", **kwargs).images[0]
     got = ours("a photo of a cat", latents=latents, sampler="uni_pc", sampler_options={"order": order, "variant": variant}, **kwargs).images[0]
     assert np.abs(np.asarray(got, dtype=np.float32) / 255 - expected).max() <= 1.5 / 255
+
+
+def test_every_sampler_and_schedule_runs_on_a_stable_diffusion_folder(shipped):
+    from unfog.diffusion import SIGMA_SCHEDULES
+    from unfog.samplers import SAMPLERS
+
+    _, ours, _ = shipped
+    kwargs = dict(num_inference_steps=4, height=16, width=16, seed=1)
+    # Each must run to the end (a NaN result is an error) and give the requested image.
+    for sampler in SAMPLERS:
+        assert ours("a cat", sampler=sampler, **kwargs).images[0].size == (16, 16)
+    for schedule in SIGMA_SCHEDULES:
+        assert ours("a cat", sampler="dpmpp_2m", sigma_schedule=schedule, **kwargs).images[0].size == (16, 16)
