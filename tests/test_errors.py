@@ -177,3 +177,29 @@ def test_out_of_range_config_values_name_the_file_and_field(tiny_model_dir, tmp_
     path.write_text(json.dumps(cfg))
     with pytest.raises(UnfogError, match=f"{component}/config.json.*{match}"):
         Pipeline.from_pretrained(d)
+
+
+@pytest.mark.parametrize("component, field, value", [
+    ("unet", "num_heads", 0), ("unet", "norm_groups", 0), ("unet", "layers_per_block", 10**6), ("unet", "block_channels", "wide"),
+    ("unet", "context_dim", None), ("text_encoder", "context_length", -1), ("text_encoder", "layers", 10**6),
+    ("tokenizer", "context_length", 10**9),
+])
+def test_absurd_architecture_values_are_refused_before_building(tiny_model_dir, tmp_path, component, field, value):
+    import time
+
+    d = copy_model(tiny_model_dir, tmp_path)
+    path = d / component / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg[field] = value
+    path.write_text(json.dumps(cfg))
+    start = time.perf_counter()
+    with pytest.raises(UnfogError, match=field):
+        Pipeline.from_pretrained(d)
+    assert time.perf_counter() - start < 5
+
+
+def test_a_huge_config_file_is_not_read(tiny_model_dir, tmp_path):
+    d = copy_model(tiny_model_dir, tmp_path)
+    (d / "unet" / "config.json").write_text('{"in_channels": 4' + " " * (2 << 20) + "}")
+    with pytest.raises(UnfogError, match="a config is at most"):
+        Pipeline.from_pretrained(d)

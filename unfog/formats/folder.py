@@ -29,6 +29,7 @@ from .weights import load_checked, read_safetensors
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+MAX_CONFIG_BYTES = 1 << 20  # configs are a few hundred bytes; a bigger one is not read whole
 
 
 @dataclass
@@ -47,6 +48,8 @@ def read_config(path: Path, cls):
     """A dataclass from a JSON file; unknown or malformed fields name the file."""
     if not path.is_file():
         raise UnfogError(f"config file {path} is missing")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise UnfogError(f"config file {path} is {path.stat().st_size} bytes; a config is at most {MAX_CONFIG_BYTES} (is this the right file?)")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -206,11 +206,11 @@ def infer_text_config(state: dict, family: str) -> TextEncoderConfig:
         layers = 1 + max(int(m[1]) for k in t if (m := re.match(r"encoder\.layers\.(\d+)\.", k)))
         vocab, width = t["embeddings.token_embedding.weight"].shape
         return TextEncoderConfig(vocab_size=vocab, context_length=t["embeddings.position_embedding.weight"].shape[0], width=width, layers=layers,
-                                 heads=width // 64, mlp_width=t["encoder.layers.0.mlp.fc1.weight"].shape[0], activation="quick_gelu")
+                                 heads=max(1, width // 64), mlp_width=t["encoder.layers.0.mlp.fc1.weight"].shape[0], activation="quick_gelu")
     t = _sub(state, SD2_TEXT)
     layers = 1 + max(int(m[1]) for k in t if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k)))
     vocab, width = t["token_embedding.weight"].shape
-    return TextEncoderConfig(vocab_size=vocab, context_length=t["positional_embedding"].shape[0], width=width, layers=layers, heads=width // 64,
+    return TextEncoderConfig(vocab_size=vocab, context_length=t["positional_embedding"].shape[0], width=width, layers=layers, heads=max(1, width // 64),
                              mlp_width=t["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], activation="gelu", skip_last_layers=1)
 
 

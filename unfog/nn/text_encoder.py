@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnfogError
+from .checks import check_ints, check_number
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
@@ -34,6 +35,14 @@ class TextEncoderConfig:
     # None: the end-of-text token is the highest id in each row (CLIP's BPE vocab puts it last).
     eos_token_id: int | None = None
     skip_last_layers: int = 0
+
+    def __post_init__(self):
+        check_ints(self, {"vocab_size": (2, 1_000_000), "context_length": (2, 4096), "width": (1, 16384), "layers": (1, 128),
+                          "heads": (1, 256), "mlp_width": (1, 65536)})
+        check_ints(self, {"skip_last_layers": (0, self.layers - 1)})
+        if self.eos_token_id is not None:
+            check_ints(self, {"eos_token_id": (0, self.vocab_size - 1)})
+        check_number(self, "layer_norm_eps", 0, 1)
 
 
 class EncoderLayer(nn.Module):

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers, trainers
 
 from ..errors import UnfogError
+from .checks import check_ints
 
 
 @dataclass
@@ -21,6 +22,12 @@ class TokenizerConfig:
     bos_token: str = "<|startoftext|>"
     eos_token: str = "<|endoftext|>"
     pad_token: str = "<|endoftext|>"
+
+    def __post_init__(self):
+        check_ints(self, {"context_length": (3, 4096)})  # bos + at least one token + eos
+        for name in ("bos_token", "eos_token", "pad_token"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise UnfogError(f"TokenizerConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
 
 
 class Tokenizer:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnfogError
+from .checks import check_ints, check_number
 from .layers import Downsample, ResBlock, SpatialTransformer, TimestepMLP, Upsample, timestep_embedding
 
 
@@ -41,6 +42,16 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     dropout: float = 0.0
+
+    def __post_init__(self):
+        check_ints(self, {"in_channels": (1, 64), "out_channels": (1, 64), "block_channels": (1, 8192), "layers_per_block": (1, 16),
+                          "transformer_depth": (1, 64), "context_dim": (1, 16384), "norm_groups": (1, 1024)})
+        if self.head_dim is not None:
+            check_ints(self, {"head_dim": (1, 1024)})
+        else:
+            check_ints(self, {"num_heads": (1, 1024)})
+        check_number(self, "freq_shift", -10, 10)
+        check_number(self, "dropout", 0, 1)
 
     def heads_at(self, level: int) -> tuple[int, int]:
         """(heads, head_dim) of the attention blocks at one resolution level."""
