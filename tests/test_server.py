@@ -238,3 +238,34 @@ def test_serve_refuses_settings_that_would_refuse_every_request(flags, message, 
 
     assert main(["serve", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_sync_request_whose_client_leaves_cancels_its_job(pipe):
+    """Driven as raw ASGI so the client can go away mid-request: the job must be cancelled,
+    not left holding the only worker to the end."""
+    import asyncio
+
+    app = create_app(pipe, ServerSettings(), model_name="tiny")
+    body = json.dumps({"prompt": "a red circle", "steps": 150, "seed": 0}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/images/generate", "raw_path": b"/v1/images/generate", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"127.0.0.1:7860"), (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 7860)}
+    jobs = app.state.jobs
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if pending:
+            return pending.pop()
+        while not any(j.step >= 2 for j in jobs.jobs.values()):  # the client leaves once its job is under way
+            await asyncio.sleep(0.02)
+        return {"type": "http.disconnect"}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=60))
+    job = next(iter(jobs.jobs.values()))
+    assert jobs.wait(job, 30) and job.state == "cancelled" and job.step < 150

@@ -152,32 +152,44 @@ def create_app(pipe, settings: ServerSettings | None = None, *, model_name: str 
 
 
 def _add_guard(app: FastAPI, s: ServerSettings) -> None:
-    """Host, Origin, token and declared body size, checked before any route runs."""
+    """Host, Origin, token and declared body size, checked before any route runs, as a plain ASGI
+    middleware: it hands the request's own `receive` on, so a route still sees the client leave
+    (Starlette's @app.middleware("http") wrapper hides that disconnect)."""
     loopback = {"127.0.0.1", "localhost", "[::1]"}
     own = loopback if s.host in loopback or s.host == "::1" else loopback | {s.host}
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        try:
-            # DNS rebinding: the Host must be one of this server's own names.
-            host_header = request.headers.get("host", "")
-            host = host_header.rsplit(":", 1)[0] if not host_header.startswith("[") else host_header.split("]")[0] + "]"
-            if s.host not in ("0.0.0.0", "::") and host not in own:
-                raise Refused(403, f"Host {host!r} is not this server's; address it as {s.host}")
-            # Cross-site requests: a browser's Origin must be this server itself.
-            origin = request.headers.get("origin")
-            if origin is not None and origin.split("://", 1)[-1] != host_header:
-                raise Refused(403, f"cross-origin request from {origin!r} refused")
-            if request.url.path.startswith("/v1/") and s.token is not None:
-                sent = request.headers.get("authorization", "")
-                if not secrets.compare_digest(sent.encode(), f"Bearer {s.token}".encode()):
-                    raise Refused(401, "missing or wrong token: send Authorization: Bearer <token>", headers={"WWW-Authenticate": "Bearer"})
-            size = request.headers.get("content-length")
-            if size is not None and (not size.isdigit() or int(size) > s.max_body_bytes):
-                raise Refused(413, f"request body larger than {s.max_body_bytes} bytes", allowed=s.max_body_bytes)
-        except Refused as r:
-            return JSONResponse(r.body, status_code=r.status, headers=r.headers)
-        return await call_next(request)
+    def refusal(request: Request) -> Refused | None:
+        # DNS rebinding: the Host must be one of this server's own names.
+        host_header = request.headers.get("host", "")
+        host = host_header.rsplit(":", 1)[0] if not host_header.startswith("[") else host_header.split("]")[0] + "]"
+        if s.host not in ("0.0.0.0", "::") and host not in own:
+            return Refused(403, f"Host {host!r} is not this server's; address it as {s.host}")
+        # Cross-site requests: a browser's Origin must be this server itself.
+        origin = request.headers.get("origin")
+        if origin is not None and origin.split("://", 1)[-1] != host_header:
+            return Refused(403, f"cross-origin request from {origin!r} refused")
+        if request.url.path.startswith("/v1/") and s.token is not None:
+            sent = request.headers.get("authorization", "")
+            if not secrets.compare_digest(sent.encode(), f"Bearer {s.token}".encode()):
+                return Refused(401, "missing or wrong token: send Authorization: Bearer <token>", headers={"WWW-Authenticate": "Bearer"})
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > s.max_body_bytes):
+            return Refused(413, f"request body larger than {s.max_body_bytes} bytes", allowed=s.max_body_bytes)
+        return None
+
+    class Guard:
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                r = refusal(Request(scope))
+                if r is not None:
+                    await JSONResponse(r.body, status_code=r.status, headers=r.headers)(scope, receive, send)
+                    return
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(Guard)
 
 
 async def _body_json(request: Request, s: ServerSettings) -> Any:
