@@ -269,3 +269,40 @@ def test_a_sync_request_whose_client_leaves_cancels_its_job(pipe):
     asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=60))
     job = next(iter(jobs.jobs.values()))
     assert jobs.wait(job, 30) and job.state == "cancelled" and job.step < 150
+
+
+def test_ctrl_c_during_a_job_shuts_down_cleanly(tiny_model_dir):
+    """SIGINT while a job runs: the job is stopped at its next step and the worker joined, so the
+    process exits normally instead of aborting ("terminate called without an active exception")."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "unfog", "serve", "--model", str(tiny_model_dir), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url + "/v1/health", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "the server did not start"
+                time.sleep(0.2)
+        req = urllib.request.Request(url + "/v1/jobs", data=json.dumps({"prompt": "a", "steps": 150}).encode(), headers={"content-type": "application/json"})
+        job = json.loads(urllib.request.urlopen(req).read())["id"]
+        while json.loads(urllib.request.urlopen(f"{url}/v1/jobs/{job}").read())["step"] < 2:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "terminate called" not in out and "Traceback" not in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import secrets
@@ -138,7 +139,13 @@ def create_app(pipe, settings: ServerSettings | None = None, *, model_name: str 
     if pipe.is_inpainting_model:
         raise UnfogError("unfog serve serves text-to-image models; this is an inpainting model, which needs an image and a mask for every request")
     jobs = JobQueue(pipe, model_name=model_name, max_queue=s.max_queue, job_timeout_s=s.job_timeout_s, preview_every=s.preview_every)
-    app = FastAPI(title="unfog", description="Text-to-image diffusion: an HTTP API with a job queue and live progress.", version="1")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(jobs.shutdown)  # Ctrl-C / SIGTERM: finish cleanly, never abort mid-step
+
+    app = FastAPI(title="unfog", description="Text-to-image diffusion: an HTTP API with a job queue and live progress.", version="1", lifespan=lifespan)
     app.state.jobs, app.state.settings = jobs, s
     _add_guard(app, s)
 

@@ -68,6 +68,7 @@ class JobQueue:
         self.keep_images, self.keep_jobs, self.job_timeout_s, self.preview_every = keep_images, keep_jobs, job_timeout_s, preview_every
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
+        self.stopping = threading.Event()
         self.worker = threading.Thread(target=self._work, name="unfog-worker", daemon=True)
         self.worker.start()
 
@@ -132,9 +133,25 @@ class JobQueue:
                 self.jobs.pop(old.id, None)
         self.changed.notify_all()
 
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop: cancel the queued jobs, stop the running one at its next step, and wait for the
+        worker, so the process never exits with the worker inside a torch call (which aborts it)."""
+        self.stopping.set()
+        with self.lock:
+            for job in list(self.jobs.values()):
+                if job.state == "running":
+                    job.cancel_requested = True
+                elif job.state == "queued":
+                    job.state = "cancelled"
+                    self._event(job, {"type": "cancelled"})
+        self.worker.join(timeout)
+
     def _work(self) -> None:
-        while True:
-            job = self.queue.get()
+        while not self.stopping.is_set():
+            try:
+                job = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
             with self.lock:
                 if job.state == "cancelled":
                     continue
