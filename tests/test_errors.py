@@ -203,3 +203,20 @@ def test_a_huge_config_file_is_not_read(tiny_model_dir, tmp_path):
     (d / "unet" / "config.json").write_text('{"in_channels": 4' + " " * (2 << 20) + "}")
     with pytest.raises(UnfogError, match="a config is at most"):
         Pipeline.from_pretrained(d)
+
+
+def test_requests_too_big_to_allocate_are_refused_up_front(tiny_pipe):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(UnfogError, match="at most 64 per request"):
+        tiny_pipe("a red circle", num_images_per_prompt=100_000)
+    with pytest.raises(UnfogError, match="raise Pipeline.max_pixels"):
+        tiny_pipe("a red circle", width=100_000, height=100_000)
+    assert time.perf_counter() - start < 1
+    tiny_pipe.max_images = 2
+    try:
+        with pytest.raises(UnfogError, match="at most 2 per request"):
+            tiny_pipe(["a", "b"], num_images_per_prompt=2)
+    finally:
+        tiny_pipe.max_images = 64

@@ -103,6 +103,8 @@ class Pipeline:
         except UnfogError as e:
             raise UnfogError(f"the model's default sampler is not one unfog has: {e}") from None
         self.decode_tile: int | None = None  # latent tile size for decoding large images
+        # Checked before anything is allocated: images per request, and pixels per image.
+        self.max_images, self.max_pixels = 64, 4096 * 4096
         # Replay the guided denoiser as a captured CUDA graph (optimize() turns this on for CUDA;
         # on a CPU the same static-buffer call runs without capture). Graphs are cached per shape.
         self.cuda_graphs = False
@@ -197,7 +199,8 @@ class Pipeline:
     def request(self, prompt: str | Sequence[str], **options) -> GenerationRequest:
         """Step 1: a validated request for this model; options are those of `__call__`."""
         facts = ModelFacts(self.defaults, self.scheduler.sigma_schedule, self.downsample_factor, self.vae_factor,
-                           self.latent_channels, self.is_inpainting_model, self.scheduler.match_diffusers, self.scheduler.spacing_given)
+                           self.latent_channels, self.is_inpainting_model, self.scheduler.match_diffusers, self.scheduler.spacing_given,
+                           self.max_images, self.max_pixels)
         return make_request(facts, prompt, **options)
 
     @torch.inference_mode()

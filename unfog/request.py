@@ -72,6 +72,8 @@ class ModelFacts:
     inpainting: bool
     match_diffusers: bool = False
     spacing_given: bool = True  # False: a diffusers config named no spacing (see SchedulerConfig)
+    max_images: int = 64  # per request (Pipeline.max_images)
+    max_pixels: int = 16_777_216  # per image, width × height (Pipeline.max_pixels): 4096²
 
 
 def _int(name: str, v: Any) -> int:
@@ -236,6 +238,11 @@ def make_request(
     if long_prompts not in LONG_PROMPTS:
         raise UnfogError(f"long_prompts must be 'chunk' or 'truncate', got {long_prompts!r}", "long_prompts")
     total = len(prompts) * n
+    if total > model.max_images:
+        raise UnfogError(f"this request makes {total} images; at most {model.max_images} per request (raise Pipeline.max_images to allow more)",
+                         "num_images_per_prompt")
+    if height * width > model.max_pixels:
+        raise UnfogError(f"height × width is {height * width} pixels; at most {model.max_pixels} (raise Pipeline.max_pixels to allow more)", "width")
     seeds, generators = _seeds(seed, generator, total)
     if latents is not None:
         shape = (total, model.latent_channels, height // model.vae_factor, width // model.vae_factor)
