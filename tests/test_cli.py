@@ -123,3 +123,33 @@ def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, tmp_path, caps
 
     with pytest.raises(KeyError):
         main(["--debug", "generate", "x", "-o", str(tmp_path / "a.png")])
+
+
+def test_png_carries_its_settings_and_from_png_makes_it_again(tiny_model_dir, tmp_path, capsys):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    common = ["--model", str(tiny_model_dir), "-q"]
+    assert main(["generate", "a red circle", "-o", str(a), "--steps", "3", "--seed", "9", "--sampler", "euler_ancestral",
+                 "--negative", "blue", "--sampler-option", "eta=0.5", *common]) == 0
+    with Image.open(a) as im:
+        text = dict(im.text)
+    assert text["parameters"].startswith("a red circle\nNegative prompt: blue\nSteps: 3, Sampler: Euler a,")
+    assert "Seed: 9, Size: 32x32" in text["parameters"]
+    assert main(["generate", "--from-png", str(a), "-o", str(b), *common]) == 0
+    with Image.open(a) as x, Image.open(b) as y:
+        assert np.array_equal(np.asarray(x), np.asarray(y))  # the same image: prompt, seed, sampler and its options came back
+    assert main(["generate", "--from-png", str(a), "-o", str(b), "--seed", "10", *common]) == 0  # flags override
+    with Image.open(a) as x, Image.open(b) as y:
+        assert not np.array_equal(np.asarray(x), np.asarray(y))
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    assert main(["generate", "--from-png", str(tmp_path / "plain.png"), "-o", str(b), *common]) == 2
+    assert "carries no generation settings" in capsys.readouterr().err
+    assert main(["generate", "-o", str(b), *common]) == 2
+
+
+def test_a1111_parameters_are_read():
+    from unfog.request import settings_from_png
+
+    text = {"parameters": "masterpiece, a fox\nin the snow\nNegative prompt: blurry, lowres\n"
+                          "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 512x768, Model hash: abc, Model: x"}
+    assert settings_from_png(text) == {"prompt": "masterpiece, a fox\nin the snow", "negative_prompt": "blurry, lowres", "steps": 25,
+                                       "guidance_scale": 6.5, "seed": 1234, "width": 512, "height": 768, "sampler": "dpmpp_2m"}

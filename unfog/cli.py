@@ -39,6 +39,16 @@ def _check_output(path: str | None, flag: str) -> None:
         raise UnfogError(f"{flag} {path!r}: {p.parent} is not a folder")
 
 
+def _png_settings(path: str | None) -> dict:
+    """The generation settings stored in a PNG (unfog's own, or A1111's parameters line)."""
+    if not path:
+        return {}
+    from .request import settings_from_png
+
+    image = _open_image(path, "--from-png")
+    return settings_from_png({k: v for k, v in getattr(image, "text", {}).items() if isinstance(v, str)})
+
+
 def _check_device(device: str | None) -> None:
     """Refuse a device this torch cannot use, before the model is loaded."""
     if device is None:
@@ -83,8 +93,9 @@ def _output_paths(out: Path, n: int) -> list[Path]:
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from .images import grid
+    from .images import grid, save
     from .pipeline import Pipeline
+    from .request import png_text
 
     if args.trajectory_frames < 2:
         raise UnfogError("--trajectory-frames must be at least 2")
@@ -103,21 +114,29 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.trajectory:
             trajectory.append(x0[:1].clone())
 
+    png = _png_settings(args.from_png)
+
+    def pick(value, key):
+        return value if value is not None else png.get(key)
+
+    prompt = pick(args.prompt, "prompt")
+    if prompt is None:
+        raise UnfogError("give a prompt, or --from-png IMAGE to make an image again from its settings")
     result = pipe(
-        args.prompt,
+        prompt,
         image=_open_image(args.init_image, "--init-image"),
         mask_image=_open_image(args.mask, "--mask"),
         strength=args.strength,
-        negative_prompt=args.negative,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        sampler=args.sampler,
-        sigma_schedule=args.schedule,
-        sampler_options=_sampler_options(args.sampler_option),
-        height=args.height,
-        width=args.width,
+        negative_prompt=pick(args.negative, "negative_prompt"),
+        num_inference_steps=pick(args.steps, "steps"),
+        guidance_scale=pick(args.guidance, "guidance_scale"),
+        sampler=pick(args.sampler, "sampler"),
+        sigma_schedule=pick(args.schedule, "sigma_schedule"),
+        sampler_options=_sampler_options(args.sampler_option) or png.get("sampler_options") or None,
+        height=pick(args.height, "height"),
+        width=pick(args.width, "width"),
         num_images_per_prompt=args.num_images,
-        seed=args.seed,
+        seed=pick(args.seed, "seed"),
         callback=record,
         progress=not args.quiet,
     )
@@ -127,9 +146,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 print(f"guided denoiser captured as one CUDA graph in {g.warmup_s:.2f} s", file=sys.stderr)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for path, image, seed in zip(_output_paths(out, len(result.images)), result.images, result.seeds):
-        image.save(path)
-        print(f"{path}  seed={seed}")
+    model_name = Path(args.model).name if args.model else "unfog-default"
+    for k, (path, image) in enumerate(zip(_output_paths(out, len(result.images)), result.images)):
+        save(image, path, png_text(result.request, k, model_name))  # the settings ride along (PNG only)
+        print(f"{path}  seed={result.seeds[k]}")
     if args.trajectory:
         n = len(trajectory)
         picks = sorted({round(k * (n - 1) / (args.trajectory_frames - 1)) for k in range(args.trajectory_frames)})
@@ -289,7 +309,8 @@ def _generate_parser(sub) -> None:
     from .samplers import SAMPLERS
 
     g = sub.add_parser("generate", help="make images from a prompt")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?", help="what to draw (optional with --from-png)")
+    g.add_argument("--from-png", help="make an image again from the settings stored in a PNG (unfog's, or A1111's parameters); flags given override them")
     g.add_argument("-o", "--output", default="out.png", help="output image (several images get -0, -1, … suffixes)")
     g.add_argument("--steps", type=int, help="number of denoising steps (model default if omitted)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale")

@@ -40,3 +40,17 @@ def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
     for k, im in enumerate(images):
         out.paste(im, ((k % columns) * w, (k // columns) * h))
     return out
+
+
+def save(image: Image.Image, target, text: dict[str, str] | None = None, format: str | None = None) -> None:
+    """Save `image` to a path or file object; PNGs carry `text` as text chunks (the generation
+    settings), other formats are written without them."""
+    from PIL.PngImagePlugin import PngInfo
+
+    is_png = (format or "").upper() == "PNG" or str(getattr(target, "suffix", target)).lower().endswith(".png")
+    info = None
+    if is_png and text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, str(value))  # international text: prompts may hold any Unicode
+    image.save(target, format=format, pnginfo=info) if info is not None else image.save(target, format=format)

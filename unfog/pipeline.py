@@ -39,6 +39,7 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
 class PipelineOutput:
     images: list[Image.Image]
     seeds: list[int]
+    request: GenerationRequest | None = None  # the settings as resolved (defaults filled in)
 
 
 @dataclass
@@ -292,7 +293,7 @@ class Pipeline:
                 bar.update(1)
                 if callback is not None:
                     callback(step.index, step.x, step.x0)
-        return PipelineOutput(images=self.decode(state.x), seeds=request.seeds)
+        return PipelineOutput(images=self.decode(state.x), seeds=request.seeds, request=request)
 
     # ---- the pieces the steps are made of -----------------------------------------------
 

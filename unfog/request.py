@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -255,3 +257,57 @@ def make_request(
         mask_image=mask_image, strength=strength, long_prompts=long_prompts, round_timesteps=round_timesteps,
         match_diffusers=matching,
     )
+
+
+# The sampler names A1111's web UI writes into its PNGs ("Sampler: ..."), for the parameters chunk.
+A1111_SAMPLERS = {"euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "dpm_2_ancestral": "DPM2 a", "lms": "LMS",
+                  "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE",
+                  "dpmpp_3m_sde": "DPM++ 3M SDE", "ddim": "DDIM", "ddpm": "DDPM", "uni_pc": "UniPC", "lcm": "LCM"}
+
+
+def png_text(r: GenerationRequest, k: int, model: str) -> dict[str, str]:
+    """Text chunks for image k of a request: A1111's `parameters` line (which A1111, ComfyUI and
+    image sites read), unfog's own JSON (`unfog`, read back by `settings_from_png`), and the plain
+    fields one by one."""
+    settings = {"prompt": r.prompts[k], "negative_prompt": r.negative_prompts[k], "seed": r.seeds[k], "steps": r.num_inference_steps,
+                "sampler": r.sampler, "sampler_options": r.sampler_options, "sigma_schedule": r.sigma_schedule,
+                "guidance_scale": r.guidance_scale, "width": r.width, "height": r.height, "model": model}
+    parameters = (f"{r.prompts[k]}\nNegative prompt: {r.negative_prompts[k]}\n"
+                  f"Steps: {r.num_inference_steps}, Sampler: {A1111_SAMPLERS.get(r.sampler, r.sampler)}, Schedule type: {r.sigma_schedule}, "
+                  f"CFG scale: {r.guidance_scale:g}, Seed: {r.seeds[k]}, Size: {r.width}x{r.height}, Model: {model}")
+    plain = {key: str(v) for key, v in settings.items() if key != "sampler_options"}
+    return {**plain, "software": "unfog", "parameters": parameters, "unfog": json.dumps(settings)}
+
+
+def settings_from_png(text: dict[str, str]) -> dict[str, Any]:
+    """Generation settings from a PNG's text chunks: unfog's JSON if present, else A1111's
+    `parameters` (prompt, negative prompt, steps, sampler, CFG scale, seed, size)."""
+    if "unfog" in text:
+        try:
+            data = json.loads(text["unfog"])
+        except ValueError:
+            raise UnfogError("the PNG's unfog settings are not valid JSON") from None
+        keys = ("prompt", "negative_prompt", "seed", "steps", "sampler", "sampler_options", "sigma_schedule", "guidance_scale", "width", "height")
+        return {k: data[k] for k in keys if isinstance(data, dict) and k in data}
+    if "parameters" not in text:
+        raise UnfogError("the PNG carries no generation settings (no 'unfog' or 'parameters' text chunk)")
+    lines = text["parameters"].strip().splitlines()
+    fields = dict(re.findall(r"(\w[\w ]*): ([^,]+)", lines[-1]))
+    negative = next((line[len("Negative prompt: "):] for line in lines if line.startswith("Negative prompt: ")), "")
+    prompt = "\n".join(line for line in lines[:-1] if not line.startswith("Negative prompt: "))
+    by_a1111 = {v: k for k, v in A1111_SAMPLERS.items()}
+    out: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
+    try:
+        if "Steps" in fields:
+            out["steps"] = int(fields["Steps"])
+        if "CFG scale" in fields:
+            out["guidance_scale"] = float(fields["CFG scale"])
+        if "Seed" in fields:
+            out["seed"] = int(fields["Seed"])
+        if "Size" in fields:
+            out["width"], out["height"] = (int(v) for v in fields["Size"].split("x"))
+    except ValueError as e:
+        raise UnfogError(f"the PNG's parameters line has a malformed value: {e}") from None
+    if fields.get("Sampler") in by_a1111:
+        out["sampler"] = by_a1111[fields["Sampler"]]
+    return out

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
+
+from ..images import save
+from ..request import png_text
 
 
 class JobStopped(Exception):
@@ -51,11 +53,8 @@ class Job:
 
 def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
     """PNG with the generation parameters in its text chunks."""
-    info = PngInfo()
-    for k, v in (text or {}).items():
-        info.add_text(k, str(v))
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
+    save(image, buf, text, format="PNG")
     return buf.getvalue()
 
 
@@ -180,7 +179,7 @@ class JobQueue:
             torch.cuda.empty_cache()
 
     def _run(self, job: Job) -> None:
-        p, pipe = job.params, self.pipe
+        pipe = self.pipe
         start = time.time()
         state = pipe.initial_state(job.request)
         with contextlib.closing(pipe.denoise(job.request, state)) as steps:  # leaving early stops the sampler
@@ -192,9 +191,8 @@ class JobQueue:
                 self._progress(job, step.index, step.x0)
         images = pipe.decode(state.x)
         names = []
-        for image, seed in zip(images, job.request.seeds):
-            text = {**p, "seed": seed, "model": self.model_name, "software": "unfog"}
-            text.pop("num_images")
+        for k, image in enumerate(images):
+            text = png_text(job.request, k, self.model_name)
             name = f"{uuid.uuid4().hex}.png"
             with self.lock:
                 self.images[name] = png_bytes(image, text)
