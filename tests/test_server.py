@@ -306,3 +306,9 @@ def test_ctrl_c_during_a_job_shuts_down_cleanly(tiny_model_dir):
             proc.kill()
     assert proc.returncode == 0, out
     assert "terminate called" not in out and "Traceback" not in out
+
+
+def test_a_request_with_too_much_total_work_is_refused(api):
+    r = api.post("/v1/jobs", json={"prompt": "a", "width": 2000, "height": 2000, "steps": 150, "num_images": 8})
+    assert r.status_code == 422 and "megapixel-steps" in r.json()["error"] and r.json()["allowed"] == {"max_work": 200.0}
+    assert api.post("/v1/jobs", json={"prompt": "a", "width": 64, "height": 64, "steps": 50}).status_code == 202

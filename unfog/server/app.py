@@ -40,6 +40,9 @@ class ServerSettings:
     max_body_bytes: int = 1024 * 1024
     sync_timeout_s: float = 600.0
     preview_every: int = 2
+    # A request's total work, megapixels × steps × images: one at the size and step limits would
+    # hold the only worker for many minutes. 200 is e.g. four 1024² images at 50 steps.
+    max_work: float = 200.0
 
     def __post_init__(self):
         positive = ("max_queue", "max_side", "max_pixels", "max_steps", "max_images", "max_prompt_chars", "max_body_bytes")
@@ -47,7 +50,7 @@ class ServerSettings:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UnfogError(f"server setting {name} must be a positive integer, got {v!r}")
-        for name in ("job_timeout_s", "sync_timeout_s", "max_guidance"):
+        for name in ("job_timeout_s", "sync_timeout_s", "max_guidance", "max_work"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
                 raise UnfogError(f"server setting {name} must be a positive number, got {v!r}")
@@ -120,6 +123,10 @@ def validate(body: Any, pipe, s: ServerSettings) -> GenerationRequest:
             raise Refused(422, str(e), API_NAMES.get(e.field, e.field)) from None
         if request.width * request.height > s.max_pixels:
             raise Refused(422, f"width × height must be at most {s.max_pixels} pixels, got {request.width * request.height}", "width")
+        work = request.width * request.height / 1e6 * request.num_inference_steps * request.batch
+        if work > s.max_work:
+            raise Refused(422, f"this request is {work:.0f} megapixel-steps (width × height × steps × images); the server takes at most "
+                               f"{s.max_work:g}: fewer steps, images or pixels", "steps", {"max_work": s.max_work})
         return request
     except Refused as r:
         if r.body["field"] in allowed and r.body["allowed"] is None:
