@@ -263,7 +263,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         raise UnfogError(f"binding to {args.host} exposes the server to the network: pass --token T, and clients send Authorization: Bearer T")
     settings = ServerSettings(host=args.host, port=args.port, token=args.token, max_queue=args.max_queue, job_timeout_s=args.job_timeout,
-                              max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images)
+                              max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images, max_work=args.max_work)
     pipe = Pipeline.from_pretrained(args.model).to(args.device)
     if args.optimize:
         pipe.optimize(compile=args.compile)
@@ -427,6 +427,7 @@ def _serve_parser(sub) -> None:
     v.add_argument("--max-side", type=int, default=2048)
     v.add_argument("--max-steps", type=int, default=150)
     v.add_argument("--max-images", type=int, default=8)
+    v.add_argument("--max-work", type=float, default=200.0, help="a request's total work limit, megapixels × steps × images")
     v.add_argument("--optimize", action="store_true", help="serve through pipe.optimize()")
     v.add_argument("--compile", action="store_true", help="with --optimize: also torch.compile the U-Net (slow first request per size)")
     v.set_defaults(func=cmd_serve)
