@@ -312,3 +312,60 @@ def test_a_request_with_too_much_total_work_is_refused(api):
     r = api.post("/v1/jobs", json={"prompt": "a", "width": 2000, "height": 2000, "steps": 150, "num_images": 8})
     assert r.status_code == 422 and "megapixel-steps" in r.json()["error"] and r.json()["allowed"] == {"max_work": 200.0}
     assert api.post("/v1/jobs", json={"prompt": "a", "width": 64, "height": 64, "steps": 50}).status_code == 202
+
+
+def test_event_streams_are_capped_per_client_and_freed_on_close(pipe):
+    """Raw ASGI, so that a stream can stay open while another is asked for."""
+    import asyncio
+
+    app = create_app(pipe, ServerSettings(max_streams_per_client=1), model_name="tiny")
+    jobs = app.state.jobs
+    job, _ = jobs.submit(pipe.request("a red circle", num_inference_steps=150, seed=0), {"steps": 150})
+
+    def scope():
+        path = f"/v1/jobs/{job.id}/events"
+        return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http", "path": path,
+                "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [(b"host", b"127.0.0.1:7860")],
+                "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 7860)}
+
+    async def open_stream(leave: asyncio.Event):
+        sent, started = [], asyncio.Event()
+        requested = [False]
+
+        async def receive():
+            if not requested[0]:
+                requested[0] = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await leave.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+            if message["type"] == "http.response.body" and message.get("body"):
+                started.set()
+            if message["type"] == "http.response.start" and message["status"] != 200:
+                started.set()
+
+        task = asyncio.create_task(app(scope(), receive, send))
+        await asyncio.wait_for(started.wait(), timeout=30)
+        return task, sent[0]["status"]
+
+    async def scenario():
+        leave_first, leave_now = asyncio.Event(), asyncio.Event()
+        leave_now.set()
+        first, status = await open_stream(leave_first)
+        assert status == 200  # open, and its first event pushed
+        second, status = await open_stream(leave_now)
+        assert status == 429
+        await second
+        leave_first.set()
+        await asyncio.wait_for(first, timeout=30)  # the client left: its slot is given back
+        third, status = await open_stream(leave_now)
+        assert status == 200
+        await asyncio.wait_for(third, timeout=30)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        jobs.cancel(job.id)
+        jobs.wait(job, 30)

@@ -43,9 +43,10 @@ class ServerSettings:
     # A request's total work, megapixels × steps × images: one at the size and step limits would
     # hold the only worker for many minutes. 200 is e.g. four 1024² images at 50 steps.
     max_work: float = 200.0
+    max_streams_per_client: int = 8
 
     def __post_init__(self):
-        positive = ("max_queue", "max_side", "max_pixels", "max_steps", "max_images", "max_prompt_chars", "max_body_bytes")
+        positive = ("max_queue", "max_side", "max_pixels", "max_steps", "max_images", "max_prompt_chars", "max_body_bytes", "max_streams_per_client")
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -250,24 +251,16 @@ def _add_job_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings) -> No
             raise Refused(404, f"no job {job_id!r}", "id")
         return job.public()
 
+    streams: dict[str, int] = {}  # open event streams per client address
+
     @app.get("/v1/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request):
         job = get_job(job_id)
-
-        async def stream():
-            sent = 0
-            while True:
-                events = job.events[sent:]
-                for e in events:
-                    yield f"event: {e['type']}\ndata: {json.dumps(e)}\n\n"
-                sent += len(events)
-                if job.state not in ("queued", "running") and sent >= len(job.events):
-                    return
-                if await request.is_disconnected():
-                    return
-                await asyncio.sleep(0.05)
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        client = request.client.host if request.client else "?"
+        if streams.get(client, 0) >= s.max_streams_per_client:
+            raise Refused(429, f"at most {s.max_streams_per_client} open event streams per client; close one", headers={"Retry-After": "5"})
+        streams[client] = streams.get(client, 0) + 1
+        return StreamingResponse(_event_stream(jobs, job, request, client, streams), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/images/generate", responses={200: {"content": {"image/png": {}}}})
     async def generate(request: Request):
@@ -281,6 +274,29 @@ def _add_job_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings) -> No
         if job.state != "done":
             raise Refused(500 if job.state == "failed" else 409, f"job {job.state}: {job.error}")
         return Response(jobs.images[job.images[0]], media_type="image/png", headers={"X-Seeds": ",".join(map(str, job.seeds))})
+
+
+async def _event_stream(jobs: JobQueue, job, request: Request, client: str, streams: dict[str, int]):
+    """A job's events as server-sent events, pushed as the worker records them (a 1 s wake-up
+    only to notice a client that has gone)."""
+    loop, waiter, sent = asyncio.get_running_loop(), asyncio.Event(), 0
+    jobs.listen(job.id, waiter, loop)
+    try:
+        while True:
+            waiter.clear()
+            events = job.events[sent:]
+            for e in events:
+                yield f"event: {e['type']}\ndata: {json.dumps(e)}\n\n"
+            sent += len(events)
+            if (job.state not in ("queued", "running") and sent >= len(job.events)) or await request.is_disconnected():
+                return
+            try:
+                await asyncio.wait_for(waiter.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        jobs.unlisten(job.id, waiter, loop)
+        streams[client] -= 1
 
 
 def _add_info_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings, model_name: str) -> None:

@@ -68,6 +68,8 @@ class JobQueue:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.stopping = threading.Event()
+        # Event-stream readers waiting on a job: (their event loop, their asyncio.Event), woken on each event.
+        self.listeners: dict[str, set[tuple[Any, Any]]] = {}
         self.worker = threading.Thread(target=self._work, name="unfog-worker", daemon=True)
         self.worker.start()
 
@@ -107,6 +109,18 @@ class JobQueue:
                 job.cancel_requested = True
             return job
 
+    def listen(self, job_id: str, waiter, loop) -> None:
+        """Wake `waiter` (an asyncio.Event of `loop`) whenever the job records an event."""
+        with self.lock:
+            self.listeners.setdefault(job_id, set()).add((loop, waiter))
+
+    def unlisten(self, job_id: str, waiter, loop) -> None:
+        with self.lock:
+            entries = self.listeners.get(job_id, set())
+            entries.discard((loop, waiter))
+            if not entries:
+                self.listeners.pop(job_id, None)
+
     def wait(self, job: Job, timeout: float) -> bool:
         deadline = time.time() + timeout
         with self.changed:
@@ -123,6 +137,8 @@ class JobQueue:
         """Record an event; callers hold self.lock. A finished job keeps only its last preview
         (the rest were for watching it run), and the oldest finished jobs are forgotten."""
         job.events.append(event)
+        for loop, waiter in self.listeners.get(job.id, ()):
+            loop.call_soon_threadsafe(waiter.set)
         if event["type"] in ("done", "failed", "cancelled"):
             with_preview = [e for e in job.events if "preview" in e]
             for e in with_preview[:-1]:  # keep only the last preview
