@@ -218,3 +218,27 @@ def test_optimize_with_compile_matches_eager(tiny_model_dir):
     b = pixels(compiled("a red circle", seed=4, num_inference_steps=2).images[0])
     assert np.abs(a - b).max() <= 2
     assert "_orig_mod" not in "".join(compiled.unet.state_dict())
+
+
+def test_should_stop_interrupts_within_one_unet_call(tiny_pipe):
+    from unfog.pipeline import Interrupted
+
+    asked = []
+
+    def should_stop():
+        asked.append(1)
+        return len(asked) > 2  # a stop request arrives during the first U-Net call
+
+    blocks = []
+    hook = tiny_pipe.unet.mid_block.resnets[0].register_forward_hook(lambda *a: blocks.append("mid"))
+    request = tiny_pipe.request("a red circle", num_inference_steps=4, seed=0)
+    state = tiny_pipe.initial_state(request)
+    try:
+        with pytest.raises(Interrupted):
+            for _ in tiny_pipe.denoise(request, state, should_stop):
+                pass
+    finally:
+        hook.remove()
+    assert blocks == []  # stopped before the first call reached the middle block
+    assert not tiny_pipe.unet.down_blocks[0].resnets[0]._forward_pre_hooks  # the checks are removed afterwards
+    assert tiny_pipe("a red circle", seed=0).images  # and the pipeline still works

@@ -35,6 +35,10 @@ from .samplers import Step, get_sampler, iterate
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
 
 
+class Interrupted(Exception):
+    """A generation stopped part-way through a network call because its `should_stop` said so."""
+
+
 @dataclass
 class PipelineOutput:
     images: list[Image.Image]
@@ -239,14 +243,29 @@ class Pipeline:
         return state
 
     @torch.inference_mode()
-    def denoise(self, request: GenerationRequest, state: DenoisingState) -> Iterator[Step]:
+    def denoise(self, request: GenerationRequest, state: DenoisingState, should_stop: Callable[[], bool] | None = None) -> Iterator[Step]:
         """Step 3: run the request's sampler from `state`, yielding each step (index, state,
         x_0 estimate); when it is exhausted, `state.x` holds the final latents. Stopping the
-        iteration early (closing the generator) stops the sampler at its next step."""
+        iteration early (closing the generator) stops the sampler at its next step. With
+        `should_stop`, it is also asked before each residual block of the U-Net, and a True raises
+        `Interrupted` within one block rather than one step (eager U-Net calls only: under CUDA
+        graphs or torch.compile a U-Net call runs whole and the stop comes at the next step)."""
         sample = get_sampler(request.sampler)
         denoiser = self._guided_denoiser(request, state)
-        state.x = yield from iterate(sample, denoiser, state.x, state.sigmas, generator=state.generators,
-                                     callback=state.keep_known, **request.sampler_options)
+        hooks = []
+        # Not with graphs (a replay runs whole) or torch.compile (new hooks would recompile the U-Net).
+        if should_stop is not None and not self.cuda_graphs and getattr(self.unet, "_compiled_call_impl", None) is None:
+            def check(module, args):
+                if should_stop():
+                    raise Interrupted("stopped within a U-Net call")
+            blocks = [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
+            hooks = [resnet.register_forward_pre_hook(check) for block in blocks for resnet in block.resnets]
+        try:
+            state.x = yield from iterate(sample, denoiser, state.x, state.sigmas, generator=state.generators,
+                                         callback=state.keep_known, **request.sampler_options)
+        finally:
+            for hook in hooks:
+                hook.remove()
         if not torch.isfinite(state.x).all():  # one check at the end: per step it would stall the GPU every step
             raise UnfogError(f"the denoising ended in NaN or infinite latents (guidance_scale {request.guidance_scale:g}, sampler {request.sampler}); "
                              "lower guidance_scale, or check the model's weights and dtype (float16 can overflow)")

@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from ..images import save
+from ..pipeline import Interrupted
 from ..request import png_text
 
 
@@ -173,7 +174,10 @@ class JobQueue:
                 job.state = "running"
                 self._event(job, {"type": "started", "total": job.total})
             try:
-                self._run(job)
+                try:
+                    self._run(job)
+                except Interrupted:  # stopped inside a U-Net call: say why, as between steps
+                    raise JobStopped("cancelled" if job.cancel_requested else f"timed out after {self.job_timeout_s:.0f} s") from None
             except JobStopped as e:
                 with self.lock:
                     job.state, job.error = ("cancelled", None) if str(e) == "cancelled" else ("failed", str(e))
@@ -198,7 +202,10 @@ class JobQueue:
         pipe = self.pipe
         start = time.time()
         state = pipe.initial_state(job.request)
-        with contextlib.closing(pipe.denoise(job.request, state)) as steps:  # leaving early stops the sampler
+        def should_stop() -> bool:  # asked between U-Net blocks too: cancel acts within one block, not one step
+            return job.cancel_requested or time.time() - start > self.job_timeout_s
+
+        with contextlib.closing(pipe.denoise(job.request, state, should_stop)) as steps:  # leaving early stops the sampler
             for step in steps:
                 if job.cancel_requested:
                     raise JobStopped("cancelled")
