@@ -64,3 +64,26 @@ def test_generate_from_the_page(server, tmp_path):
             os.environ.get("UNFOG_SCREENSHOT") and shutil.copy(tmp_path / "page.png", os.environ["UNFOG_SCREENSHOT"])
         finally:
             browser.close()
+
+
+def test_a_dropped_png_refills_the_form(server, tiny_model_dir, tmp_path):
+    from unfog.cli import main
+
+    png = tmp_path / "made.png"
+    assert main(["generate", "a green triangle at the top", "-o", str(png), "--model", str(tiny_model_dir), "--steps", "5",
+                 "--seed", "77", "--negative", "red", "--guidance", "2.5", "--sampler", "euler", "-q"]) == 0
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page()
+            page.goto(server + "/")
+            page.wait_for_function("document.querySelector('#sampler').options.length > 0")
+            page.set_input_files("#png", str(png))
+            page.wait_for_function("document.querySelector('#status').textContent.includes('settings loaded')")
+            values = {k: page.input_value(f"#{k}") for k in ("prompt", "negative", "steps", "guidance", "seed", "sampler", "width")}
+            assert values == {"prompt": "a green triangle at the top", "negative": "red", "steps": "5", "guidance": "2.5", "seed": "77",
+                              "sampler": "euler", "width": "32"}
+        finally:
+            browser.close()
