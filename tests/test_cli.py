@@ -153,3 +153,12 @@ def test_a1111_parameters_are_read():
                           "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 512x768, Model hash: abc, Model: x"}
     assert settings_from_png(text) == {"prompt": "masterpiece, a fox\nin the snow", "negative_prompt": "blurry, lowres", "steps": 25,
                                        "guidance_scale": 6.5, "seed": 1234, "width": 512, "height": 768, "sampler": "dpmpp_2m"}
+
+
+def test_out_of_range_seed_and_invalid_utf8_prompt_are_one_line_errors(tiny_model_dir, tmp_path):
+    common = ["--model", str(tiny_model_dir), "-o", str(tmp_path / "x.png"), "-q"]
+    r = run("generate", "a red circle", "--seed", "18446744073709551616", *common)
+    assert r.returncode == 2 and "seed must be" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable.encode(), b"-m", b"unfog", b"generate", b"a \xff circle", *[a.encode() for a in common]],
+                       capture_output=True, timeout=300)
+    assert r.returncode == 2 and b"not valid Unicode text" in r.stderr and b"Traceback" not in r.stderr
