@@ -220,3 +220,30 @@ def test_requests_too_big_to_allocate_are_refused_up_front(tiny_pipe):
             tiny_pipe(["a", "b"], num_images_per_prompt=2)
     finally:
         tiny_pipe.max_images = 64
+
+
+@pytest.mark.parametrize("index, match", [([1, 2], "not unfog format"), ({"format": "unfog", "format_version": 1, "components": []}, "components must be"),
+                                          ({"format": "unfog", "format_version": 1, "components": {"vae": 1}}, "components must be")])
+def test_malformed_model_index_is_named(tiny_model_dir, tmp_path, index, match):
+    d = copy_model(tiny_model_dir, tmp_path)
+    (d / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UnfogError, match=match):
+        Pipeline.from_pretrained(d)
+
+
+def test_a_config_describing_billions_of_parameters_is_refused_before_loading(tiny_model_dir, tmp_path):
+    d = copy_model(tiny_model_dir, tmp_path)
+    path = d / "unet" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(block_channels=[8192] * 4, layers_per_block=16, transformer_depth=8, attention_levels=[True] * 4, context_dim=8192)
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(UnfogError, match="billion parameters"):
+        Pipeline.from_pretrained(d)
+
+
+def test_a_nan_scaling_factor_is_refused(tiny_model_dir, tmp_path):
+    d = copy_model(tiny_model_dir, tmp_path)
+    path = d / "vae" / "config.json"
+    path.write_text(path.read_text().replace('"scaling_factor": 0.5', '"scaling_factor": NaN'))
+    with pytest.raises(UnfogError, match="scaling_factor"):
+        Pipeline.from_pretrained(d)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def _check_output(path: str | None, flag: str) -> None:
         raise UnfogError(f"{flag} {path!r} has no image extension PIL can write; use .png, .jpg or .webp")
     if p.parent.exists() and not p.parent.is_dir():
         raise UnfogError(f"{flag} {path!r}: {p.parent} is not a folder")
+    if p.parent.is_dir() and not os.access(p.parent, os.W_OK):
+        raise UnfogError(f"{flag} {path!r}: the folder {p.parent} is not writable")
 
 
 def _png_settings(path: str | None) -> dict:

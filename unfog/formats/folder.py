@@ -29,7 +29,8 @@ from .weights import load_checked, read_safetensors
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
-MAX_CONFIG_BYTES = 1 << 20  # configs are a few hundred bytes; a bigger one is not read whole
+MAX_CONFIG_BYTES = 1 << 20
+MAX_PARAMETERS = 20_000_000_000  # per component; the largest published diffusion U-Nets are near 3 billion  # configs are a few hundred bytes; a bigger one is not read whole
 
 
 @dataclass
@@ -166,6 +167,10 @@ def load_model(directory: str | Path, *, clip_skip: int = 0, prediction_type: st
         # Built on the meta device: no time is spent initialising weights that are replaced next.
         with torch.device("meta"):
             module = cls(config)
+        count = sum(p.numel() for p in module.parameters())  # counted on the meta device: nothing allocated yet
+        if count > MAX_PARAMETERS:
+            raise UnfogError(f"{d / name / 'config.json'} describes a network of {count / 1e9:.1f} billion parameters; unfog loads at most "
+                             f"{MAX_PARAMETERS / 1e9:.0f} billion per component (is the config right?)")
         load_weights(module, d / name / WEIGHTS)
         modules[name] = module.eval()
     scheduler = read_config(d / "scheduler" / "config.json", SchedulerConfig)
