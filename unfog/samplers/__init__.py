@@ -84,8 +84,8 @@ def iterate(sampler: Callable, denoiser, x, sigmas, *, callback: Callable | None
 
     The sampler runs in a greenlet on the consumer's own thread, not on a second thread: on a
     CPU a second thread doing torch work gets its own OpenMP team, and libgomp then throttles the
-    spin-waiting of both (more threads than cores), which made a 30-step image 20 % slower on
-    2 cores. So the generator must be resumed on the thread that started it. Each side keeps
+    spin-waiting of both (more threads than cores): on 2 cores a fresh thread per image made the
+    bundled model's image about 15 % slower (`python bench/sampler_thread.py`). So the generator must be resumed on the thread that started it. Each side keeps
     its own grad mode across the switches, and the sampler sees the caller's context variables."""
     thread = threading.get_ident()
 

@@ -13,28 +13,11 @@ from ..errors import UnfogError
 from .common import SOLVER_TYPES, Generator, NoiseSampler, after_step, ancestral_split, noise_sampler as make_noise, randn_like, sigma_batch, to_d
 
 
-@torch.no_grad()
 def sample_dpmpp_2m(denoiser, x, sigmas, *, generator: Generator = None, callback: Callable | None = None):
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), the multistep second-order solver in data
-    prediction, in λ = -log σ; first order on the first step and on the last step to 0."""
-    s = sigmas.tolist()
-    x0_prev, h_prev = None, None
-    for i in range(len(s) - 1):
-        x0 = denoiser(x, sigma_batch(sigmas[i], x))
-        if s[i + 1] == 0:
-            x = x0
-        else:
-            h = math.log(s[i]) - math.log(s[i + 1])
-            e = -math.expm1(-h)
-            # D = (1 + r/2)·x0 - r/2·x0_prev with r = h/h_prev, folded into the coefficients.
-            corr = 0.0 if h_prev is None else 0.5 * e * h / h_prev
-            x = x * (s[i + 1] / s[i]) + x0 * (e + corr)
-            if corr != 0:
-                x = x + x0_prev * (-corr)
-            h_prev = h
-        x0_prev = x0
-        x = after_step(callback, i, x, x0)
-    return x
+    prediction, in λ = -log σ; first order on the first step and on the last step to 0. It is the
+    SDE variant below with η = 0 (no shrink, no noise), bit for bit."""
+    return sample_dpmpp_2m_sde(denoiser, x, sigmas, generator=generator, callback=callback, eta=0.0)
 
 
 @torch.no_grad()
