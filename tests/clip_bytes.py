@@ -38,3 +38,26 @@ def write_tiny_clip_vocab(directory):
     (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return len(vocab)
+
+
+WHEELS = __import__("pathlib").Path(__file__).resolve().parent.parent / ".cache" / "clip-vocab"
+
+
+def write_real_clip_vocab(directory) -> bool:
+    """CLIP's real 49,408-token vocabulary (vocab.json + merges.txt) from the open-clip-torch
+    wheel that .ci/run downloads into .cache/clip-vocab; False when the wheel is not there."""
+    import gzip
+    import zipfile
+
+    wheels = sorted(WHEELS.glob("open_clip_torch-*.whl"))
+    if not wheels:
+        return False
+    with zipfile.ZipFile(wheels[-1]) as z:
+        lines = gzip.decompress(z.read("open_clip/bpe_simple_vocab_16e6.txt.gz")).decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return True

@@ -30,6 +30,8 @@ def unet_to_ldm(unet):
     for key, v in unet.state_dict().items():
         if key.startswith("time_embedding."):
             new = key.replace("time_embedding.linear_1.", "time_embed.0.").replace("time_embedding.linear_2.", "time_embed.2.")
+        elif key.startswith("add_embedding."):
+            new = key.replace("add_embedding.linear_1.", "label_emb.0.0.").replace("add_embedding.linear_2.", "label_emb.0.2.")
         elif key.startswith("conv_in."):
             new = "input_blocks.0.0." + key[8:]
         elif key.startswith("norm_out."):
@@ -88,10 +90,13 @@ def vae_to_ldm(vae):
     return out
 
 
-def text_to_ldm(te, open_clip: bool):
+def text_to_ldm(te, open_clip: bool, prefix: str | None = None):
+    """One text encoder in the original layout: CLIP in transformers' names under
+    `prefix` (default SD 1.x's), or OpenCLIP's under `prefix` (default SD 2.x's)."""
     out = {}
     state = te.state_dict()
     if not open_clip:
+        prefix = prefix or "cond_stage_model.transformer."
         for key, v in state.items():
             m = re.match(r"layers\.(\d+)\.(.*)", key)
             if key.startswith(("token_embedding", "position_embedding")):
@@ -102,13 +107,14 @@ def text_to_ldm(te, open_clip: bool):
                 new = f"encoder.layers.{m[1]}.{rest}"
             else:
                 new = key
-            out["cond_stage_model.transformer.text_model." + new] = v
+            out[prefix + "text_model." + new] = v
         return out
-    p = "cond_stage_model.model."
+    p = prefix or "cond_stage_model.model."
     out[p + "token_embedding.weight"] = state["token_embedding.weight"]
     out[p + "positional_embedding"] = state["position_embedding.weight"]
     out[p + "ln_final.weight"], out[p + "ln_final.bias"] = state["final_layer_norm.weight"], state["final_layer_norm.bias"]
-    out[p + "text_projection"] = torch.zeros(te.config.width, te.config.width)
+    proj = state.get("text_projection.weight")
+    out[p + "text_projection"] = proj.T if proj is not None else torch.zeros(te.config.width, te.config.width)
     out[p + "logit_scale"] = torch.tensor(1.0)
     for i in range(te.config.layers):
         q = f"layers.{i}."
@@ -121,6 +127,15 @@ def text_to_ldm(te, open_clip: bool):
     return out
 
 
-def write_ldm_checkpoint(pipe, path, *, open_clip: bool, extra_text_layer=None):
-    state = {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae), **text_to_ldm(pipe.text_encoder, open_clip)}
+def write_ldm_checkpoint(pipe, path, *, open_clip: bool = False, extra_text_layer=None):
+    """SD 1.x/2.x, or for an SDXL pipeline Stability's layout: conditioner.embedders.0 (CLIP) and
+    .1 (OpenCLIP bigG) for the base, .0 (bigG) alone for the refiner."""
+    if getattr(pipe, "sdxl", None) == "base":
+        text = {**text_to_ldm(pipe.text_encoder, False, "conditioner.embedders.0.transformer."),
+                **text_to_ldm(pipe.text_encoder_2, True, "conditioner.embedders.1.model.")}
+    elif getattr(pipe, "sdxl", None) == "refiner":
+        text = text_to_ldm(pipe.text_encoder, True, "conditioner.embedders.0.model.")
+    else:
+        text = text_to_ldm(pipe.text_encoder, open_clip)
+    state = {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae), **text}
     save_file({k: v.contiguous().clone() for k, v in state.items()}, str(path))

@@ -4,15 +4,12 @@ The vocabulary ships inside the open-clip-torch wheel (open_clip/bpe_simple_voca
 .ci/run downloads that wheel, without installing it, into .cache/clip-vocab/.
 """
 
-import gzip
 import json
 import os
 import random
-import zipfile
-from pathlib import Path
 
 import pytest
-from clip_bytes import bytes_to_unicode
+from clip_bytes import WHEELS, write_real_clip_vocab
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,22 +17,13 @@ transformers = pytest.importorskip("transformers")
 
 from unfog.formats.diffusers_folder import clip_tokenizer  # noqa: E402
 
-WHEELS = Path(__file__).resolve().parent.parent / ".cache" / "clip-vocab"
 
 
 @pytest.fixture(scope="module")
 def clip_files(tmp_path_factory):
-    wheels = sorted(WHEELS.glob("open_clip_torch-*.whl"))
-    if not wheels:
-        pytest.skip(f"no open-clip-torch wheel in {WHEELS}; run: pip download --no-deps open-clip-torch -d {WHEELS}")
-    with zipfile.ZipFile(wheels[-1]) as z:
-        lines = gzip.decompress(z.read("open_clip/bpe_simple_vocab_16e6.txt.gz")).decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     d = tmp_path_factory.mktemp("clip")
-    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    if not write_real_clip_vocab(d):
+        pytest.skip(f"no open-clip-torch wheel in {WHEELS}; run: pip download --no-deps open-clip-torch -d {WHEELS}")
     return d
 
 

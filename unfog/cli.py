@@ -125,8 +125,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompt = pick(args.prompt, "prompt")
     if prompt is None:
         raise UnfogError("give a prompt, or --from-png IMAGE to make an image again from its settings")
+    sdxl = {k: v for k, v in (("prompt_2", args.prompt_2), ("negative_prompt_2", args.negative_2)) if v is not None}
+    refiner = None
+    if args.refiner:
+        if not 0 < args.refiner_start < 1:
+            raise UnfogError(f"--refiner-start must be a fraction between 0 and 1, got {args.refiner_start}")
+        if args.init_image or args.mask:
+            raise UnfogError("--refiner refines a text-to-image generation; it does not combine with --init-image or --mask")
+        refiner = Pipeline.from_pretrained(args.refiner, **({"config": args.refiner_config} if args.refiner_config else {}))
+        if refiner.sdxl != "refiner" or pipe.sdxl != "base":
+            raise UnfogError(f"--refiner needs an SDXL base as --model and an SDXL refiner as --refiner; got {pipe.sdxl or 'a non-SDXL model'} "
+                             f"and {refiner.sdxl or 'a non-SDXL model'}")
+        refiner.to(args.device, dtype)
+        if args.optimize:
+            refiner.optimize()
+        sdxl.update(denoising_end=args.refiner_start, output_type="latent")
     result = pipe(
         prompt,
+        **sdxl,
         image=_open_image(args.init_image, "--init-image"),
         mask_image=_open_image(args.mask, "--mask"),
         strength=args.strength,
@@ -143,6 +159,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         callback=record,
         progress=not args.quiet,
     )
+    if refiner is not None:  # the base's partly denoised latents go on through the refiner's last steps
+        r = result.request
+        result = refiner(r.prompts[:: args.num_images], image=result.latents, denoising_start=args.refiner_start, negative_prompt=r.negative_prompts[:: args.num_images],
+                         num_inference_steps=r.num_inference_steps, guidance_scale=r.guidance_scale, sampler=r.sampler, sigma_schedule=r.sigma_schedule,
+                         sampler_options=r.sampler_options or None, num_images_per_prompt=args.num_images, seed=r.seeds, progress=not args.quiet)
     if not args.quiet:
         for g in pipe.denoiser_graphs.values():
             if g.graph is not None:
@@ -323,6 +344,11 @@ def _generate_parser(sub) -> None:
     g.add_argument("--sampler-option", action="append", default=[], metavar="NAME=VALUE",
                    help="a sampler option, e.g. eta=0.5, s_churn=10, noise=brownian, solver_type=heun (repeatable)")
     g.add_argument("--negative", help="negative prompt")
+    g.add_argument("--prompt-2", help="SDXL: the prompt for the second text encoder (default: the prompt)")
+    g.add_argument("--negative-2", help="SDXL: the negative prompt for the second text encoder (default: --negative)")
+    g.add_argument("--refiner", help="SDXL: a refiner model that runs the last steps on the base model's latents")
+    g.add_argument("--refiner-start", type=float, default=0.8, help="SDXL: the fraction of the schedule the base runs before the refiner takes over (default 0.8)")
+    g.add_argument("--refiner-config", help="SDXL: a diffusers-layout config folder for a single-file refiner")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)

@@ -43,24 +43,26 @@ def capture(fn: Callable[[], object], warmup: int = 2) -> "torch.cuda.CUDAGraph"
 class DenoiserGraph:
     """D_cfg(x, σ) for fixed shapes, from static buffers.
 
-    `DenoiserGraph(denoiser, x_shape, context_shape, guided, concat_shape)` allocates the
-    buffers on `device` and, on CUDA, captures the guided call. Per generation, `bind(context,
-    uncond, scale, concat)` returns that generation's denoiser `(x, sigma) -> x0` over the graph.
-    `denoiser` is called as `denoiser(x, sigma, context=..., concat=...)`; bind any other
+    `DenoiserGraph(denoiser, x_shape, cond_like, guided, concat_shape)` allocates the buffers on
+    `device` (one per conditioning tensor, shaped like those of `cond_like`, a dict such as
+    {"context": ..., "pooled": ..., "time_ids": ...}) and, on CUDA, captures the guided call. Per
+    generation, `bind(cond, uncond, scale, concat)` returns that generation's denoiser
+    `(x, sigma) -> x0` over the graph. `denoiser` is called as
+    `denoiser(x, sigma, **cond, concat=...)`; bind any other
     argument (such as `round_timesteps`) before, and key the cache on it. The buffers make one
     DenoiserGraph (and so one Pipeline with graphs on) single-threaded.
     """
 
-    def __init__(self, denoiser: Callable, x_shape: tuple[int, ...], context_shape: tuple[int, ...], guided: bool,
-                 concat_shape: tuple[int, ...] | None = None, *, context_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(self, denoiser: Callable, x_shape: tuple[int, ...], cond_like: dict[str, torch.Tensor], guided: bool,
+                 concat_shape: tuple[int, ...] | None = None, *, device: torch.device | str = "cpu"):
         self.device = device = torch.device(device)
         z = dict(device=device, dtype=torch.float32)
         self.denoiser = denoiser
         self.x, self.out = torch.zeros(x_shape, **z), torch.zeros(x_shape, **z)
         self.sigma = torch.ones(x_shape[0], **z)
         self.scale = torch.ones((), **z)
-        self.context = torch.zeros(context_shape, device=device, dtype=context_dtype)
-        self.uncond = torch.zeros(context_shape, device=device, dtype=context_dtype) if guided else None
+        self.cond = {k: torch.zeros(v.shape, device=device, dtype=v.dtype) for k, v in cond_like.items()}
+        self.uncond = {k: torch.zeros(v.shape, device=device, dtype=v.dtype) for k, v in cond_like.items()} if guided else None
         self.concat = torch.zeros(concat_shape, **z) if concat_shape is not None else None
         self.calls = 0
         self.bound: object | None = None  # which generation's conditioning the buffers hold
@@ -78,19 +80,21 @@ class DenoiserGraph:
 
     def _body(self) -> None:
         extra = {} if self.concat is None else {"concat": self.concat}
-        guided = classifier_free_guidance(self.denoiser, self.context, self.uncond, self.scale, **extra)
+        guided = classifier_free_guidance(self.denoiser, self.cond, self.uncond, self.scale, **extra)
         self.out.copy_(guided(self.x, self.sigma))
 
-    def bind(self, context: torch.Tensor, uncond: torch.Tensor | None, scale: float, concat: torch.Tensor | None) -> Callable:
+    def bind(self, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor] | None, scale: float, concat: torch.Tensor | None) -> Callable:
         """One generation's guided denoiser on this graph: loads its conditioning and guidance
         scale into the buffers, and loads them again before a call if another generation has
         bound the graph since (two generators of the same shape may be interleaved)."""
         token = object()
 
         def load() -> None:
-            self.context.copy_(context)
+            for k, v in cond.items():
+                self.cond[k].copy_(v)
             if self.uncond is not None:
-                self.uncond.copy_(uncond)
+                for k, v in uncond.items():
+                    self.uncond[k].copy_(v)
                 self.scale.fill_(scale)
             if self.concat is not None:
                 self.concat.copy_(concat)

@@ -41,9 +41,10 @@ class Interrupted(Exception):
 
 @dataclass
 class PipelineOutput:
-    images: list[Image.Image]
+    images: list[Image.Image]  # empty with output_type="latent"
     seeds: list[int]
     request: GenerationRequest | None = None  # the settings as resolved (defaults filled in)
+    latents: torch.Tensor | None = None  # the final state in sampler space, x_0 + σ·n (σ > 0 after denoising_end)
 
 
 @dataclass
@@ -52,8 +53,8 @@ class DenoisingState:
 
     x: torch.Tensor  # the state at sigmas[0]; after `denoise` has run, the final latents
     sigmas: torch.Tensor
-    context: torch.Tensor
-    uncond: torch.Tensor | None  # the negative prompt's states when guidance runs
+    cond: dict[str, torch.Tensor]  # the denoiser's conditioning: "context" (text states); SDXL adds "pooled" and "time_ids"
+    uncond: dict[str, torch.Tensor] | None  # the negative prompt's, when guidance runs
     generators: list[torch.Generator]
     concat: torch.Tensor | None = None  # a 9-channel inpainting U-Net's mask and masked-image latents
     keep_known: Callable | None = None  # inpainting with an ordinary U-Net: re-impose the known region
@@ -96,9 +97,19 @@ class Pipeline:
     """Text-to-image generation with a tokenizer, text encoder, U-Net and optional autoencoder."""
 
     def __init__(self, tokenizer: Tokenizer, text_encoder: TextEncoder, unet: UNet, vae: Autoencoder | None,
-                 scheduler: SchedulerConfig, defaults: SamplingDefaults | dict | None = None):
+                 scheduler: SchedulerConfig, defaults: SamplingDefaults | dict | None = None, *,
+                 tokenizer_2: Tokenizer | None = None, text_encoder_2: TextEncoder | None = None, force_zeros_for_empty_prompt: bool = False):
+        """SDXL base models have a second tokenizer and text encoder (OpenCLIP bigG, whose
+        projected pooled output the U-Net also takes); the SDXL refiner has only that one, as
+        `text_encoder`. `force_zeros_for_empty_prompt`: with no negative prompt given, the negative
+        half of guidance is all zeros rather than the encoded "" (as SDXL base was trained)."""
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder.eval()
+        self.tokenizer_2 = tokenizer_2
+        self.text_encoder_2 = text_encoder_2.eval() if text_encoder_2 is not None else None
+        if (tokenizer_2 is None) != (text_encoder_2 is None):
+            raise UnfogError("tokenizer_2 and text_encoder_2 go together (SDXL's second text encoder)")
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self.unet = unet.eval()
         self.vae = vae.eval() if vae is not None else None
         self.scheduler = scheduler
@@ -121,6 +132,27 @@ class Pipeline:
         self.is_inpainting_model = unet.config.in_channels == 2 * self.latent_channels + 1
         if unet.config.in_channels != self.latent_channels and not self.is_inpainting_model:
             raise UnfogError(f"the U-Net takes {unet.config.in_channels} channels but the {'autoencoder makes' if vae else 'images have'} {self.latent_channels}")
+        self.sdxl = self._sdxl_kind()
+
+    def _sdxl_kind(self) -> str | None:
+        """"base" or "refiner" for an SDXL U-Net (6 or 5 micro-conditioning numbers beside the
+        pooled embedding), None otherwise; checks that the text encoders fit the U-Net."""
+        encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        width = sum(e.config.width for e in encoders)
+        if width != self.unet.config.context_dim:
+            raise UnfogError(f"the text encoder{'s' if len(encoders) > 1 else ''} make{'' if len(encoders) > 1 else 's'} {width}-wide states but the "
+                             f"U-Net cross-attends to {self.unet.config.context_dim}; the components are from different models")
+        c = self.unet.config
+        if c.addition_time_embed_dim is None:
+            if self.text_encoder_2 is not None:
+                raise UnfogError("a second text encoder needs an SDXL U-Net (with added conditioning); this U-Net has none")
+            return None
+        pooled = encoders[-1].config.projection_dim or encoders[-1].config.width
+        count, rest = divmod(c.projection_class_embeddings_input_dim - pooled, c.addition_time_embed_dim)
+        if rest or count not in (5, 6):
+            raise UnfogError(f"the SDXL U-Net's added conditioning takes {c.projection_class_embeddings_input_dim} features, which is not a "
+                             f"{pooled}-wide pooled embedding plus 5 (refiner) or 6 (base) micro-conditioning numbers of {c.addition_time_embed_dim}")
+        return "refiner" if count == 5 else "base"
 
     # ---- loading, saving, devices -------------------------------------------------------
 
@@ -135,16 +167,22 @@ class Pipeline:
                 raise UnfogError("this install of unfog has no bundled default model; pass a model folder: Pipeline.from_pretrained('path/to/model')")
             path = DEFAULT_MODEL_DIR
         p = load_any(path, **options)
-        return cls(p.tokenizer, p.text_encoder, p.unet, p.vae, p.scheduler, p.defaults)
+        return cls.from_parts(p)
+
+    @classmethod
+    def from_parts(cls, p: ModelParts) -> "Pipeline":
+        return cls(p.tokenizer, p.text_encoder, p.unet, p.vae, p.scheduler, p.defaults, tokenizer_2=p.tokenizer_2,
+                   text_encoder_2=p.text_encoder_2, force_zeros_for_empty_prompt=p.force_zeros_for_empty_prompt)
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
         """Write this pipeline as a model folder (JSON configs + safetensors), optionally
         storing the weights in `dtype` (float16 halves the size; loading casts back to float32)."""
-        save_model(ModelParts(self.tokenizer, self.text_encoder, self.unet, self.vae, self.scheduler, self.defaults), directory, dtype)
+        save_model(ModelParts(self.tokenizer, self.text_encoder, self.unet, self.vae, self.scheduler, self.defaults, tokenizer_2=self.tokenizer_2,
+                              text_encoder_2=self.text_encoder_2, force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt), directory, dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move the networks to a device and/or cast them to a dtype; returns self."""
-        for m in (self.text_encoder, self.unet, self.vae):
+        for m in (self.text_encoder, self.text_encoder_2, self.unet, self.vae):
             if m is not None:
                 m.to(device=device, dtype=dtype)
         if device is not None:
@@ -170,7 +208,7 @@ class Pipeline:
         uncompiled. With graphs on, one pipeline serves one thread at a time. Returns self."""
         if self.device.type == "cuda":
             dtype = dtype or torch.bfloat16
-            for m in (self.text_encoder, self.vae):
+            for m in (self.text_encoder, self.text_encoder_2, self.vae):
                 if m is not None:
                     m.to(dtype=dtype)
         elif not (self.device.type == "cpu" and (dtype is not None or cpu_has_bf16())):
@@ -205,7 +243,7 @@ class Pipeline:
         """Step 1: a validated request for this model; options are those of `__call__`."""
         facts = ModelFacts(self.defaults, self.scheduler.sigma_schedule, self.downsample_factor, self.vae_factor,
                            self.latent_channels, self.is_inpainting_model, self.scheduler.match_diffusers, self.scheduler.spacing_given,
-                           self.max_images, self.max_pixels)
+                           self.max_images, self.max_pixels, self.sdxl, self.force_zeros_for_empty_prompt)
         return make_request(facts, prompt, **options)
 
     @torch.inference_mode()
@@ -219,20 +257,26 @@ class Pipeline:
         h, w = r.height // self.vae_factor, r.width // self.vae_factor
         sigmas = make_sigmas(r.sigma_schedule, r.num_inference_steps, self.denoiser.alphas_cumprod.cpu(), steps_offset=self.scheduler.steps_offset,
                              diffusers_sampler=r.sampler if r.match_diffusers else None, set_alpha_to_one=self.scheduler.set_alpha_to_one)
-        if r.image is not None:  # start part-way: the last int(steps·strength) steps of the full schedule
-            sigmas = sigmas[r.num_inference_steps - int(r.num_inference_steps * r.strength):]
-        pixels = from_pil(resized(r.image, r.width, r.height)).expand(r.batch, -1, -1, -1) if r.image is not None else None
+        sigmas = self._schedule_part(r, sigmas)
+        latent_image = isinstance(r.image, torch.Tensor)
+        pixels = from_pil(resized(r.image, r.width, r.height)).expand(r.batch, -1, -1, -1) if r.image is not None and not latent_image else None
         mask = mask_from_pil(r.mask_image, r.width, r.height) if r.mask_image is not None else None
         from_noise = r.image is None or (mask is not None and r.strength == 1)
         init = None
-        if r.image is not None and (not from_noise or (mask is not None and not self.is_inpainting_model)):
+        if latent_image:
+            init = r.image.to(self.device, torch.float32).expand(r.batch, -1, -1, -1)
+        elif r.image is not None and (not from_noise or (mask is not None and not self.is_inpainting_model)):
             init = self.encode(pixels, gens)
         noise = torch.stack([torch.randn((self.latent_channels, h, w), generator=g, device=g.device) for g in gens]) if r.latents is None else r.latents
         noise = noise.to(self.device, torch.float32)
         # From noise: the forward process's marginal at σ_0 for unit-variance data, x_0 + σ_0·n,
         # has standard deviation sqrt(1 + σ_0²) (diffusers' init_noise_sigma for VP models).
-        x = noise * (1 + sigmas[0] ** 2).sqrt() if from_noise else init + noise * sigmas[0]
-        state = DenoisingState(x, sigmas.to(self.device), *self._contexts(r), gens)
+        # With denoising_start the image already is the state at σ_0 (a base model's hand-off).
+        if from_noise:
+            x = noise * (1 + sigmas[0] ** 2).sqrt()
+        else:
+            x = init.clone() if r.denoising_start is not None else init + noise * sigmas[0]
+        state = DenoisingState(x, sigmas.to(self.device), *self._conditioning(r), gens)
         if mask is not None:
             masked = self.encode(pixels * (mask < 0.5), gens)
             small = torch.nn.functional.interpolate(mask, size=(h, w)).to(self.device).expand(r.batch, -1, -1, -1)
@@ -312,35 +356,90 @@ class Pipeline:
                 bar.update(1)
                 if callback is not None:
                     callback(step.index, step.x, step.x0)
-        return PipelineOutput(images=self.decode(state.x), seeds=request.seeds, request=request)
+        images = self.decode(state.x) if request.output_type == "pil" else []
+        return PipelineOutput(images=images, seeds=request.seeds, request=request, latents=state.x)
+
+    def _schedule_part(self, r: GenerationRequest, sigmas: torch.Tensor) -> torch.Tensor:
+        """The part of the schedule this request runs. img2img: the last int(steps·strength)
+        steps. SDXL's hand-off, in diffusers' rule: `denoising_end` keeps the steps whose timestep
+        is at least round(T·(1 - denoising_end)), `denoising_start` those below it."""
+        steps = len(self.denoiser.alphas_cumprod)
+
+        def timesteps_from(frac: float) -> torch.Tensor:  # a step's timestep ≥ this; whole numbers up to float error
+            return self.denoiser.sigma_to_t(sigmas[:-1]).double() - (round(steps - frac * steps) - 1e-3)
+
+        if r.denoising_start is not None:
+            keep = int((timesteps_from(r.denoising_start) < 0).sum())
+            if keep == 0:
+                raise UnfogError(f"denoising_start {r.denoising_start} with {r.num_inference_steps} steps leaves no step to run; lower it or add steps", "denoising_start")
+            sigmas = sigmas[len(sigmas) - 1 - keep:]
+        elif r.image is not None:
+            sigmas = sigmas[r.num_inference_steps - int(r.num_inference_steps * r.strength):]
+        if r.denoising_end is not None:
+            keep = int((timesteps_from(r.denoising_end) >= 0).sum())
+            if keep == 0:
+                raise UnfogError(f"denoising_end {r.denoising_end} with {r.num_inference_steps} steps leaves no step to run; raise it or add steps", "denoising_end")
+            sigmas = sigmas[: keep + 1]
+        return sigmas
 
     # ---- the pieces the steps are made of -----------------------------------------------
 
     @torch.inference_mode()
-    def encode_prompt(self, prompts: Sequence[str], long_prompts: str = "chunk") -> torch.Tensor:
+    def encode_prompt(self, prompts: Sequence[str], long_prompts: str = "chunk", prompts_2: Sequence[str] | None = None) -> torch.Tensor:
         """Per-token text states (B, L, D) that the U-Net cross-attends to. A prompt longer
         than the text encoder's context is, with `long_prompts="chunk"`, cut into windows
         that are encoded separately and concatenated (L = windows × context), as the popular
-        UIs do; with "truncate" it is cut off, with a warning."""
-        if long_prompts == "truncate":
-            ids, truncated = self.tokenizer.frame(list(prompts))
-            cut = [p for p, t in zip(prompts, truncated) if t]
-            if cut:
-                warnings.warn(f"{len(cut)} prompt(s) exceed the {self.tokenizer.config.context_length}-token context and were truncated: {cut[0][:60]!r}…", stacklevel=3)
-            return self.text_encoder(ids.to(self.device))[0]
-        if long_prompts != "chunk":
-            raise UnfogError(f"long_prompts must be 'chunk' or 'truncate', got {long_prompts!r}", "long_prompts")
-        ids = self.tokenizer.windows(list(prompts)).to(self.device)
-        b, windows, length = ids.shape
-        states = self.text_encoder(ids.reshape(b * windows, length))[0]
-        return states.reshape(b, windows * length, -1)
+        UIs do; with "truncate" it is cut off, with a warning. SDXL base: `prompts_2` (default
+        `prompts`) go to the second encoder and the two encoders' states are concatenated."""
+        return self.encode_text(prompts, long_prompts, prompts_2)[0]
 
-    def _contexts(self, r: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(context, uncond): encoded together when guided, so both get the same number of windows."""
-        if r.guided:
-            uncond, context = self.encode_prompt(r.negative_prompts + r.prompts, r.long_prompts).chunk(2)
-            return context, uncond
-        return self.encode_prompt(r.prompts, r.long_prompts), None
+    @torch.inference_mode()
+    def encode_text(self, prompts: Sequence[str], long_prompts: str = "chunk", prompts_2: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states (B, L, D), pooled (B, P)): `encode_prompt`'s states and the last text
+        encoder's pooled output of each prompt's first window (SDXL's pooled conditioning)."""
+        if long_prompts not in ("chunk", "truncate"):
+            raise UnfogError(f"long_prompts must be 'chunk' or 'truncate', got {long_prompts!r}", "long_prompts")
+        encoders = [(self.tokenizer, self.text_encoder, list(prompts))]
+        if self.text_encoder_2 is not None:
+            encoders.append((self.tokenizer_2, self.text_encoder_2, list(prompts if prompts_2 is None else prompts_2)))
+        if long_prompts == "truncate":
+            framed = []
+            for tok, _, texts in encoders:
+                ids, truncated = tok.frame(texts)
+                cut = [p for p, t in zip(texts, truncated) if t]
+                if cut:
+                    warnings.warn(f"{len(cut)} prompt(s) exceed the {tok.config.context_length}-token context and were truncated: {cut[0][:60]!r}…", stacklevel=3)
+                framed.append(ids[:, None])
+        else:  # every encoder gets the same number of windows, so their states line up
+            count = max(tok.window_count(texts) for tok, _, texts in encoders)
+            framed = [tok.windows(texts, count) for tok, _, texts in encoders]
+        states = []
+        for (_, encoder, _), ids in zip(encoders, framed):
+            b, windows, length = ids.shape
+            s, pooled = encoder(ids.reshape(b * windows, length).to(self.device))
+            states.append(s.reshape(b, windows * length, -1))
+            pooled = pooled.reshape(b, windows, -1)[:, 0]
+        return torch.cat(states, dim=-1) if len(states) > 1 else states[0], pooled
+
+    def _conditioning(self, r: GenerationRequest) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """(cond, uncond), the denoiser's conditioning keywords for each half of guidance: the
+        text states, and for SDXL the pooled embedding and micro-conditioning numbers. Both halves
+        are encoded together, so they get the same number of windows."""
+        zeros = r.guided and r.zero_negative
+        if r.guided and not zeros:
+            states, pooled = self.encode_text(r.negative_prompts + r.prompts, r.long_prompts,
+                                              None if r.prompts_2 is None else r.negative_prompts_2 + r.prompts_2)
+            (u_states, states), (u_pooled, pooled) = states.chunk(2), pooled.chunk(2)
+        else:
+            states, pooled = self.encode_text(r.prompts, r.long_prompts, r.prompts_2)
+            u_states, u_pooled = torch.zeros_like(states), torch.zeros_like(pooled)
+        cond, uncond = {"context": states}, {"context": u_states}
+        if self.sdxl is not None:
+            ids = torch.tensor([r.time_ids], device=self.device).expand(r.batch, -1)
+            neg_ids = torch.tensor([r.negative_time_ids], device=self.device).expand(r.batch, -1)
+            cond.update(pooled=pooled, time_ids=ids)
+            uncond.update(pooled=u_pooled, time_ids=neg_ids)
+        return cond, (uncond if r.guided else None)
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
@@ -361,9 +460,9 @@ class Pipeline:
         if self.cuda_graphs:
             graph = self._denoiser_graph(base, r, state)
             if graph is not None:
-                return graph.bind(state.context, state.uncond, r.guidance_scale, state.concat)
+                return graph.bind(state.cond, state.uncond, r.guidance_scale, state.concat)
         extra = {} if state.concat is None else {"concat": state.concat}
-        return classifier_free_guidance(base, state.context, state.uncond, r.guidance_scale, **extra)
+        return classifier_free_guidance(base, state.cond, state.uncond, r.guidance_scale, **extra)
 
     def _denoiser_graph(self, base: Callable, r: GenerationRequest, state: DenoisingState) -> DenoiserGraph | None:
         """The cached denoiser graph for these shapes, captured on first use (the least recently
@@ -373,13 +472,12 @@ class Pipeline:
         and returns None, so the generation runs eagerly instead."""
         weight = next(self.unet.parameters())
         concat_shape = None if state.concat is None else tuple(state.concat.shape)
-        key = (tuple(state.x.shape), tuple(state.context.shape), state.context.dtype, state.uncond is not None, concat_shape,
+        key = (tuple(state.x.shape), tuple((k, tuple(v.shape), v.dtype) for k, v in state.cond.items()), state.uncond is not None, concat_shape,
                weight.data_ptr(), weight.dtype, r.round_timesteps)
         graph = self.denoiser_graphs.pop(key, None)
         if graph is None:
             try:
-                graph = DenoiserGraph(base, tuple(state.x.shape), tuple(state.context.shape), state.uncond is not None, concat_shape,
-                                      context_dtype=state.context.dtype, device=self.device)
+                graph = DenoiserGraph(base, tuple(state.x.shape), state.cond, state.uncond is not None, concat_shape, device=self.device)
             except Exception as e:  # e.g. an operation that cannot be captured
                 warnings.warn(f"capturing the denoiser as a CUDA graph failed ({type(e).__name__}: {e}); running eagerly from now on", stacklevel=3)
                 self.cuda_graphs = False

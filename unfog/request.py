@@ -51,6 +51,20 @@ class GenerationRequest:
     long_prompts: str = "chunk"
     round_timesteps: bool = False
     match_diffusers: bool = False
+    # SDXL: the second text encoder's prompts (default: the first's), the micro-conditioning
+    # numbers of the positive and negative halves, and whether the negative half is all zeros
+    # (no negative prompt given on a model with force_zeros_for_empty_prompt).
+    prompts_2: list[str] | None = None
+    negative_prompts_2: list[str] | None = None
+    time_ids: list[float] | None = None
+    negative_time_ids: list[float] | None = None
+    zero_negative: bool = False
+    # Part of the schedule only (SDXL's base → refiner hand-off, as diffusers names it): stop
+    # where the fraction `denoising_end` of the training timesteps is done, or start the image
+    # (then taken as the partly denoised state) where `denoising_start` of them is.
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    output_type: str = "pil"
 
     @property
     def batch(self) -> int:
@@ -58,8 +72,9 @@ class GenerationRequest:
 
     @property
     def guided(self) -> bool:
-        """Whether the unconditional half runs (classifier-free guidance at a scale other than 1)."""
-        return self.guidance_scale != 1
+        """Whether the unconditional half runs: classifier-free guidance at any scale but 1, or 0
+        (which means no guidance, as SDXL-Turbo's documented setting and diffusers have it)."""
+        return self.guidance_scale not in (0, 1)
 
 
 @dataclass
@@ -76,6 +91,8 @@ class ModelFacts:
     spacing_given: bool = True  # False: a diffusers config named no spacing (see SchedulerConfig)
     max_images: int = 64  # per request (Pipeline.max_images)
     max_pixels: int = 16_777_216  # per image, width × height (Pipeline.max_pixels): 4096²
+    sdxl: str | None = None  # "base" or "refiner" for an SDXL U-Net (size and crop micro-conditioning; the refiner's aesthetic score)
+    force_zeros_for_empty_prompt: bool = False
 
 
 def _int(name: str, v: Any) -> int:
@@ -175,9 +192,12 @@ def _size(name: str, v: Any, factor: int) -> int:
 
 def _image_inputs(image: Any, mask_image: Any, strength: Any, steps: int, inpainting: bool) -> float:
     """Checks img2img and inpainting inputs; returns the strength to use."""
-    for name, v in (("image", image), ("mask_image", mask_image)):
-        if v is not None and not isinstance(v, Image.Image):
-            raise UnfogError(f"{name} must be a PIL image, got {type(v).__name__}", name)
+    if image is not None and not isinstance(image, (Image.Image, torch.Tensor)):
+        raise UnfogError(f"image must be a PIL image or a latents tensor (B, C, h, w), got {type(image).__name__}", "image")
+    if mask_image is not None and not isinstance(mask_image, Image.Image):
+        raise UnfogError(f"mask_image must be a PIL image, got {type(mask_image).__name__}", "mask_image")
+    if isinstance(image, torch.Tensor) and mask_image is not None:
+        raise UnfogError("inpainting takes a PIL image; a latents tensor as image= is for img2img and the refiner hand-off", "image")
     if mask_image is not None and image is None:
         raise UnfogError("mask_image needs image: pass the picture to inpaint as image=", "mask_image")
     if inpainting and mask_image is None:
@@ -212,17 +232,44 @@ def make_request(
     long_prompts: str = "chunk",
     round_timesteps: bool = False,
     match_diffusers: bool | None = None,
+    denoising_start: float | None = None,
+    denoising_end: float | None = None,
+    output_type: str = "pil",
+    **sdxl: Any,
 ) -> GenerationRequest:
     """Validate a generation's arguments against the model and fill the omitted ones from its
     defaults (see Pipeline.__call__ for what each means)."""
     d, f = model.defaults, model.downsample_factor
     prompts, negatives = _prompts(prompt, negative_prompt)
+    unknown = sorted(set(sdxl) - set(SDXL_OPTIONS))
+    if unknown:
+        raise UnfogError(f"unknown generation option(s) {unknown}", unknown[0])
+    given = sorted(k for k, v in sdxl.items() if v is not None)
+    if given and model.sdxl is None:
+        raise UnfogError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to SDXL models; this model is not one", given[0])
     n = _int("num_images_per_prompt", num_images_per_prompt)
     steps = _int("num_inference_steps", d.num_inference_steps if num_inference_steps is None else num_inference_steps)
     scale = _number("guidance_scale", d.guidance_scale if guidance_scale is None else guidance_scale)
     sampler_name, options = _sampler(d.sampler if sampler is None else sampler, sampler_options)
     strength = _image_inputs(image, mask_image, strength, steps, model.inpainting)
-    if image is not None:  # the image's own size, rounded down to what the model takes
+    for name, v in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1):
+            raise UnfogError(f"{name} must be a fraction strictly between 0 and 1, got {v!r}", name)
+    if denoising_start is not None and image is None:
+        raise UnfogError("denoising_start needs image= (the partly denoised latents or image to continue from)", "denoising_start")
+    if output_type not in OUTPUT_TYPES:
+        raise UnfogError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}", "output_type")
+    if model.sdxl == "refiner" and image is None:
+        raise UnfogError("this is an SDXL refiner: it refines an image or a base model's latents (image=..., denoising_start=...), "
+                         "it does not draw from pure noise; load an SDXL base model for text-to-image", "image")
+    if isinstance(image, torch.Tensor):  # latents: the size they decode to
+        shape = tuple(image.shape)
+        if image.ndim != 4 or shape[1] != model.latent_channels:
+            raise UnfogError(f"image as a tensor must be latents of shape (B, {model.latent_channels}, h, w), got {shape}", "image")
+        height, width = (shape[2] * model.vae_factor if height is None else height), (shape[3] * model.vae_factor if width is None else width)
+        if (height, width) != (shape[2] * model.vae_factor, shape[3] * model.vae_factor):
+            raise UnfogError(f"height and width ({height}×{width}) disagree with the latents' size {shape[2]}×{shape[3]}", "height")
+    elif image is not None:  # the image's own size, rounded down to what the model takes
         height = max(f, image.size[1] // f * f) if height is None else height
         width = max(f, image.size[0] // f * f) if width is None else width
     height, width = _size("height", d.height if height is None else height, f), _size("width", d.width if width is None else width, f)
@@ -246,6 +293,8 @@ def make_request(
     if height * width > model.max_pixels:
         raise UnfogError(f"height × width is {height * width} pixels; at most {model.max_pixels} (raise Pipeline.max_pixels to allow more)", "width")
     seeds, generators = _seeds(seed, generator, total)
+    if isinstance(image, torch.Tensor) and image.shape[0] not in (1, total):
+        raise UnfogError(f"image latents hold {image.shape[0]} images; pass 1 or {total}, one per image", "image")
     if latents is not None:
         shape = (total, model.latent_channels, height // model.vae_factor, width // model.vae_factor)
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
@@ -255,8 +304,55 @@ def make_request(
         num_inference_steps=steps, guidance_scale=scale, sampler=sampler_name, height=height, width=width, seeds=seeds,
         sigma_schedule=schedule, sampler_options=options, generators=generators, latents=latents, image=image,
         mask_image=mask_image, strength=strength, long_prompts=long_prompts, round_timesteps=round_timesteps,
-        match_diffusers=matching,
+        match_diffusers=matching, denoising_start=None if denoising_start is None else float(denoising_start),
+        denoising_end=None if denoising_end is None else float(denoising_end), output_type=output_type,
+        **(_sdxl_conditioning(model, sdxl, prompt, negative_prompt, prompts, negatives, n, height, width) if model.sdxl else {}),
     )
+
+
+OUTPUT_TYPES = ("pil", "latent")
+# SDXL's keywords, with diffusers' names and defaults (None: derived as `_sdxl_conditioning` says).
+SDXL_OPTIONS = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score", "negative_aesthetic_score")
+
+
+def _pair(name: str, v: Any) -> tuple[float, float]:
+    if (not isinstance(v, (list, tuple)) or len(v) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0 <= x <= 1 << 20 for x in v)):
+        raise UnfogError(f"{name} must be a pair of non-negative numbers (height, width) or (top, left), got {v!r}", name)
+    return float(v[0]), float(v[1])
+
+
+def _sdxl_conditioning(model: ModelFacts, o: dict, prompt: Any, negative_prompt: Any, prompts: list[str], negatives: list[str],
+                       n: int, height: int, width: int) -> dict:
+    """SDXL's second prompts and micro-conditioning. `original_size` and `target_size` default to
+    (height, width), the crop to (0, 0); each negative_* defaults to its positive counterpart.
+    The base takes original size, crop and target size; the refiner original size, crop and
+    aesthetic score (default 6.0, negative 2.5)."""
+    prompts_2, negatives_2 = _prompts(prompt if o.get("prompt_2") is None else o["prompt_2"],
+                                      negative_prompt if o.get("negative_prompt_2") is None else o["negative_prompt_2"])
+    if len(prompts_2) != len(prompts):
+        raise UnfogError(f"prompt_2 must be one string or a list of {len(prompts)} strings, one per prompt", "prompt_2")
+    size = (float(height), float(width))
+    original = _pair("original_size", o["original_size"]) if o.get("original_size") is not None else size
+    crop = _pair("crops_coords_top_left", o["crops_coords_top_left"]) if o.get("crops_coords_top_left") is not None else (0.0, 0.0)
+    target = _pair("target_size", o["target_size"]) if o.get("target_size") is not None else size
+    neg = {k: _pair(f"negative_{k}", o[f"negative_{k}"]) if o.get(f"negative_{k}") is not None else v
+           for k, v in (("original_size", original), ("crops_coords_top_left", crop), ("target_size", target))}
+    scores = {}
+    for name, default in (("aesthetic_score", 6.0), ("negative_aesthetic_score", 2.5)):
+        scores[name] = default if o.get(name) is None else _number(name, o[name])
+    if model.sdxl == "refiner":
+        ids = [*original, *crop, scores["aesthetic_score"]]
+        neg_ids = [*neg["original_size"], *neg["crops_coords_top_left"], scores["negative_aesthetic_score"]]
+    else:
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            if o.get(name) is not None:
+                raise UnfogError(f"{name} applies to the SDXL refiner; this is an SDXL base model", name)
+        ids = [*original, *crop, *target]
+        neg_ids = [*neg["original_size"], *neg["crops_coords_top_left"], *neg["target_size"]]
+    return dict(prompts_2=[p for p in prompts_2 for _ in range(n)], negative_prompts_2=[q for q in negatives_2 for _ in range(n)],
+                time_ids=ids, negative_time_ids=neg_ids, zero_negative=negative_prompt is None and model.force_zeros_for_empty_prompt)
 
 
 # The sampler names A1111's web UI writes into its PNGs ("Sampler: ..."), for the parameters chunk.

@@ -83,9 +83,10 @@ def _clip_bpe(directory: Path) -> HFTokenizer:
     return backend
 
 
-def clip_tokenizer(directory: Path, context_length: int = 77) -> Tokenizer:
+def clip_tokenizer(directory: Path, context_length: int = 77, pad: str | None = None) -> Tokenizer:
     """CLIP's byte-level BPE from vocab.json + merges.txt, framed like transformers'
-    CLIPTokenizer: NFC, whitespace collapsed, lower-cased, <|startoftext|> … <|endoftext|>, padded."""
+    CLIPTokenizer: NFC, whitespace collapsed, lower-cased, <|startoftext|> … <|endoftext|>, padded
+    (with the folder's pad token, or `pad` when given)."""
     if (directory / "tokenizer.json").is_file():  # transformers 5 saves the whole pipeline in one file
         try:
             backend = HFTokenizer.from_file(str(directory / "tokenizer.json"))
@@ -93,12 +94,13 @@ def clip_tokenizer(directory: Path, context_length: int = 77) -> Tokenizer:
             raise UnfogError(f"cannot read {directory / 'tokenizer.json'}: {e}") from None
     else:
         backend = _clip_bpe(directory)
-    pad = "<|endoftext|>"
+    pad_override, pad = pad, "<|endoftext|>"
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if (directory / name).is_file():
             value = _json(directory / name).get("pad_token")
             pad = (value.get("content") if isinstance(value, dict) else value) or pad
             break
+    pad = pad if pad_override is None else pad_override
     # transformers registers the special tokens, the pad token included, as whole-text matches:
     # with SD 2.x's pad "!", a "!" in a prompt becomes the pad id, not the BPE piece "!</w>".
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys([pad, "<|startoftext|>", "<|endoftext|>"])])
@@ -116,25 +118,61 @@ def native_size(root: Path, vae_factor: int) -> int:
     return sample * vae_factor
 
 
+def _present(index: dict, root: Path, part: str) -> bool:
+    """Whether model_index.json lists a component (diffusers writes [null, null] for an absent one) and its folder exists."""
+    entry = index.get(part)
+    return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None and (root / part).is_dir()
+
+
+def load_text_encoder(root: Path, part: str, *, clip_skip: int, sdxl: bool) -> TextEncoder:
+    state = component_state(root / part, "model")
+    cfg = text_encoder_config_from_transformers(_json(root / part / "config.json"), clip_skip, sdxl=sdxl,
+                                                projection=any(k.endswith("text_projection.weight") for k in state))
+    with torch.device("meta"):
+        te = TextEncoder(cfg)
+    return load_checked(te, state, str(root / part), key_map=map_text_encoder_key).eval()
+
+
 def load_diffusers(path: str | Path, *, clip_skip: int = 0, prediction_type: str | None = None) -> ModelParts:
-    """A Stable Diffusion 1.x / 2.x folder in diffusers' layout."""
+    """A Stable Diffusion 1.x / 2.x / XL (base or refiner) folder in diffusers' layout."""
     root = Path(path)
     index = _json(root / "model_index.json")
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if part not in index or not (root / part).is_dir():
+    sdxl = _present(index, root, "text_encoder_2")
+    needed = ["unet", "vae", "scheduler"] + (["tokenizer_2"] if sdxl else ["text_encoder", "tokenizer"])
+    for part in needed:
+        if not _present(index, root, part):
             raise UnfogError(f"{root} lacks the {part}/ component that unfog needs")
     unet_cfg = unet_config_from_diffusers(_json(root / "unet" / "config.json"))
     vae_cfg = vae_config_from_diffusers(_json(root / "vae" / "config.json"))
-    te_cfg = text_encoder_config_from_transformers(_json(root / "text_encoder" / "config.json"), clip_skip)
     sched, hints = scheduler_config_from_diffusers(_json(root / "scheduler" / "scheduler_config.json"))
     if prediction_type:
         sched.prediction_type = prediction_type
     with torch.device("meta"):
-        unet, vae, te = UNet(unet_cfg), Autoencoder(vae_cfg), TextEncoder(te_cfg)
+        unet, vae = UNet(unet_cfg), Autoencoder(vae_cfg)
     load_checked(unet, component_state(root / "unet", "diffusion_pytorch_model"), str(root / "unet"), key_map=map_unet_key)
     load_checked(vae, component_state(root / "vae", "diffusion_pytorch_model"), str(root / "vae"), key_map=map_vae_key)
-    load_checked(te, component_state(root / "text_encoder", "model"), str(root / "text_encoder"), key_map=map_text_encoder_key)
-    tokenizer = clip_tokenizer(root / "tokenizer", te_cfg.context_length)
+    # SDXL's refiner has only the second encoder (OpenCLIP bigG): unfog holds it as its one encoder.
+    encoders = [(part, tok) for part, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")) if _present(index, root, part)]
+    loaded = []
+    for part, tok in encoders:
+        te = load_text_encoder(root, part, clip_skip=clip_skip, sdxl=sdxl)
+        loaded.append((te, clip_tokenizer(root / tok, te.config.context_length)))
+    (te, tokenizer), second = loaded[0], (loaded[1] if len(loaded) > 1 else (None, None))
     size = native_size(root, vae_cfg.downsample_factor)
-    return ModelParts(tokenizer=tokenizer, text_encoder=te.eval(), unet=unet.eval(), vae=vae.eval(), scheduler=sched,
-                      defaults=stable_diffusion_defaults(hints["class"], size))
+    parts = ModelParts(tokenizer=tokenizer, text_encoder=te, unet=unet.eval(), vae=vae.eval(), scheduler=sched,
+                       defaults=stable_diffusion_defaults(hints["class"], size), text_encoder_2=second[0], tokenizer_2=second[1],
+                       force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)) and sdxl)
+    check_aesthetics_flag(index.get("requires_aesthetics_score"), unet_cfg, parts, str(root / "model_index.json"))
+    return parts
+
+
+def check_aesthetics_flag(flag, unet_cfg, parts: ModelParts, source: str) -> None:
+    """An SDXL refiner's config says requires_aesthetics_score; its U-Net takes 5 micro-conditioning
+    numbers where the base takes 6. A folder whose flag and U-Net disagree is a mix of the two."""
+    if flag is None or unet_cfg.addition_time_embed_dim is None:
+        return
+    last = parts.text_encoder_2 or parts.text_encoder
+    count = (unet_cfg.projection_class_embeddings_input_dim - (last.config.projection_dim or last.config.width)) // unet_cfg.addition_time_embed_dim
+    if bool(flag) != (count == 5):
+        raise UnfogError(f"{source} says requires_aesthetics_score={bool(flag)} (an SDXL {'refiner' if flag else 'base'}) but the U-Net is an SDXL "
+                         f"{'refiner' if count == 5 else 'base'} ({count} micro-conditioning numbers); the components come from different models")

@@ -4,6 +4,7 @@
     scheduler/config.json     the noise process (SchedulerConfig)
     tokenizer/                tokenizer.json + config.json
     text_encoder/             config.json + model.safetensors
+    tokenizer_2/, text_encoder_2/   SDXL base's second tokenizer and text encoder (OpenCLIP bigG)
     unet/                     config.json + model.safetensors
     vae/                      config.json + model.safetensors (absent for pixel-space models)
 """
@@ -43,6 +44,9 @@ class ModelParts:
     vae: Autoencoder | None
     scheduler: SchedulerConfig
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    tokenizer_2: Tokenizer | None = None
+    text_encoder_2: TextEncoder | None = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL base: no negative prompt → zero negative conditioning
 
 
 def read_config(path: Path, cls):
@@ -99,12 +103,16 @@ def save_model(parts: ModelParts, directory: str | Path, dtype: torch.dtype | No
         index = {
             "format": "unfog",
             "format_version": FORMAT_VERSION,
-            "components": {"tokenizer": True, "text_encoder": True, "unet": True, "vae": parts.vae is not None},
+            "components": {"tokenizer": True, "text_encoder": True, "unet": True, "vae": parts.vae is not None,
+                           "tokenizer_2": parts.tokenizer_2 is not None, "text_encoder_2": parts.text_encoder_2 is not None},
             "defaults": dataclasses.asdict(parts.defaults),
+            "force_zeros_for_empty_prompt": parts.force_zeros_for_empty_prompt,
         }
         write_config(tmp / "scheduler" / "config.json", parts.scheduler)
         parts.tokenizer.save(tmp / "tokenizer")
-        for name, module in (("text_encoder", parts.text_encoder), ("unet", parts.unet), ("vae", parts.vae)):
+        if parts.tokenizer_2 is not None:
+            parts.tokenizer_2.save(tmp / "tokenizer_2")
+        for name, module in (("text_encoder", parts.text_encoder), ("text_encoder_2", parts.text_encoder_2), ("unet", parts.unet), ("vae", parts.vae)):
             if module is not None:
                 write_config(tmp / name / "config.json", module.config)
                 save_weights(module, tmp / name / WEIGHTS, dtype)
@@ -157,12 +165,13 @@ def load_model(directory: str | Path, *, clip_skip: int = 0, prediction_type: st
     if not isinstance(components, dict) or not all(isinstance(v, bool) for v in components.values()):
         raise UnfogError(f"{d / 'model_index.json'}: components must be an object of true/false like {{\"vae\": true}}, got {components!r}")
     modules = {}
-    for name, cls, cfg_cls in (("text_encoder", TextEncoder, TextEncoderConfig), ("unet", UNet, UNetConfig), ("vae", Autoencoder, AutoencoderConfig)):
-        if name == "vae" and components.get("vae") is not True:
+    for name, cls, cfg_cls in (("text_encoder", TextEncoder, TextEncoderConfig), ("text_encoder_2", TextEncoder, TextEncoderConfig),
+                               ("unet", UNet, UNetConfig), ("vae", Autoencoder, AutoencoderConfig)):
+        if name in ("vae", "text_encoder_2") and components.get(name) is not True:
             modules[name] = None
             continue
         config = read_config(d / name / "config.json", cfg_cls)
-        if name == "text_encoder":
+        if name.startswith("text_encoder"):
             config.skip_last_layers += clip_skip
         # Built on the meta device: no time is spent initialising weights that are replaced next.
         with torch.device("meta"):
@@ -176,8 +185,13 @@ def load_model(directory: str | Path, *, clip_skip: int = 0, prediction_type: st
     scheduler = read_config(d / "scheduler" / "config.json", SchedulerConfig)
     if prediction_type:
         scheduler = dataclasses.replace(scheduler, prediction_type=prediction_type)
+    force_zeros = index.get("force_zeros_for_empty_prompt", False)
+    if not isinstance(force_zeros, bool):
+        raise UnfogError(f"{d / 'model_index.json'}: force_zeros_for_empty_prompt must be true or false, got {force_zeros!r}")
     return ModelParts(
         tokenizer=Tokenizer.load(d / "tokenizer"),
+        tokenizer_2=Tokenizer.load(d / "tokenizer_2") if modules["text_encoder_2"] is not None else None,
+        force_zeros_for_empty_prompt=force_zeros,
         scheduler=scheduler,
         defaults=SamplingDefaults.from_dict(index.get("defaults", {}), f"{d / 'model_index.json'} defaults"),
         **modules,

@@ -38,9 +38,11 @@ def map_vae_key(key: str) -> str:
 
 
 def map_text_encoder_key(key: str) -> str | None:
-    """transformers CLIPTextModel → unfog TextEncoder, with or without the `text_model.`
-    prefix (transformers 5 saves without it); position_ids and projections are dropped."""
+    """transformers CLIPTextModel(WithProjection) → unfog TextEncoder, with or without the
+    `text_model.` prefix (transformers 5 saves without it); position_ids are dropped."""
     key = key.removeprefix("text_model.")
+    if key == "text_projection.weight":
+        return key
     if key.endswith("position_ids") or not key.startswith(("embeddings.", "encoder.", "final_layer_norm.")):
         return None
     key = key.replace("embeddings.", "").replace("encoder.layers.", "layers.").replace("self_attn.", "").replace("mlp.", "")
@@ -55,11 +57,12 @@ def _require_defaults(cfg: dict, defaults: dict, what: str) -> None:
 
 
 def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
-    """A diffusers UNet2DConditionModel config (SD 1.x / 2.x family) as a UNetConfig."""
+    """A diffusers UNet2DConditionModel config (SD 1.x / 2.x / XL family) as a UNetConfig."""
     what = "U-Net config"
     _require_defaults(cfg, {
         "center_input_sample": False, "only_cross_attention": False, "dual_cross_attention": False, "class_embed_type": None,
-        "addition_embed_type": None, "encoder_hid_dim": None, "time_embedding_type": "positional", "time_cond_proj_dim": None,
+        "addition_embed_type": (None, "text_time"), "encoder_hid_dim": None, "reverse_transformer_layers_per_block": None,
+        "upcast_attention": (None, False), "num_class_embeds": None, "time_embedding_type": "positional", "time_cond_proj_dim": None,
         "resnet_time_scale_shift": "default", "conv_in_kernel": 3, "conv_out_kernel": 3, "act_fn": "silu", "downsample_padding": 1,
         "mid_block_scale_factor": 1, "resnet_out_scale_factor": 1.0, "timestep_post_act": None, "time_embedding_dim": None,
         "attention_type": "default", "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-5,
@@ -75,9 +78,9 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
         raise UnfogError(f"{what}: up blocks {up} do not mirror the down blocks {down}")
     depth = cfg.get("transformer_layers_per_block", 1)
     if isinstance(depth, (list, tuple)):
-        if len(set(depth)) != 1:
-            raise UnfogError(f"{what}: per-level transformer depths {depth} are not supported")
-        depth = depth[0]
+        if any(isinstance(d, (list, tuple)) for d in depth):
+            raise UnfogError(f"{what}: per-block transformer depths {depth} are not supported (one depth per level is)")
+        depth = list(depth) if len(set(depth)) > 1 else depth[0]
     lpb = cfg.get("layers_per_block", 2)
     if isinstance(lpb, (list, tuple)):
         raise UnfogError(f"{what}: per-level layers_per_block {lpb} is not supported")
@@ -91,7 +94,17 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
         layers_per_block=lpb, attention_levels=attention, num_heads=list(heads) if isinstance(heads, (list, tuple)) else heads,
         transformer_depth=depth, context_dim=context, linear_projection=bool(cfg.get("use_linear_projection", False)),
         norm_groups=cfg.get("norm_num_groups", 32), flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=float(cfg.get("freq_shift", 0)),
+        **_added_conditioning(cfg, what),
     )
+
+
+def _added_conditioning(cfg: dict, what: str) -> dict:
+    if cfg.get("addition_embed_type") != "text_time":
+        return {}
+    names = ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
+    if any(cfg.get(n) is None for n in names):
+        raise UnfogError(f"{what}: addition_embed_type 'text_time' needs {' and '.join(names)}")
+    return {n: cfg[n] for n in names}
 
 
 def unet_config_to_diffusers(c: UNetConfig) -> dict:
@@ -105,8 +118,10 @@ def unet_config_to_diffusers(c: UNetConfig) -> dict:
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in c.attention_levels),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(c.attention_levels)),
         attention_head_dim=tuple(c.heads_at(level)[0] for level in range(levels)), cross_attention_dim=c.context_dim,
-        use_linear_projection=c.linear_projection, norm_num_groups=c.norm_groups, transformer_layers_per_block=c.transformer_depth,
-        flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift,
+        use_linear_projection=c.linear_projection, norm_num_groups=c.norm_groups,
+        transformer_layers_per_block=[c.depth_at(level) for level in range(levels)], flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift,
+        **({} if c.addition_time_embed_dim is None else dict(addition_embed_type="text_time", addition_time_embed_dim=c.addition_time_embed_dim,
+                                                            projection_class_embeddings_input_dim=c.projection_class_embeddings_input_dim)),
     )
 
 
@@ -123,9 +138,11 @@ def vae_config_from_diffusers(cfg: dict) -> AutoencoderConfig:
     )
 
 
-def text_encoder_config_from_transformers(cfg: dict, skip_last_layers: int = 0) -> TextEncoderConfig:
+def text_encoder_config_from_transformers(cfg: dict, skip_last_layers: int = 0, *, sdxl: bool = False, projection: bool = False) -> TextEncoderConfig:
     """A transformers CLIPTextConfig as a TextEncoderConfig. transformers pools at the highest
-    token id when eos_token_id is the legacy 2, else at the first eos token."""
+    token id when eos_token_id is the legacy 2, else at the first eos token. `sdxl`: the
+    encoder as SDXL pipelines read it, the penultimate layer's raw states (plus `skip_last_layers`
+    more); `projection`: the weights hold a CLIPTextModelWithProjection's text_projection."""
     act = cfg.get("hidden_act", "quick_gelu")
     if act not in ("quick_gelu", "gelu"):
         raise UnfogError(f"text encoder config: unsupported activation {act!r}")
@@ -133,7 +150,9 @@ def text_encoder_config_from_transformers(cfg: dict, skip_last_layers: int = 0) 
     return TextEncoderConfig(
         vocab_size=cfg["vocab_size"], context_length=cfg.get("max_position_embeddings", 77), width=cfg["hidden_size"],
         layers=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"], mlp_width=cfg["intermediate_size"], activation=act,
-        layer_norm_eps=cfg.get("layer_norm_eps", 1e-5), eos_token_id=None if eos == 2 else eos, skip_last_layers=skip_last_layers,
+        layer_norm_eps=cfg.get("layer_norm_eps", 1e-5), eos_token_id=None if eos == 2 else eos,
+        skip_last_layers=skip_last_layers + (1 if sdxl else 0), states_layer_norm=not sdxl,
+        projection_dim=cfg.get("projection_dim", 512) if projection else None,
     )
 
 

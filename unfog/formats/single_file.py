@@ -1,5 +1,7 @@
 """Single-file Stable Diffusion checkpoints in the original latent-diffusion key layout
-(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`), SD 1.x and 2.x.
+(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`), SD 1.x and 2.x, and
+Stability's SDXL layout (`conditioner.embedders.0/1.*` for the two text encoders; the refiner
+has only OpenCLIP bigG, as embedder 0).
 
 Each `convert_*` turns the foreign tensors of one component into unfog's names (one foreign
 tensor may become several, as OpenCLIP's fused q/k/v projection does). The architecture is
@@ -25,6 +27,10 @@ from .weights import load_checked, read_safetensors
 from ..diffusion.config import SchedulerConfig
 
 UNET, VAE, SD1_TEXT, SD2_TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", "cond_stage_model.model."
+# SDXL base: CLIP ViT-L/14 (transformers layout) and OpenCLIP ViT-bigG/14; the refiner: bigG alone.
+XL_TEXT, XL_TEXT_2, XL_REFINER_TEXT = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.", "conditioner.embedders.0.model."
+# Where each family keeps its text encoders, in unfog's order (text_encoder, text_encoder_2).
+TEXT_PREFIXES = {"sd1": [SD1_TEXT], "sd2": [SD2_TEXT], "sdxl": [XL_TEXT, XL_TEXT_2], "sdxl_refiner": [XL_REFINER_TEXT]}
 RES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 VAE_RES = {"nin_shortcut": "conv_shortcut"}
 
@@ -70,6 +76,8 @@ def convert_unet(state: dict, config: UNetConfig) -> dict:
     for key, value in state.items():
         if key.startswith("time_embed."):
             new = key.replace("time_embed.0.", "time_embedding.linear_1.").replace("time_embed.2.", "time_embedding.linear_2.")
+        elif key.startswith("label_emb.0."):  # SDXL's added-conditioning projection
+            new = key.replace("label_emb.0.0.", "add_embedding.linear_1.").replace("label_emb.0.2.", "add_embedding.linear_2.")
         elif key.startswith("input_blocks.0.0."):
             new = "conv_in." + key[len("input_blocks.0.0."):]
         elif key.startswith("out.0."):
@@ -133,10 +141,14 @@ def convert_vae(state: dict, config: AutoencoderConfig) -> dict:
     return out
 
 
-def convert_open_clip(state: dict) -> dict:
-    """OpenCLIP text tower (SD 2.x) → unfog TextEncoder; the fused q/k/v is split."""
+def convert_open_clip(state: dict, projection: bool = False) -> dict:
+    """OpenCLIP text tower (SD 2.x, SDXL's bigG) → unfog TextEncoder; the fused q/k/v is split.
+    `projection`: keep the text projection (OpenCLIP multiplies x @ P; a Linear holds Pᵀ)."""
     out = {}
     for key, value in state.items():
+        if key == "text_projection" and projection:
+            out["text_projection.weight"] = value.T
+            continue
         if key in ("text_projection", "logit_scale") or key.startswith("visual."):
             continue
         if key == "positional_embedding":
@@ -157,9 +169,13 @@ def convert_open_clip(state: dict) -> dict:
 
 
 def detect(state: dict) -> str:
-    """'sd1' or 'sd2' from the text encoder's keys."""
+    """'sd1', 'sd2', 'sdxl' or 'sdxl_refiner' from the text encoders' keys."""
     if not any(k.startswith(UNET) for k in state):
         raise UnfogError("this file has no model.diffusion_model.* weights: it is not a Stable Diffusion checkpoint in the original layout")
+    if f"{XL_TEXT_2}transformer.resblocks.0.attn.in_proj_weight" in state and any(k.startswith(XL_TEXT) for k in state):
+        return "sdxl"
+    if f"{XL_REFINER_TEXT}transformer.resblocks.0.attn.in_proj_weight" in state:
+        return "sdxl_refiner"
     if f"{SD2_TEXT}transformer.resblocks.0.attn.in_proj_weight" in state:
         return "sd2"
     if any(k.startswith(SD1_TEXT) for k in state):
@@ -169,7 +185,7 @@ def detect(state: dict) -> str:
 
 def infer_unet_config(state: dict, family: str) -> UNetConfig:
     """Stable Diffusion's U-Net as the weights' shapes describe it (heads: SD 1.x 8 per block,
-    SD 2.x 64 channels per head)."""
+    SD 2.x and XL 64 channels per head; SDXL's micro-conditioning numbers in 256 sinusoids)."""
     u = _sub(state, UNET)
     downs = sorted(int(m[1]) for k in u if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight", k)))
     levels = len(downs) + 1
@@ -181,12 +197,22 @@ def infer_unet_config(state: dict, family: str) -> UNetConfig:
     attention = [f"input_blocks.{first[l]}.1.proj_in.weight" in u for l in range(levels)]
     proj = next(v for k, v in u.items() if k.endswith("proj_in.weight"))
     to_k = next(v for k, v in u.items() if k.endswith("attn2.to_k.weight"))
-    depth = 1 + max(int(m[1]) for k in u if (m := re.match(r"input_blocks\.\d+\.1\.transformer_blocks\.(\d+)\.", k)))
+
+    def depth(prefix: str) -> int:
+        return 1 + max((int(m[1]) for k in u if (m := re.match(re.escape(prefix) + r"transformer_blocks\.(\d+)\.", k))), default=0)
+
+    depths = [depth(f"input_blocks.{first[l]}.1.") if attention[l] else 1 for l in range(levels)]
+    if "middle_block.1.proj_in.weight" in u:
+        depths[-1] = depth("middle_block.1.")  # a level without attention still sets the middle block's depth
     conv_in = u["input_blocks.0.0.weight"]
+    added = {}
+    if "label_emb.0.0.weight" in u:
+        added = dict(addition_time_embed_dim=256, projection_class_embeddings_input_dim=u["label_emb.0.0.weight"].shape[1])
     return UNetConfig(
         in_channels=conv_in.shape[1], out_channels=u["out.2.weight"].shape[0], block_channels=channels, layers_per_block=lpb,
-        attention_levels=attention, num_heads=8, head_dim=64 if family == "sd2" else None, transformer_depth=depth,
-        context_dim=to_k.shape[1], linear_projection=proj.ndim == 2,
+        attention_levels=attention, num_heads=8, head_dim=None if family == "sd1" else 64,
+        transformer_depth=depths if len(set(depths)) > 1 else depths[0], context_dim=to_k.shape[1], linear_projection=proj.ndim == 2,
+        mid_attention="middle_block.1.proj_in.weight" in u, **added,
     )
 
 
@@ -198,20 +224,30 @@ def infer_vae_config(state: dict) -> AutoencoderConfig:
     return AutoencoderConfig(block_channels=channels, layers_per_block=lpb, latent_channels=v["conv_out.weight"].shape[0] // 2)
 
 
-def infer_text_config(state: dict, family: str) -> TextEncoderConfig:
-    if family == "sd1":
-        t = {k.removeprefix("text_model."): v for k, v in _sub(state, SD1_TEXT).items()}
-        if "embeddings.token_embedding.weight" not in t:
-            raise UnfogError("SD 1.x checkpoint without a text encoder token embedding (cond_stage_model.transformer.*)")
+def infer_text_config(state: dict, prefix: str) -> TextEncoderConfig:
+    """The text encoder under `prefix` as its shapes describe it: CLIP in transformers' layout
+    (quick GELU) or OpenCLIP's (GELU; with its text projection under SDXL's prefixes)."""
+    t = {k.removeprefix("text_model."): v for k, v in _sub(state, prefix).items()}
+    if "embeddings.token_embedding.weight" in t:
         layers = 1 + max(int(m[1]) for k in t if (m := re.match(r"encoder\.layers\.(\d+)\.", k)))
         vocab, width = t["embeddings.token_embedding.weight"].shape
         return TextEncoderConfig(vocab_size=vocab, context_length=t["embeddings.position_embedding.weight"].shape[0], width=width, layers=layers,
                                  heads=max(1, width // 64), mlp_width=t["encoder.layers.0.mlp.fc1.weight"].shape[0], activation="quick_gelu")
-    t = _sub(state, SD2_TEXT)
+    if "token_embedding.weight" not in t:
+        raise UnfogError(f"checkpoint without a text encoder token embedding under {prefix}*")
     layers = 1 + max(int(m[1]) for k in t if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k)))
     vocab, width = t["token_embedding.weight"].shape
+    projection = t["text_projection"].shape[1] if prefix != SD2_TEXT and "text_projection" in t else None
     return TextEncoderConfig(vocab_size=vocab, context_length=t["positional_embedding"].shape[0], width=width, layers=layers, heads=max(1, width // 64),
-                             mlp_width=t["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], activation="gelu", skip_last_layers=1)
+                             mlp_width=t["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], activation="gelu", projection_dim=projection)
+
+
+def text_encoder_state(state: dict, prefix: str, config: TextEncoderConfig) -> dict:
+    """The tensors of the text encoder under `prefix`, in unfog's names."""
+    t = _sub(state, prefix)
+    if any(k.startswith("transformer.resblocks.") for k in t):
+        return convert_open_clip(t, projection=config.projection_dim is not None)
+    return {new: v for k, v in t.items() if (new := map_text_encoder_key(k)) is not None}
 
 
 def load_single_file(path: str | Path, *, config: str | Path | None = None, tokenizer: str | Path | None = None,
@@ -245,40 +281,64 @@ def read_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 def parts_from_state(state: dict, source: str, *, config=None, tokenizer=None, prediction_type=None, clip_skip: int = 0) -> ModelParts:
     """ModelParts from the tensors of a single-file checkpoint (see load_single_file)."""
     family = detect(state)
+    sdxl = family.startswith("sdxl")
+    prefixes = TEXT_PREFIXES[family]
+    file_text = [infer_text_config(state, p) for p in prefixes]
     if config is not None:
         root = Path(config)
+        index = _json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+        folder_kind = ("an SDXL refiner" if index.get("requires_aesthetics_score") else "an SDXL base") if (root / "text_encoder_2").is_dir() else "an SD 1.x/2.x model"
+        file_kind = {"sdxl": "an SDXL base", "sdxl_refiner": "an SDXL refiner"}.get(family, "an SD 1.x/2.x model")
+        if folder_kind != file_kind:
+            raise UnfogError(f"{source} is {file_kind} checkpoint but the config folder {root} describes {folder_kind}; pass the config folder of the same kind of model")
         unet_cfg = unet_config_from_diffusers(_json(root / "unet" / "config.json"))
         vae_cfg = vae_config_from_diffusers(_json(root / "vae" / "config.json"))
-        te_raw = _json(root / "text_encoder" / "config.json")
-        te_cfg = text_encoder_config_from_transformers(te_raw, 0)
-        # diffusers' SD 2.x folders drop OpenCLIP's last layer; the single file still has it.
-        file_layers = infer_text_config(state, family).layers
-        te_cfg.skip_last_layers = file_layers - te_cfg.layers + clip_skip
-        te_cfg.layers = file_layers
+        folders = ["text_encoder_2"] if family == "sdxl_refiner" else ["text_encoder", "text_encoder_2"][: len(prefixes)]
+        text_cfgs, tokenizers = [], []
+        for folder, inferred in zip(folders, file_text):
+            if not (root / folder / "config.json").is_file():
+                raise UnfogError(f"{source} is {FAMILY_NAMES[family]} but the config folder {root} has no {folder}/ (is it the config of another model?)")
+            cfg = text_encoder_config_from_transformers(_json(root / folder / "config.json"), clip_skip, sdxl=sdxl, projection=inferred.projection_dim is not None)
+            # diffusers' SD 2.x folders drop OpenCLIP's last layer; the single file still has it.
+            cfg.skip_last_layers += inferred.layers - cfg.layers
+            cfg.layers = inferred.layers
+            text_cfgs.append(cfg)
+            tokenizers.append(clip_tokenizer(root / folder.replace("text_encoder", "tokenizer"), cfg.context_length))
         sched, hints = scheduler_config_from_diffusers(_json(root / "scheduler" / "scheduler_config.json"))
         scheduler_class = hints["class"]
-        tok = clip_tokenizer(root / "tokenizer", te_cfg.context_length)
+        force_zeros = bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")) and sdxl
+        size = native_size(root, vae_cfg.downsample_factor)
     else:
         if tokenizer is None:
             raise UnfogError("a single-file checkpoint carries no tokenizer: pass tokenizer=DIR (a CLIP tokenizer folder) or config=DIR (a diffusers-layout config folder)")
-        unet_cfg, vae_cfg, te_cfg = infer_unet_config(state, family), infer_vae_config(state), infer_text_config(state, family)
-        te_cfg.skip_last_layers += clip_skip
+        unet_cfg, vae_cfg, text_cfgs = infer_unet_config(state, family), infer_vae_config(state), file_text
+        for cfg in text_cfgs:
+            cfg.skip_last_layers = clip_skip + (1 if sdxl or family == "sd2" else 0)
+            cfg.states_layer_norm = not sdxl
+        if sdxl:
+            vae_cfg.scaling_factor = 0.13025
         sched = SchedulerConfig(beta_schedule="scaled_linear", prediction_type="v_prediction" if family == "sd2" else "epsilon",
                                 sigma_schedule="leading", steps_offset=1, match_diffusers=True, set_alpha_to_one=False,
-                                spacing_given=False)  # as SD's shipped scheduler configs
-        scheduler_class = None
-        tok = clip_tokenizer(Path(tokenizer), te_cfg.context_length)
+                                spacing_given=sdxl)  # as the models' shipped scheduler configs (SDXL's names "leading")
+        scheduler_class = "EulerDiscreteScheduler" if sdxl else None
+        # SDXL's bigG tokenizer pads with "!", CLIP ViT-L's with the end-of-text token.
+        pads = ["!"] if family == "sdxl_refiner" else [None, "!"] if sdxl else [None]
+        tokenizers = [clip_tokenizer(Path(tokenizer), cfg.context_length, pad=pad) for cfg, pad in zip(text_cfgs, pads)]
+        force_zeros = family == "sdxl"
+        size = (128 if sdxl else 64) * vae_cfg.downsample_factor
     if prediction_type:
         sched.prediction_type = prediction_type
     with torch.device("meta"):
-        unet, vae, te = UNet(unet_cfg), Autoencoder(vae_cfg), TextEncoder(te_cfg)
+        unet, vae = UNet(unet_cfg), Autoencoder(vae_cfg)
+        encoders = [TextEncoder(cfg) for cfg in text_cfgs]
     load_checked(unet, convert_unet(_sub(state, UNET), unet_cfg), f"{source} (U-Net)")
     load_checked(vae, convert_vae(_sub(state, VAE), vae_cfg), f"{source} (autoencoder)")
-    if family == "sd1":
-        text = {new: v for k, v in _sub(state, SD1_TEXT).items() if (new := map_text_encoder_key(k)) is not None}
-    else:
-        text = convert_open_clip(_sub(state, SD2_TEXT))
-    load_checked(te, text, f"{source} (text encoder)")
-    size = native_size(Path(config), vae_cfg.downsample_factor) if config is not None else 64 * vae_cfg.downsample_factor
-    return ModelParts(tokenizer=tok, text_encoder=te.eval(), unet=unet.eval(), vae=vae.eval(), scheduler=sched,
-                      defaults=stable_diffusion_defaults(scheduler_class, size))
+    for i, (te, prefix) in enumerate(zip(encoders, prefixes)):
+        load_checked(te, text_encoder_state(state, prefix, te.config), f"{source} (text encoder{' ' + str(i + 1) if len(encoders) > 1 else ''})")
+    second = (tokenizers[1], encoders[1].eval()) if len(encoders) > 1 else (None, None)
+    return ModelParts(tokenizer=tokenizers[0], text_encoder=encoders[0].eval(), unet=unet.eval(), vae=vae.eval(), scheduler=sched,
+                      defaults=stable_diffusion_defaults(scheduler_class, size), tokenizer_2=second[0], text_encoder_2=second[1],
+                      force_zeros_for_empty_prompt=force_zeros)
+
+
+FAMILY_NAMES = {"sd1": "an SD 1.x checkpoint", "sd2": "an SD 2.x checkpoint", "sdxl": "an SDXL base checkpoint", "sdxl_refiner": "an SDXL refiner checkpoint"}

@@ -5,49 +5,113 @@ folders, single files, training checkpoints, export) goes through `read_safetens
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import UnfogError
 
 
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+          "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+MAX_HEADER_BYTES = 100 << 20
+
+
+class SafetensorsFile(Mapping):
+    """The tensors of a safetensors file, each read from disk when it is looked up, so a loader
+    that casts and stores them one at a time never holds a second copy of the whole file (peak
+    memory: the loaded network plus one tensor). The header is checked when the file is opened:
+    a missing, truncated or malformed file is an error naming it."""
+
+    def __init__(self, path: str | Path, hint: str = "re-save or re-download it"):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UnfogError(f"weight file {self.path} is missing")
+        size = self.path.stat().st_size
+        try:
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if size < 8 or not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise UnfogError(f"weight file {self.path} is not a readable safetensors file ({e}); {hint}") from None
+        if not isinstance(header, dict):
+            raise UnfogError(f"weight file {self.path} is not a readable safetensors file (its header is not a JSON object); {hint}")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.start, data_size = 8 + n, size - 8 - n
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for key, info in header.items():
+            try:
+                dtype, shape, (begin, end) = DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+                if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_size or end - begin != math.prod(shape) * dtype.itemsize:
+                    raise ValueError
+            except (KeyError, TypeError, ValueError):
+                raise UnfogError(f"weight file {self.path} is not a readable safetensors file (tensor {key!r} has a malformed or "
+                                 f"out-of-bounds entry {str(info)[:200]}); {hint}") from None
+            self.entries[key] = (dtype, shape, begin, end)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[key]
+        tensor = torch.empty(shape, dtype=dtype)
+        if end > begin:
+            with open(self.path, "rb") as f:
+                f.seek(self.start + begin)
+                if f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:
+                    raise UnfogError(f"weight file {self.path} ended inside tensor {key!r}; the file is truncated")
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
 def read_safetensors(path: str | Path, hint: str = "re-save or re-download it") -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; a missing or damaged file is an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UnfogError(f"weight file {path} is missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UnfogError(f"weight file {path} is not a readable safetensors file ({e}); {hint}") from None
+    """All tensors of a safetensors file, read now (see SafetensorsFile to read them one at a time)."""
+    return dict(SafetensorsFile(path, hint))
 
 
 def _listed(keys: list[str]) -> str:
     return f"{keys[:5]}{' …' if len(keys) > 5 else ''}"
 
 
-def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str, *,
+def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor | Callable[[], torch.Tensor]], source: str, *,
                  key_map: Callable[[str], str | None] | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load `state` into `module` after renaming each key with `key_map` (None drops a key).
     Every key must have a place in the module, with its shape and kind (floating or integer),
     hold only finite values, and every place must be filled; errors name `source` and the key.
-    Floating tensors are cast to `dtype` (files may be stored in half precision). A module built
-    on the meta device takes the tensors as they are; any other keeps its own storage and device."""
+    Floating tensors are cast to `dtype` (files may be stored in half precision). A value may be
+    a function that reads the tensor (a lazy key map's), and `state` a SafetensorsFile: tensors are
+    then read, checked and cast one at a time. A module built on the meta device takes the tensors
+    as they are; any other keeps its own storage and device."""
     expected = module.state_dict()
-    mapped: dict[str, torch.Tensor] = {}
+    names: dict[str, str] = {}  # foreign key → unfog name; names are all checked before any tensor is read
     unknown: list[str] = []
-    for key, value in state.items():
+    for key in state:
         new = key if key_map is None else key_map(key)
         if new is None:
             continue
         if new not in expected:
             unknown.append(key if new == key else f"{key} (as {new})")
             continue
+        names[key] = new
+    missing = sorted(set(expected) - set(names.values()))
+    if unknown or missing:
+        raise UnfogError(
+            f"{source}: the weights do not match the network its config describes (is this the right architecture or component?): "
+            + "; ".join(([f"unknown keys {_listed(sorted(unknown))}"] if unknown else []) + ([f"missing keys {_listed(missing)}"] if missing else []))
+        )
+    mapped: dict[str, torch.Tensor] = {}
+    for key, new in names.items():
+        value = state[key]
+        value = value() if callable(value) else value
         want = expected[new]
         if tuple(value.shape) != tuple(want.shape):
             raise UnfogError(f"{source}: weight {key!r} has shape {tuple(value.shape)} but the config needs {tuple(want.shape)}")
@@ -56,11 +120,5 @@ def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str,
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise UnfogError(f"{source}: weight {key!r} holds NaN or infinite values; the file is damaged")
         mapped[new] = value.to(dtype) if value.is_floating_point() else value.to(want.dtype)
-    missing = sorted(set(expected) - set(mapped))
-    if unknown or missing:
-        raise UnfogError(
-            f"{source}: the weights do not match the network its config describes (is this the right architecture or component?): "
-            + "; ".join(([f"unknown keys {_listed(sorted(unknown))}"] if unknown else []) + ([f"missing keys {_listed(missing)}"] if missing else []))
-        )
     module.load_state_dict(mapped, assign=any(t.is_meta for t in expected.values()))
     return module

@@ -1,8 +1,11 @@
 """A CLIP-style causal text transformer (Radford et al. 2021, §2.4).
 
 Returns per-token states (the context the U-Net cross-attends to) and a pooled vector (the
-state at the end-of-text token). `skip_last_layers` takes the states that many layers before
-the last, still through the final LayerNorm: 1 gives SD 2.x's penultimate layer, or clip_skip.
+last layer's state at the end-of-text token, after the final LayerNorm and, when the config has
+one, the text projection, as transformers' CLIPTextModelWithProjection computes it).
+`skip_last_layers` takes the states that many layers before the last: through the final
+LayerNorm when `states_layer_norm` (SD 2.x's penultimate layer, or clip_skip), raw otherwise
+(SDXL's encoders, whose context is a hidden layer's output as it is).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class TextEncoderConfig:
     # None: the end-of-text token is the highest id in each row (CLIP's BPE vocab puts it last).
     eos_token_id: int | None = None
     skip_last_layers: int = 0
+    states_layer_norm: bool = True
+    projection_dim: int | None = None  # SDXL's OpenCLIP bigG: pooled output projected (no bias)
 
     def __post_init__(self):
         check_ints(self, {"vocab_size": (2, 1_000_000), "context_length": (2, 4096), "width": (1, 16384), "layers": (1, 128),
@@ -43,6 +48,10 @@ class TextEncoderConfig:
         if self.eos_token_id is not None:
             check_ints(self, {"eos_token_id": (0, self.vocab_size - 1)})
         check_number(self, "layer_norm_eps", 0, 1)
+        if self.projection_dim is not None:
+            check_ints(self, {"projection_dim": (1, 65536)})
+        if not isinstance(self.states_layer_norm, bool):
+            raise UnfogError(f"TextEncoderConfig.states_layer_norm must be true or false, got {self.states_layer_norm!r}")
 
 
 class EncoderLayer(nn.Module):
@@ -84,6 +93,7 @@ class TextEncoder(nn.Module):
         self.position_embedding = nn.Embedding(config.context_length, config.width)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers))
         self.final_layer_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False) if config.projection_dim else None
 
     def forward(self, ids: torch.Tensor, *, skip_last_layers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
@@ -94,9 +104,17 @@ class TextEncoder(nn.Module):
             raise UnfogError(f"skip_last_layers must be in [0, {c.layers - 1}], got {skip}")
         pos = torch.arange(ids.shape[1], device=ids.device)
         x = self.token_embedding(ids) + self.position_embedding(pos)[None]
-        for layer in self.layers[: c.layers - skip]:
+        for i, layer in enumerate(self.layers):
+            if i == c.layers - skip:
+                states = x
             x = layer(x)
-        states = self.final_layer_norm(x)
+        last = self.final_layer_norm(x)
+        if skip == 0:
+            states = last
+        elif c.states_layer_norm:
+            states = self.final_layer_norm(states)
         eos = ids.argmax(dim=-1) if c.eos_token_id is None else (ids == c.eos_token_id).int().argmax(dim=-1)
-        pooled = states[torch.arange(ids.shape[0], device=ids.device), eos]
+        pooled = last[torch.arange(ids.shape[0], device=ids.device), eos]
+        if self.text_projection is not None:
+            pooled = self.text_projection(pooled)
         return states, pooled

@@ -66,12 +66,18 @@ class Tokenizer:
             rows.append(ids + [self.pad_id] * (n - len(ids)))
         return torch.tensor(rows, dtype=torch.long), truncated
 
-    def windows(self, texts: Sequence[str]) -> torch.Tensor:
+    def window_count(self, texts: Sequence[str]) -> int:
+        """How many windows `windows` needs for the longest of these texts."""
+        n = self.config.context_length - 2
+        return max(1, *((len(ids) + n - 1) // n for ids in self.encode(texts)))
+
+    def windows(self, texts: Sequence[str], count: int | None = None) -> torch.Tensor:
         """(B, W, context_length): each text cut into windows of context_length - 2 tokens,
-        each framed as [bos] … [eos] [pad]…; shorter texts get empty windows, so all have W."""
+        each framed as [bos] … [eos] [pad]…; shorter texts get empty windows, so all have W
+        (`count`, at least `window_count(texts)`)."""
         n = self.config.context_length - 2
         token_lists = self.encode(texts)
-        count = max(1, *((len(ids) + n - 1) // n for ids in token_lists))
+        count = max(count or 1, *((len(ids) + n - 1) // n for ids in token_lists))
         rows = []
         for ids in token_lists:
             chunks = [ids[k : k + n] for k in range(0, n * count, n)]

@@ -1,7 +1,11 @@
 """The text-conditioned U-Net (Ronneberger et al. 2015; Rombach et al. 2022's latent variant).
 
 Widths, depth, attention levels and heads come from `UNetConfig`, which can express the
-Stable Diffusion 1.x and 2.x U-Nets as well as the miniature models unfog trains.
+Stable Diffusion 1.x, 2.x and XL U-Nets as well as the miniature models unfog trains. SDXL adds
+two things, both config fields: a transformer depth per level, and "added conditioning"
+(Podell et al. 2023, §2.2): the pooled text embedding and the size/crop micro-conditioning
+numbers, each number embedded sinusoidally, concatenated, projected and added to the timestep
+embedding.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ class UNetConfig:
     # Either a head count per level (SD 1.x: 8) or, when head_dim is set, heads = width / head_dim (SD 2.x: 64).
     num_heads: int | list[int] = 8
     head_dim: int | None = None
-    transformer_depth: int = 1
+    transformer_depth: int | list[int] = 1  # per level (SDXL base: 1/2/10); the middle block takes the last level's
     context_dim: int = 768
     linear_projection: bool = False
     mid_attention: bool = True
@@ -42,6 +46,11 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     dropout: float = 0.0
+    # SDXL's added conditioning (diffusers' names): each micro-conditioning number is embedded
+    # in addition_time_embed_dim sinusoids; pooled text embedding + those embeddings, concatenated,
+    # are projection_class_embeddings_input_dim wide. None: no added conditioning (SD 1.x/2.x).
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
         check_ints(self, {"in_channels": (1, 64), "out_channels": (1, 64), "block_channels": (1, 8192), "layers_per_block": (1, 16),
@@ -52,6 +61,14 @@ class UNetConfig:
             check_ints(self, {"num_heads": (1, 1024)})
         check_number(self, "freq_shift", -10, 10)
         check_number(self, "dropout", 0, 1)
+        if (self.addition_time_embed_dim is None) != (self.projection_class_embeddings_input_dim is None):
+            raise UnfogError("UNetConfig: addition_time_embed_dim and projection_class_embeddings_input_dim go together (SDXL's added conditioning)")
+        if self.addition_time_embed_dim is not None:
+            check_ints(self, {"addition_time_embed_dim": (2, 8192), "projection_class_embeddings_input_dim": (1, 65536)})
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks per attention block at one level (the middle block: the last level)."""
+        return _per_level(self.transformer_depth, len(self.block_channels), "transformer_depth")[level]
 
     def heads_at(self, level: int) -> tuple[int, int]:
         """(heads, head_dim) of the attention blocks at one resolution level."""
@@ -98,7 +115,10 @@ class UNet(nn.Module):
 
         def transformer(level):
             heads, hd = c.heads_at(level)
-            return SpatialTransformer(c.block_channels[level], heads, hd, c.context_dim, depth=c.transformer_depth, groups=c.norm_groups, linear_proj=c.linear_projection)
+            return SpatialTransformer(c.block_channels[level], heads, hd, c.context_dim, depth=c.depth_at(level), groups=c.norm_groups, linear_proj=c.linear_projection)
+
+        # SDXL: pooled text embedding + embedded micro-conditioning numbers → added to the timestep embedding.
+        self.add_embedding = TimestepMLP(c.projection_class_embeddings_input_dim, temb) if c.addition_time_embed_dim else None
 
         skips = [ch0]
         self.down_blocks = nn.ModuleList()
@@ -132,13 +152,20 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(c.norm_groups, ch)
         self.conv_out = nn.Conv2d(ch, c.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`pooled` (B, P) and `time_ids` (B, N) are SDXL's added conditioning: required when the
+        config has it, refused otherwise."""
         c = self.config
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = timestep_embedding(t, c.block_channels[0], flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
         emb = self.time_embedding(emb.to(x.dtype))
+        if self.add_embedding is not None:
+            emb = emb + self.add_embedding(self.added_conditioning(pooled, time_ids).to(x.dtype))
+        elif pooled is not None or time_ids is not None:
+            raise UnfogError("this U-Net takes no pooled text embedding or micro-conditioning (it is not an SDXL U-Net)")
         context = context.to(x.dtype)
 
         h = self.conv_in(x)
@@ -167,3 +194,16 @@ class UNet(nn.Module):
             if block.resample is not None:
                 h = block.resample(h, size=skips[-1].shape[-2:])
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def added_conditioning(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> torch.Tensor:
+        """[pooled, sinusoidal embedding of each micro-conditioning number], the add_embedding's input."""
+        c = self.config
+        if pooled is None or time_ids is None:
+            raise UnfogError("this SDXL U-Net needs pooled= (the pooled text embedding) and time_ids= (size and crop micro-conditioning)")
+        b = pooled.shape[0]
+        ids = timestep_embedding(time_ids.flatten(), c.addition_time_embed_dim, flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
+        added = torch.cat([pooled.float(), ids.reshape(b, -1)], dim=-1)
+        if added.shape[-1] != c.projection_class_embeddings_input_dim:
+            raise UnfogError(f"pooled embedding ({pooled.shape[-1]} wide) and {time_ids.shape[-1]} micro-conditioning numbers make {added.shape[-1]} "
+                             f"features; this U-Net takes {c.projection_class_embeddings_input_dim}")
+        return added

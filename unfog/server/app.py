@@ -66,14 +66,16 @@ class Refused(Exception):
 
 # The API's field names and the generation request's, where they differ.
 FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "num_inference_steps", "guidance_scale": "guidance_scale",
-          "sampler": "sampler", "seed": "seed", "width": "width", "height": "height", "num_images": "num_images_per_prompt"}
+          "sampler": "sampler", "seed": "seed", "width": "width", "height": "height", "num_images": "num_images_per_prompt",
+          "prompt_2": "prompt_2", "negative_prompt_2": "negative_prompt_2"}  # the last two: SDXL models only
 API_NAMES = {v: k for k, v in FIELDS.items()}
 
 
 def _allowed(s: ServerSettings, factor: int) -> dict[str, Any]:
     """What each field accepts, reported with every refusal of it."""
     side = {"multiple_of": factor, "max": s.max_side, "max_pixels": s.max_pixels}
-    return {"prompt": [1, s.max_prompt_chars], "negative_prompt": [0, s.max_prompt_chars], "steps": [1, s.max_steps],
+    return {"prompt": [1, s.max_prompt_chars], "negative_prompt": [0, s.max_prompt_chars], "prompt_2": [0, s.max_prompt_chars],
+            "negative_prompt_2": [0, s.max_prompt_chars], "steps": [1, s.max_steps],
             "guidance_scale": [0, s.max_guidance], "sampler": sorted(SAMPLERS), "seed": [0, 2**63 - 1 - s.max_images],
             "width": side, "height": side, "num_images": [1, s.max_images]}
 
@@ -89,6 +91,8 @@ def _limits(body: dict, s: ServerSettings) -> None:
          f"prompt must be a non-empty string of at most {s.max_prompt_chars} characters"),
         ("negative_prompt", body.get("negative_prompt") is not None and (not isinstance(body["negative_prompt"], str) or len(body["negative_prompt"]) > s.max_prompt_chars),
          f"negative_prompt must be a string of at most {s.max_prompt_chars} characters"),
+        *((name, body.get(name) is not None and (not isinstance(body[name], str) or len(body[name]) > s.max_prompt_chars),
+           f"{name} must be a string of at most {s.max_prompt_chars} characters") for name in ("prompt_2", "negative_prompt_2")),
         ("steps", number(body.get("steps")) and body["steps"] > s.max_steps, f"steps must be at most {s.max_steps}"),
         ("num_images", number(body.get("num_images")) and body["num_images"] > s.max_images, f"num_images must be at most {s.max_images}"),
         ("width", number(body.get("width")) and body["width"] > s.max_side, f"width must be at most {s.max_side}"),
