@@ -16,7 +16,7 @@ from .keymaps import (
     map_text_encoder_key, map_unet_key, map_vae_key, scheduler_config_from_diffusers, stable_diffusion_defaults,
     text_encoder_config_from_transformers, unet_config_from_diffusers, vae_config_from_diffusers,
 )
-from .weights import load_checked, read_safetensors
+from .weights import lazy_state, load_checked
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 # CLIP's pre-tokenizer pattern: special tokens, English contractions, letter runs, single
@@ -44,17 +44,17 @@ def _json(path: Path) -> dict:
         raise UnfogError(f"{path} is not valid JSON: {e}") from None
 
 
-def component_state(directory: Path, stem: str) -> dict[str, torch.Tensor]:
-    """All tensors of one component: `stem.safetensors`, its fp16 variant, or shards listed
-    in `stem.safetensors.index.json`. Pickled weights are refused."""
+def component_state(directory: Path, stem: str) -> dict:
+    """All tensors of one component, each read when loaded (LazyTensors): `stem.safetensors`, its
+    fp16 variant, or shards listed in `stem.safetensors.index.json`. Pickled weights are refused."""
     for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
         if (directory / name).is_file():
-            return read_safetensors(directory / name)
+            return lazy_state(directory / name)
     index = directory / f"{stem}.safetensors.index.json"
     if index.is_file():
         state = {}
         for shard in sorted(set(_json(index).get("weight_map", {}).values())):
-            state.update(read_safetensors(directory / shard))
+            state.update(lazy_state(directory / shard))
         return state
     pickles = [p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES]
     if pickles:

@@ -26,7 +26,7 @@ from torch import nn
 from ..diffusion.config import SamplingDefaults, SchedulerConfig
 from ..errors import UnfogError
 from ..nn import Autoencoder, AutoencoderConfig, TextEncoder, TextEncoderConfig, Tokenizer, UNet, UNetConfig
-from .weights import load_checked, read_safetensors
+from .weights import SafetensorsFile, load_checked
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -81,7 +81,7 @@ def write_config(path: Path, config) -> None:
 def load_weights(module: nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a safetensors file into `module` through the checked loader; floating tensors are
     cast to `dtype` (files may be stored in half precision to save space)."""
-    return load_checked(module, read_safetensors(path), f"weight file {path}", dtype=dtype)
+    return load_checked(module, SafetensorsFile(path), f"weight file {path}", dtype=dtype)
 
 
 def save_weights(module: nn.Module, path: Path, dtype: torch.dtype | None = None) -> None:

@@ -23,7 +23,7 @@ from .keymaps import (
     map_text_encoder_key, scheduler_config_from_diffusers, stable_diffusion_defaults, text_encoder_config_from_transformers,
     unet_config_from_diffusers, vae_config_from_diffusers,
 )
-from .weights import load_checked, read_safetensors
+from .weights import lazy_state, load_checked, then
 from ..diffusion.config import SchedulerConfig
 
 UNET, VAE, SD1_TEXT, SD2_TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", "cond_stage_model.model."
@@ -134,7 +134,7 @@ def convert_vae(state: dict, config: AutoencoderConfig) -> dict:
                     name, _, tail = rest.partition(".")
                     new = f"{part}.mid_block.attention.{ {'norm': 'group_norm', 'q': 'to_q', 'k': 'to_k', 'v': 'to_v', 'proj_out': 'to_out'}[name] }.{tail}"
                     if value.ndim == 4:
-                        value = value[:, :, 0, 0]
+                        value = then(value, lambda v: v[:, :, 0, 0])
                 else:
                     new = f"{part}.mid_block.resnets.{0 if which == 'block_1' else 1}.{_res_key(rest, VAE_RES)}"
         out[new] = value
@@ -147,7 +147,7 @@ def convert_open_clip(state: dict, projection: bool = False) -> dict:
     out = {}
     for key, value in state.items():
         if key == "text_projection" and projection:
-            out["text_projection.weight"] = value.T
+            out["text_projection.weight"] = then(value, lambda v: v.T.contiguous())
             continue
         if key in ("text_projection", "logit_scale") or key.startswith("visual."):
             continue
@@ -160,8 +160,8 @@ def convert_open_clip(state: dict, projection: bool = False) -> dict:
             continue
         i, rest = m[1], m[2]
         if rest.startswith("attn.in_proj_"):
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3)):
-                out[f"layers.{i}.{name}.{rest.split('_')[-1]}"] = part
+            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                out[f"layers.{i}.{name}.{rest.split('_')[-1]}"] = then(value, lambda v, j=j: v.chunk(3)[j].contiguous())
             continue
         rest = rest.replace("ln_1.", "layer_norm1.").replace("ln_2.", "layer_norm2.").replace("attn.out_proj.", "out_proj.").replace("mlp.c_fc.", "fc1.").replace("mlp.c_proj.", "fc2.")
         out[f"layers.{i}.{rest}"] = value
@@ -261,7 +261,7 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None, toke
             f"{path} is a pickle checkpoint; unfog does not load pickles because loading one can run arbitrary code. "
             f"Convert it once with: unfog convert --allow-pickle {path} OUT_DIR"
         )
-    return parts_from_state(read_safetensors(path), str(path), config=config, tokenizer=tokenizer, prediction_type=prediction_type, clip_skip=clip_skip)
+    return parts_from_state(lazy_state(path), str(path), config=config, tokenizer=tokenizer, prediction_type=prediction_type, clip_skip=clip_skip)
 
 
 def read_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

@@ -56,6 +56,9 @@ class SafetensorsFile(Mapping):
                                  f"out-of-bounds entry {str(info)[:200]}); {hint}") from None
             self.entries[key] = (dtype, shape, begin, end)
 
+    def lazy(self, key: str) -> "LazyTensor":
+        return LazyTensor(self, key, self.entries[key][1])
+
     def __getitem__(self, key: str) -> torch.Tensor:
         dtype, shape, begin, end = self.entries[key]
         tensor = torch.empty(shape, dtype=dtype)
@@ -73,6 +76,39 @@ class SafetensorsFile(Mapping):
         return len(self.entries)
 
 
+class LazyTensor:
+    """One tensor of a SafetensorsFile, read when called; its shape is known without reading.
+    `then(fn)` returns a LazyTensor of fn(tensor), for key maps that also reshape or split."""
+
+    def __init__(self, source: SafetensorsFile, key: str, shape: tuple[int, ...], transform: Callable | None = None):
+        self.source, self.key, self.shape, self.transform = source, key, torch.Size(shape), transform
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def then(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "LazyTensor":
+        shape = fn(torch.empty(self.shape, device="meta")).shape
+        first = self.transform
+        return LazyTensor(self.source, self.key, shape, fn if first is None else lambda t: fn(first(t)))
+
+    def __call__(self) -> torch.Tensor:
+        tensor = self.source[self.key]
+        return tensor if self.transform is None else self.transform(tensor)
+
+
+def lazy_state(path: str | Path) -> dict[str, LazyTensor]:
+    """A safetensors file's tensors as LazyTensors, for key maps that rename, split or reshape
+    them before `load_checked` reads each once."""
+    f = SafetensorsFile(path)
+    return {key: f.lazy(key) for key in f}
+
+
+def then(value, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """fn applied to a tensor now, or to a LazyTensor when it is read."""
+    return value.then(fn) if isinstance(value, LazyTensor) else fn(value)
+
+
 def read_safetensors(path: str | Path, hint: str = "re-save or re-download it") -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, read now (see SafetensorsFile to read them one at a time)."""
     return dict(SafetensorsFile(path, hint))
@@ -82,14 +118,14 @@ def _listed(keys: list[str]) -> str:
     return f"{keys[:5]}{' …' if len(keys) > 5 else ''}"
 
 
-def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor | Callable[[], torch.Tensor]], source: str, *,
+def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor | LazyTensor], source: str, *,
                  key_map: Callable[[str], str | None] | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load `state` into `module` after renaming each key with `key_map` (None drops a key).
     Every key must have a place in the module, with its shape and kind (floating or integer),
     hold only finite values, and every place must be filled; errors name `source` and the key.
     Floating tensors are cast to `dtype` (files may be stored in half precision). A value may be
-    a function that reads the tensor (a lazy key map's), and `state` a SafetensorsFile: tensors are
-    then read, checked and cast one at a time. A module built on the meta device takes the tensors
+    a LazyTensor, and `state` a SafetensorsFile: tensors are then read, checked and cast one at a
+    time, after every name has been checked. A module built on the meta device takes the tensors
     as they are; any other keeps its own storage and device."""
     expected = module.state_dict()
     names: dict[str, str] = {}  # foreign key → unfog name; names are all checked before any tensor is read
@@ -111,7 +147,7 @@ def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor | Callable[
     mapped: dict[str, torch.Tensor] = {}
     for key, new in names.items():
         value = state[key]
-        value = value() if callable(value) else value
+        value = value() if isinstance(value, LazyTensor) else value
         want = expected[new]
         if tuple(value.shape) != tuple(want.shape):
             raise UnfogError(f"{source}: weight {key!r} has shape {tuple(value.shape)} but the config needs {tuple(want.shape)}")
