@@ -5,6 +5,9 @@
 CPU: the Stable Diffusion 1.5 U-Net with random weights at latent 32×32 (256²) in float32 and the
 bundled default model's U-Net; milliseconds per U-Net call and one whole bundled-model image.
 
+CUDA, with --sdxl: also SDXL base's U-Net at 1024² (latent 128), batch 1 with guidance, bf16,
+against diffusers eager, channels_last, as one CUDA graph and (with --compile-diffusers) compiled.
+
 CUDA: the SD 1.5 U-Net at 512² (latent 64×64) with classifier-free guidance, so the U-Net sees
 twice the batch; bfloat16 and float16, batch 1 and 8: diffusers eager / channels_last / replayed
 as one CUDA graph against unfog eager / optimize() / optimize() as a CUDA graph (and, with
@@ -80,6 +83,20 @@ def unet_pair(kind: str):
             ours = UNet(unet_config_from_diffusers(dict(theirs.config)))
         load_checked(ours, theirs.state_dict(), "sd15", key_map=map_unet_key)
         return theirs, ours, 768
+    if kind == "sdxl":  # SDXL base's U-Net, random bfloat16 weights shared by both (5 GB, not 10 GB twice)
+        from sdxl_cpu import SDXL_BASE_UNET
+
+        with torch.device("meta"):
+            theirs = diffusers.UNet2DConditionModel(**SDXL_BASE_UNET).to(torch.bfloat16)
+        theirs = theirs.to_empty(device="cpu").eval()
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in theirs.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        with torch.device("meta"):
+            ours = UNet(unet_config_from_diffusers(dict(theirs.config)))
+        load_checked(ours, theirs.state_dict(), "sdxl", key_map=map_unet_key, dtype=torch.bfloat16)
+        return theirs, ours, 2048
     ours = Pipeline.from_pretrained().unet
     theirs = diffusers.UNet2DConditionModel(**unet_config_to_diffusers(ours.config)).eval()
     state = ours.state_dict()
@@ -114,7 +131,7 @@ def unet_variants(device, dtype, fast, *, graphs: bool, compile_ours: bool, comp
                 m.to(memory_format=torch.channels_last)
             if compiled:
                 m.compile()
-            return lambda: m(inp["x"], inp["t"], encoder_hidden_states=inp["ctx"]).sample
+            return lambda: m(inp["x"], inp["t"], encoder_hidden_states=inp["ctx"], **inp["theirs_kw"]).sample
         return make
 
     def ours_fn(optimized=False, compiled=False):
@@ -122,7 +139,7 @@ def unet_variants(device, dtype, fast, *, graphs: bool, compile_ours: bool, comp
             m = copy.deepcopy(ours).to(device, inp["dtype"])
             if optimized:  # exactly what Pipeline.optimize() does to the U-Net
                 m = optimize_unet(m, inp["dtype"], True, compiled)
-            return lambda: m(inp["x"], inp["t"], inp["ctx"])
+            return lambda: m(inp["x"], inp["t"], inp["ctx"], **inp["ours_kw"])
         return make
 
     v = [("diffusers", dtype, diffusers_fn(), False)]
@@ -170,15 +187,21 @@ def bench_unet(kind, device, dtype, batch, latent, repeats, fast, *, graphs=Fals
     x = torch.randn(2 * batch, ours.config.in_channels, latent, latent, generator=g)
     ctx = torch.randn(2 * batch, 77 if kind == "sd15" else 24, ctx_dim, generator=g)
     t = torch.full((2 * batch,), 500.0)
+    added = {}
+    if kind == "sdxl":  # the pooled embedding and the micro-conditioning of a 1024² image
+        added = {"pooled": torch.randn(2 * batch, 1280, generator=g), "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2 * batch)}
     rows, base, counted = [], None, {}
     with torch.inference_mode():  # the float32 eager output every variant is compared with
         m = copy.deepcopy(ours).to(device, torch.float32)
-        reference = m(x.to(device), t.to(device), ctx.to(device)).float()
+        reference = m(x.to(device), t.to(device), ctx.to(device), **{k: v.to(device) for k, v in added.items()}).float()
         del m
     for name, dt, make, as_graph in unet_variants(device, dtype, fast, graphs=graphs, compile_ours=compile_ours, compile_theirs=compile_theirs, full=full):
         if select is not None and not select(name):
             continue
         inp = {"dtype": dt, "x": x.to(device, dt), "ctx": ctx.to(device, dt), "t": t.to(device)}
+        ours_kw = {k: v.to(device, dt) if k == "pooled" else v.to(device) for k, v in added.items()}
+        inp["ours_kw"] = ours_kw
+        inp["theirs_kw"] = {"added_cond_kwargs": {"text_embeds": ours_kw["pooled"], "time_ids": ours_kw["time_ids"]}} if added else {}
         _reset_peak(device)
         t0 = time.perf_counter()
         eager_fn = fn = graph = None
@@ -373,6 +396,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time optimize(compile=True) (tens of seconds of warm-up)")
     ap.add_argument("--compile-diffusers", action="store_true", help="on CUDA, also time diffusers under torch.compile (about a minute)")
     ap.add_argument("--skip-image", action="store_true", help="on CUDA, skip the whole-image SD 1.5 case")
+    ap.add_argument("--sdxl", action="store_true", help="on CUDA, also SDXL base's U-Net at 1024² (latent 128) with guidance's batch of 2, bf16")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     import diffusers
@@ -403,6 +427,9 @@ def main() -> None:
             bench_unet("sd15", device, dtype, batch, 64, repeats, dtype, graphs=True, full=False, emit=emit)
         if not args.skip_image:
             bench_sd15_image(device, torch.bfloat16, max(3, repeats // 3), compile_ours=args.compile, emit=emit)
+        if args.sdxl:
+            bench_unet("sdxl", device, torch.bfloat16, 1, 128, repeats, torch.bfloat16, graphs=True, compile_ours=args.compile,
+                       compile_theirs=args.compile_diffusers, emit=emit)
         if args.compile or args.compile_diffusers:
             for batch in (1, 8):
                 bench_unet("sd15", device, torch.bfloat16, batch, 64, repeats * 2 if batch == 1 else repeats, torch.bfloat16, graphs=True,

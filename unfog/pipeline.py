@@ -159,9 +159,16 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, **options) -> "Pipeline":
         """Load an unfog model folder, a diffusers-layout Stable Diffusion folder or a
-        single-file SD 1.x/2.x `.safetensors`; `None` loads the default model bundled with
-        unfog. Options (see `unfog.formats.load_any`): `clip_skip`, `prediction_type`, and for
-        single files `config` (a diffusers-layout config folder) and `tokenizer`."""
+        single-file SD 1.x/2.x/XL `.safetensors`; `None` loads the default model bundled with
+        unfog. Options (see `unfog.formats.load_any`): `dtype` (or diffusers' name `torch_dtype`;
+        the networks are loaded straight into it, e.g. torch.bfloat16 for SDXL on a CPU),
+        `clip_skip`, `prediction_type`, and for single files `config` (a diffusers-layout config
+        folder) and `tokenizer`."""
+        if "torch_dtype" in options:
+            alias = options.pop("torch_dtype")
+            if options.get("dtype") not in (None, alias):
+                raise UnfogError(f"dtype={options['dtype']} and torch_dtype={alias} disagree; pass one", "dtype")
+            options["dtype"] = alias
         if path is None:
             if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
                 raise UnfogError("this install of unfog has no bundled default model; pass a model folder: Pipeline.from_pretrained('path/to/model')")

@@ -124,16 +124,16 @@ def _present(index: dict, root: Path, part: str) -> bool:
     return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None and (root / part).is_dir()
 
 
-def load_text_encoder(root: Path, part: str, *, clip_skip: int, sdxl: bool) -> TextEncoder:
+def load_text_encoder(root: Path, part: str, *, clip_skip: int, sdxl: bool, dtype: torch.dtype = torch.float32) -> TextEncoder:
     state = component_state(root / part, "model")
     cfg = text_encoder_config_from_transformers(_json(root / part / "config.json"), clip_skip, sdxl=sdxl,
                                                 projection=any(k.endswith("text_projection.weight") for k in state))
     with torch.device("meta"):
         te = TextEncoder(cfg)
-    return load_checked(te, state, str(root / part), key_map=map_text_encoder_key).eval()
+    return load_checked(te, state, str(root / part), key_map=map_text_encoder_key, dtype=dtype).eval()
 
 
-def load_diffusers(path: str | Path, *, clip_skip: int = 0, prediction_type: str | None = None) -> ModelParts:
+def load_diffusers(path: str | Path, *, clip_skip: int = 0, prediction_type: str | None = None, dtype: torch.dtype = torch.float32) -> ModelParts:
     """A Stable Diffusion 1.x / 2.x / XL (base or refiner) folder in diffusers' layout."""
     root = Path(path)
     index = _json(root / "model_index.json")
@@ -149,13 +149,13 @@ def load_diffusers(path: str | Path, *, clip_skip: int = 0, prediction_type: str
         sched.prediction_type = prediction_type
     with torch.device("meta"):
         unet, vae = UNet(unet_cfg), Autoencoder(vae_cfg)
-    load_checked(unet, component_state(root / "unet", "diffusion_pytorch_model"), str(root / "unet"), key_map=map_unet_key)
-    load_checked(vae, component_state(root / "vae", "diffusion_pytorch_model"), str(root / "vae"), key_map=map_vae_key)
+    load_checked(unet, component_state(root / "unet", "diffusion_pytorch_model"), str(root / "unet"), key_map=map_unet_key, dtype=dtype)
+    load_checked(vae, component_state(root / "vae", "diffusion_pytorch_model"), str(root / "vae"), key_map=map_vae_key, dtype=dtype)
     # SDXL's refiner has only the second encoder (OpenCLIP bigG): unfog holds it as its one encoder.
     encoders = [(part, tok) for part, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")) if _present(index, root, part)]
     loaded = []
     for part, tok in encoders:
-        te = load_text_encoder(root, part, clip_skip=clip_skip, sdxl=sdxl)
+        te = load_text_encoder(root, part, clip_skip=clip_skip, sdxl=sdxl, dtype=dtype)
         loaded.append((te, clip_tokenizer(root / tok, te.config.context_length)))
     (te, tokenizer), second = loaded[0], (loaded[1] if len(loaded) > 1 else (None, None))
     size = native_size(root, vae_cfg.downsample_factor)

@@ -147,7 +147,7 @@ def is_model_folder(directory: str | Path) -> bool:
     return (Path(directory) / "model_index.json").is_file()
 
 
-def load_model(directory: str | Path, *, clip_skip: int = 0, prediction_type: str | None = None) -> ModelParts:
+def load_model(directory: str | Path, *, clip_skip: int = 0, prediction_type: str | None = None, dtype: torch.dtype = torch.float32) -> ModelParts:
     """Read a model folder written by `save_model`. `clip_skip` takes the text states that many
     layers before the usual ones; `prediction_type` overrides the scheduler's."""
     d = Path(directory)
@@ -180,7 +180,7 @@ def load_model(directory: str | Path, *, clip_skip: int = 0, prediction_type: st
         if count > MAX_PARAMETERS:
             raise UnfogError(f"{d / name / 'config.json'} describes a network of {count / 1e9:.1f} billion parameters; unfog loads at most "
                              f"{MAX_PARAMETERS / 1e9:.0f} billion per component (is the config right?)")
-        load_weights(module, d / name / WEIGHTS)
+        load_weights(module, d / name / WEIGHTS, dtype)
         modules[name] = module.eval()
     scheduler = read_config(d / "scheduler" / "config.json", SchedulerConfig)
     if prediction_type:

@@ -251,7 +251,7 @@ def text_encoder_state(state: dict, prefix: str, config: TextEncoderConfig) -> d
 
 
 def load_single_file(path: str | Path, *, config: str | Path | None = None, tokenizer: str | Path | None = None,
-                     prediction_type: str | None = None, clip_skip: int = 0) -> ModelParts:
+                     prediction_type: str | None = None, clip_skip: int = 0, dtype: torch.dtype = torch.float32) -> ModelParts:
     """A single-file SD 1.x / 2.x checkpoint. `config` is a diffusers-layout folder whose
     configs, tokenizer and scheduler are used (its weights are not needed); without it the
     architecture comes from the weights and `tokenizer` must name a CLIP tokenizer folder."""
@@ -261,7 +261,7 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None, toke
             f"{path} is a pickle checkpoint; unfog does not load pickles because loading one can run arbitrary code. "
             f"Convert it once with: unfog convert --allow-pickle {path} OUT_DIR"
         )
-    return parts_from_state(lazy_state(path), str(path), config=config, tokenizer=tokenizer, prediction_type=prediction_type, clip_skip=clip_skip)
+    return parts_from_state(lazy_state(path), str(path), config=config, tokenizer=tokenizer, prediction_type=prediction_type, clip_skip=clip_skip, dtype=dtype)
 
 
 def read_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -278,7 +278,8 @@ def read_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def parts_from_state(state: dict, source: str, *, config=None, tokenizer=None, prediction_type=None, clip_skip: int = 0) -> ModelParts:
+def parts_from_state(state: dict, source: str, *, config=None, tokenizer=None, prediction_type=None, clip_skip: int = 0,
+                     dtype: torch.dtype = torch.float32) -> ModelParts:
     """ModelParts from the tensors of a single-file checkpoint (see load_single_file)."""
     family = detect(state)
     sdxl = family.startswith("sdxl")
@@ -331,10 +332,10 @@ def parts_from_state(state: dict, source: str, *, config=None, tokenizer=None, p
     with torch.device("meta"):
         unet, vae = UNet(unet_cfg), Autoencoder(vae_cfg)
         encoders = [TextEncoder(cfg) for cfg in text_cfgs]
-    load_checked(unet, convert_unet(_sub(state, UNET), unet_cfg), f"{source} (U-Net)")
-    load_checked(vae, convert_vae(_sub(state, VAE), vae_cfg), f"{source} (autoencoder)")
+    load_checked(unet, convert_unet(_sub(state, UNET), unet_cfg), f"{source} (U-Net)", dtype=dtype)
+    load_checked(vae, convert_vae(_sub(state, VAE), vae_cfg), f"{source} (autoencoder)", dtype=dtype)
     for i, (te, prefix) in enumerate(zip(encoders, prefixes)):
-        load_checked(te, text_encoder_state(state, prefix, te.config), f"{source} (text encoder{' ' + str(i + 1) if len(encoders) > 1 else ''})")
+        load_checked(te, text_encoder_state(state, prefix, te.config), f"{source} (text encoder{' ' + str(i + 1) if len(encoders) > 1 else ''})", dtype=dtype)
     second = (tokenizers[1], encoders[1].eval()) if len(encoders) > 1 else (None, None)
     return ModelParts(tokenizer=tokenizers[0], text_encoder=encoders[0].eval(), unet=unet.eval(), vae=vae.eval(), scheduler=sched,
                       defaults=stable_diffusion_defaults(scheduler_class, size), tokenizer_2=second[0], text_encoder_2=second[1],
