@@ -106,9 +106,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _check_output(args.trajectory, "--trajectory")
     _check_device(args.device)
     options = {k: v for k, v in (("config", args.config), ("tokenizer", args.tokenizer), ("clip_skip", args.clip_skip)) if v}
-    pipe = Pipeline.from_pretrained(args.model, **options)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype] if args.dtype else None
-    pipe.to(args.device, dtype)
+    pipe = Pipeline.from_pretrained(args.model, dtype=dtype, **options).to(args.device)  # loaded straight into dtype: no float32 copy
     if args.optimize:
         pipe.optimize()
     trajectory: list = []
@@ -132,11 +131,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise UnfogError(f"--refiner-start must be a fraction between 0 and 1, got {args.refiner_start}")
         if args.init_image or args.mask:
             raise UnfogError("--refiner refines a text-to-image generation; it does not combine with --init-image or --mask")
-        refiner = Pipeline.from_pretrained(args.refiner, **({"config": args.refiner_config} if args.refiner_config else {}))
+        refiner = Pipeline.from_pretrained(args.refiner, dtype=dtype, **({"config": args.refiner_config} if args.refiner_config else {}))
         if refiner.sdxl != "refiner" or pipe.sdxl != "base":
             raise UnfogError(f"--refiner needs an SDXL base as --model and an SDXL refiner as --refiner; got {pipe.sdxl or 'a non-SDXL model'} "
                              f"and {refiner.sdxl or 'a non-SDXL model'}")
-        refiner.to(args.device, dtype)
+        refiner.to(args.device)
         if args.optimize:
             refiner.optimize()
         sdxl.update(denoising_end=args.refiner_start, output_type="latent")
@@ -288,7 +287,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UnfogError(f"binding to {args.host} exposes the server to the network: pass --token T, and clients send Authorization: Bearer T")
     settings = ServerSettings(host=args.host, port=args.port, token=args.token, max_queue=args.max_queue, job_timeout_s=args.job_timeout,
                               max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images, max_work=args.max_work)
-    pipe = Pipeline.from_pretrained(args.model).to(args.device)
+    import torch
+
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    pipe = Pipeline.from_pretrained(args.model, dtype=dtype).to(args.device)
     if args.optimize:
         pipe.optimize(compile=args.compile)
     app = create_app(pipe, settings, model_name=Path(args.model).name if args.model else "unfog-default")
@@ -458,6 +460,8 @@ def _serve_parser(sub) -> None:
     v.add_argument("--max-images", type=int, default=8)
     v.add_argument("--max-work", type=float, default=200.0, help="a request's total work limit, megapixels × steps × images")
     v.add_argument("--optimize", action="store_true", help="serve through pipe.optimize()")
+    v.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="load the model in this precision (bfloat16 halves the memory; SDXL on a CPU)")
     v.add_argument("--compile", action="store_true", help="with --optimize: also torch.compile the U-Net (slow first request per size)")
     v.set_defaults(func=cmd_serve)
 
