@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .adapters import LoraMixin
 from .diffusion import DiscreteDenoiser, SamplingDefaults, SchedulerConfig, classifier_free_guidance, make_sigmas
 from .errors import UnfogError
 from .formats import ModelParts, load_any, save_model
@@ -93,7 +94,7 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-class Pipeline:
+class Pipeline(LoraMixin):
     """Text-to-image generation with a tokenizer, text encoder, U-Net and optional autoencoder."""
 
     def __init__(self, tokenizer: Tokenizer, text_encoder: TextEncoder, unet: UNet, vae: Autoencoder | None,
@@ -183,8 +184,12 @@ class Pipeline:
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
         """Write this pipeline as a model folder (JSON configs + safetensors), optionally
-        storing the weights in `dtype` (float16 halves the size; loading casts back to float32)."""
-        save_model(ModelParts(self.tokenizer, self.text_encoder, self.unet, self.vae, self.scheduler, self.defaults, tokenizer_2=self.tokenizer_2,
+        storing the weights in `dtype` (float16 halves the size; loading casts back to float32).
+        LoRA adapters are saved only as fused into the weights (`fuse_lora()` first)."""
+        if self.get_active_adapters() and not all(layer.fused or not layer.active for _, _, layer in self._adapted_layers()):
+            raise UnfogError("LoRA adapters are loaded but not fused: fuse_lora() to save a model with them baked in, or unload_lora_weights()")
+        with self._adapters_set_aside():
+            save_model(ModelParts(self.tokenizer, self.text_encoder, self.unet, self.vae, self.scheduler, self.defaults, tokenizer_2=self.tokenizer_2,
                               text_encoder_2=self.text_encoder_2, force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt), directory, dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":

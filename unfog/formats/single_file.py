@@ -343,3 +343,44 @@ def parts_from_state(state: dict, source: str, *, config=None, tokenizer=None, p
 
 
 FAMILY_NAMES = {"sd1": "an SD 1.x checkpoint", "sd2": "an SD 2.x checkpoint", "sdxl": "an SDXL base checkpoint", "sdxl_refiner": "an SDXL refiner checkpoint"}
+
+
+_RES_BACK = {v: k for k, v in RES.items()}
+
+
+def ldm_unet_key(key: str, config: UNetConfig) -> str:
+    """An unfog U-Net key in the original layout's names (without `model.diffusion_model.`): the
+    inverse of `convert_unet`, for LoRA files that name modules that way (kohya's SDXL LoRAs)."""
+    levels, lpb = len(config.block_channels), config.layers_per_block
+    inputs, outputs = unet_layout(levels, lpb)
+    inv_in, inv_out = {v: k for k, v in inputs.items()}, {v: k for k, v in outputs.items()}
+
+    def res(rest: str) -> str:
+        name, _, tail = rest.partition(".")
+        return f"{_RES_BACK.get(name, name)}.{tail}"
+
+    def tf(rest: str) -> str:
+        return rest.replace("to_out.", "to_out.0.").replace("ff.proj.", "ff.net.0.proj.").replace("ff.out.", "ff.net.2.")
+
+    for a, b in (("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."), ("add_embedding.linear_1.", "label_emb.0.0."),
+                 ("add_embedding.linear_2.", "label_emb.0.2."), ("conv_in.", "input_blocks.0.0."), ("norm_out.", "out.0."), ("conv_out.", "out.2.")):
+        if key.startswith(a):
+            return b + key[len(a):]
+    m = re.match(r"mid_block\.(resnets|attentions)\.(\d)\.(.*)", key)
+    if m:
+        return f"middle_block.1.{tf(m[3])}" if m[1] == "attentions" else f"middle_block.{2 * int(m[2])}.{res(m[3])}"
+    m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|resample)\.(.*)", key)
+    if not m:
+        raise UnfogError(f"U-Net key {key!r} has no name in the original layout")
+    side, block, kind, rest = m[1], int(m[2]), m[3], m[4]
+    if side == "down":
+        if kind == "resample":
+            return f"input_blocks.{inv_in[(block, 'down')]}.0.op.{rest.partition('.')[2]}"
+        j, _, rest = rest.partition(".")
+        idx = inv_in[(block, int(j))]
+        return f"input_blocks.{idx}.0.{res(rest)}" if kind == "resnets" else f"input_blocks.{idx}.1.{tf(rest)}"
+    if kind == "resample":
+        return f"output_blocks.{inv_out[(block, lpb)]}.{2 if config.attention_levels[levels - 1 - block] else 1}.{rest}"
+    j, _, rest = rest.partition(".")
+    idx = inv_out[(block, int(j))]
+    return f"output_blocks.{idx}.0.{res(rest)}" if kind == "resnets" else f"output_blocks.{idx}.1.{tf(rest)}"

@@ -109,7 +109,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         ctx = x if context is None else context
         b = x.shape[0]
-        if context is None and getattr(self, "qkv_weight", None) is not None:
+        # The fused copy is the plain weights: not while an unfused LoRA adapter changes q, k or v.
+        if context is None and getattr(self, "qkv_weight", None) is not None and not any(getattr(p, "active", False) for p in (self.to_q, self.to_k, self.to_v)):
             inner = self.to_q.out_features
             qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(b, -1, 3, self.heads, inner // self.heads)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)

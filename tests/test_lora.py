@@ -1,0 +1,256 @@
+"""LoRA files in each format people share, on tiny SD 1.x and SDXL models: unfog's images equal
+diffusers' `load_lora_weights` images; weights, two adapters, fuse/unfuse and unload behave as
+diffusers' methods of the same names, and unload restores the network bit for bit."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from unfog import Pipeline  # noqa: E402
+from unfog.errors import UnfogError  # noqa: E402
+
+# (unfog module path, kohya name in diffusers' naming) for the tiny SD 1.x model of test_sd_parity
+SD1_TARGETS = {
+    "unet": ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+             "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0", "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj",
+             "down_blocks.0.attentions.0.proj_in", "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v", "down_blocks.0.resnets.0.conv1",
+             "mid_block.attentions.0.transformer_blocks.0.ff.net.2"],
+    # (diffusers 0.42 with transformers 5 drops kohya LoRAs on the text encoder's attention
+    # projections, "to_q_lora … UNEXPECTED"; the PEFT test below covers those.)
+    "text_encoder": ["text_model.encoder.layers.0.mlp.fc2", "text_model.encoder.layers.1.mlp.fc1"],
+}
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    from test_sd_parity import build_sd
+
+    root = tmp_path_factory.mktemp("lora-sd1")
+    ref = build_sd(root, v2=False, scheduler_cls="EulerDiscreteScheduler")
+    return ref, root / "sd"
+
+
+def diffusers_module(ref, comp, name):
+    if comp == "unet":
+        return ref.unet.get_submodule(name)
+    te = ref.text_encoder
+    return te.get_submodule(name if hasattr(te, "text_model") else name.removeprefix("text_model."))  # transformers 5 drops text_model
+
+
+def kohya_file(ref, path, rank=2, seed=0, alpha=None, dtype=torch.float32):
+    """A kohya-format LoRA for the targets, with shapes read from diffusers' modules."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for comp, names in SD1_TARGETS.items():
+        for name in names:
+            m = diffusers_module(ref, comp, name)
+            w = m.weight
+            prefix = ("lora_unet_" if comp == "unet" else "lora_te_") + name.replace(".", "_")
+            if w.ndim == 4:
+                down, up = torch.randn(rank, w.shape[1], *w.shape[2:], generator=g), torch.randn(w.shape[0], rank, 1, 1, generator=g)
+            else:
+                down, up = torch.randn(rank, w.shape[1], generator=g), torch.randn(w.shape[0], rank, generator=g)
+            state[f"{prefix}.lora_down.weight"] = (down * 0.3).to(dtype)
+            state[f"{prefix}.lora_up.weight"] = (up * 0.3).to(dtype)
+            state[f"{prefix}.alpha"] = torch.tensor(float(alpha if alpha is not None else rank / 2))
+    save_file(state, str(path))
+    return path
+
+
+def images(pipe_or_ref, ours: bool, **kw):
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    args = dict(num_inference_steps=6, guidance_scale=5.0, negative_prompt="dog")
+    if ours:
+        im = pipe_or_ref("a photo of a cat", latents=latents, sampler="euler", sigma_schedule="leading", **args, **kw).images[0]
+        return np.asarray(im, dtype=np.float32) / 255
+    return pipe_or_ref("a photo of a cat", latents=latents.clone(), output_type="np", **args, **kw).images[0]
+
+
+def assert_close(got, expected):
+    assert np.abs(got - expected).max() <= 1e-3 + 0.5 / 255
+
+
+def test_kohya_lora_matches_diffusers_at_weights_one_and_a_half(sd1, tmp_path):
+    ref, folder = sd1
+    path = kohya_file(ref, tmp_path / "style.safetensors", dtype=torch.float16)
+    ours = Pipeline.from_pretrained(folder)
+    base = images(ours, True)
+    assert ours.load_lora_weights(path) == "style"
+    ref.load_lora_weights(str(path), adapter_name="style")
+    try:
+        with_lora = images(ours, True)
+        assert np.abs(with_lora - base).max() > 0.05  # the LoRA changes the picture
+        assert_close(with_lora, images(ref, False))
+        ours.set_adapters(["style"], [0.5])
+        ref.set_adapters(["style"], [0.5])
+        assert_close(images(ours, True), images(ref, False))
+    finally:
+        ref.unload_lora_weights()
+    ours.unload_lora_weights()
+    assert np.array_equal(images(ours, True), base)  # bit-identical to never having loaded
+
+
+def test_two_adapters_at_once_and_peft_format_match_diffusers(sd1, tmp_path):
+    ref, folder = sd1
+    a = kohya_file(ref, tmp_path / "a.safetensors", seed=1)
+    # the same kind of file in diffusers/PEFT layout, alpha in the header
+    g = torch.Generator().manual_seed(2)
+    peft = {}
+    for name in SD1_TARGETS["unet"][:4]:
+        w = diffusers_module(ref, "unet", name).weight
+        peft[f"unet.{name}.lora_A.weight"] = torch.randn(4, w.shape[1], generator=g) * 0.3
+        peft[f"unet.{name}.lora_B.weight"] = torch.randn(w.shape[0], 4, generator=g) * 0.3
+    for name in ("text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.1.self_attn.out_proj"):
+        w = diffusers_module(ref, "text_encoder", name).weight
+        peft[f"text_encoder.{name}.lora_A.weight"] = torch.randn(4, w.shape[1], generator=g) * 0.3
+        peft[f"text_encoder.{name}.lora_B.weight"] = torch.randn(w.shape[0], 4, generator=g) * 0.3
+    import json
+
+    targets = {c: sorted({k.split(".", 1)[1].rsplit(".lora_", 1)[0] for k in peft if k.startswith(c + ".")}) for c in ("unet", "text_encoder")}
+    header = {"unet.r": 4, "unet.lora_alpha": 2, "unet.target_modules": targets["unet"], "text_encoder.r": 4, "text_encoder.lora_alpha": 8,
+              "text_encoder.target_modules": [t.removeprefix("text_model.") for t in targets["text_encoder"]]}
+    meta = {"format": "pt", "lora_adapter_metadata": json.dumps(header)}
+    save_file(peft, str(tmp_path / "b.safetensors"), metadata=meta)
+    ours = Pipeline.from_pretrained(folder)
+    ours.load_lora_weights(a, "a")
+    ours.load_lora_weights(tmp_path / "b.safetensors", "b")
+    ours.set_adapters(["a", "b"], [0.7, 1.3])
+    ref.load_lora_weights(str(a), adapter_name="a")
+    ref.load_lora_weights(str(tmp_path / "b.safetensors"), adapter_name="b")
+    try:
+        ref.set_adapters(["a", "b"], [0.7, 1.3])
+        assert_close(images(ours, True), images(ref, False))
+    finally:
+        ref.unload_lora_weights()
+    assert ours.get_active_adapters() == ["a", "b"] and set(ours.get_list_adapters()["unet"]) == {"a", "b"}
+
+
+def test_fuse_and_unfuse(sd1, tmp_path):
+    ref, folder = sd1
+    path = kohya_file(ref, tmp_path / "f.safetensors", seed=4)
+    ours = Pipeline.from_pretrained(folder)
+    before = {k: v.clone() for k, v in ours.unet.state_dict().items()}
+    ours.load_lora_weights(path)
+    live = images(ours, True)
+    ours.fuse_lora()
+    assert np.abs(images(ours, True) - live).max() <= 2 / 255  # the same update, folded into the weights
+    with pytest.raises(UnfogError, match="unfuse_lora"):
+        ours.set_adapters("f", 0.3)
+    ours.unfuse_lora()
+    assert_close(images(ours, True), live)
+    ours.unload_lora_weights()
+    assert all(torch.equal(before[k], v) for k, v in ours.unet.state_dict().items())
+
+
+def test_saving_a_fused_lora_bakes_it_in(sd1, tmp_path):
+    ref, folder = sd1
+    ours = Pipeline.from_pretrained(folder)
+    ours.load_lora_weights(kohya_file(ref, tmp_path / "s.safetensors", seed=5))
+    with pytest.raises(UnfogError, match="not fused"):
+        ours.save_pretrained(tmp_path / "out")
+    ours.fuse_lora()
+    ours.save_pretrained(tmp_path / "out")
+    assert_close(images(Pipeline.from_pretrained(tmp_path / "out"), True), images(ours, True))
+
+
+def test_lycoris_loha_and_lokr_are_their_formulas(sd1, tmp_path):
+    """LoHa: (w1a·w1b) ⊙ (w2a·w2b)·α/r; LoKr: w1 ⊗ (w2a·w2b)·α/r; applied beside the layer, equal to
+    that update added into the weight."""
+    ref, folder = sd1
+    ours = Pipeline.from_pretrained(folder)
+    q = ours.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")  # Linear 32 → 32
+    conv = ours.unet.get_submodule("down_blocks.0.resnets.0.conv1")  # Conv2d 32 → 32, 3×3
+    g = torch.Generator().manual_seed(6)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
+    a1, b1, a2, b2 = r(32, 2), r(2, 32), r(32, 2), r(2, 32)
+    k1, k2a, k2b = r(4, 4), r(8, 2), r(2, 8 * 9)
+    name_q, name_c = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", "lora_unet_down_blocks_0_resnets_0_conv1"
+    save_file({f"{name_q}.hada_w1_a": a1, f"{name_q}.hada_w1_b": b1, f"{name_q}.hada_w2_a": a2, f"{name_q}.hada_w2_b": b2, f"{name_q}.alpha": torch.tensor(1.0),
+               f"{name_c}.lokr_w1": k1, f"{name_c}.lokr_w2_a": k2a, f"{name_c}.lokr_w2_b": k2b, f"{name_c}.alpha": torch.tensor(4.0)},
+              str(tmp_path / "ly.safetensors"))
+    expected_q = q.weight + (a1 @ b1) * (a2 @ b2) * (1.0 / 2)
+    expected_c = conv.weight + torch.kron(k1[:, :, None, None], (k2a @ k2b).reshape(8, 8, 3, 3)) * (4.0 / 2)
+    x, xc = torch.randn(3, 32), torch.randn(1, 32, 6, 6)
+    ours.load_lora_weights(tmp_path / "ly.safetensors")
+    with torch.no_grad():
+        q, conv = ours.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"), ours.unet.get_submodule("down_blocks.0.resnets.0.conv1")
+        torch.testing.assert_close(q(x), torch.nn.functional.linear(x, expected_q, q.bias), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(conv(xc), torch.nn.functional.conv2d(xc, expected_c, conv.bias, padding=1), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_lora_files_leave_the_pipeline_as_it_was(sd1, tmp_path):
+    ref, folder = sd1
+    ours = Pipeline.from_pretrained(folder)
+    base = images(ours, True)
+    good = kohya_file(ref, tmp_path / "good.safetensors", seed=7)
+    state = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(good))
+    # rank mismatch between down and up
+    bad = dict(state)
+    key = next(k for k in bad if k.endswith("lora_up.weight") and bad[k].ndim == 2)
+    bad[key] = torch.randn(bad[key].shape[0], 5)
+    save_file(bad, str(tmp_path / "rank.safetensors"))
+    with pytest.raises(UnfogError, match="rank.safetensors.*do not fit the layer"):
+        ours.load_lora_weights(tmp_path / "rank.safetensors")
+    # a module this model does not have (as an SDXL LoRA's names would be here)
+    extra = dict(state)
+    extra["lora_unet_input_blocks_7_1_transformer_blocks_0_attn1_to_q.lora_down.weight"] = torch.randn(2, 64)
+    extra["lora_unet_input_blocks_7_1_transformer_blocks_0_attn1_to_q.lora_up.weight"] = torch.randn(64, 2)
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(UnfogError, match="match no layer of this model.*input_blocks_7.*another architecture.*strict=False"):
+        ours.load_lora_weights(tmp_path / "extra.safetensors")
+    save_file({"weird.weight": torch.zeros(2)}, str(tmp_path / "weird.safetensors"))
+    with pytest.raises(UnfogError, match="not a LoRA file unfog knows"):
+        ours.load_lora_weights(tmp_path / "weird.safetensors")
+    (tmp_path / "x.ckpt").write_bytes(b"pickle")
+    with pytest.raises(UnfogError, match="pickle"):
+        ours.load_lora_weights(tmp_path / "x.ckpt")
+    (tmp_path / "trunc.safetensors").write_bytes(good.read_bytes()[:-40])
+    with pytest.raises(UnfogError, match="not a readable safetensors file|truncated"):
+        ours.load_lora_weights(tmp_path / "trunc.safetensors")
+    assert ours.get_list_adapters() == {}
+    assert np.array_equal(images(ours, True), base)
+    with pytest.warns(UserWarning, match="match no layer"):
+        ours.load_lora_weights(tmp_path / "extra.safetensors", strict=False)
+    with pytest.raises(UnfogError, match="already loaded"):
+        ours.load_lora_weights(tmp_path / "extra.safetensors")
+    with pytest.raises(UnfogError, match="no adapter named"):
+        ours.set_adapters("nope")
+
+
+def test_sdxl_kohya_lora_with_original_layout_names_matches_diffusers(tmp_path_factory, tmp_path):
+    """kohya's SDXL LoRAs name U-Net modules in the original layout (input_blocks_4_1_…) and the
+    two text encoders lora_te1_ / lora_te2_."""
+    from test_sdxl_parity import build_sdxl
+
+    from unfog.formats.single_file import ldm_unet_key
+
+    root = tmp_path_factory.mktemp("lora-sdxl")
+    ref, _ = build_sdxl(root)
+    ours = Pipeline.from_pretrained(root / "base")
+    g = torch.Generator().manual_seed(8)
+    state = {}
+    for path in ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.2.attentions.0.transformer_blocks.1.attn2.to_k",
+                 "up_blocks.0.attentions.1.transformer_blocks.0.ff.proj", "mid_block.attentions.0.proj_in"]:
+        w = ours.unet.get_submodule(path).weight
+        name = "lora_unet_" + ldm_unet_key(path + ".weight", ours.unet.config).removesuffix(".weight").replace(".", "_")
+        state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"] = torch.randn(4, w.shape[1], generator=g) * 0.3, torch.randn(w.shape[0], 4, generator=g) * 0.3
+        state[f"{name}.alpha"] = torch.tensor(2.0)
+    for te, prefix, width in ((ours.text_encoder, "lora_te1_", 32), (ours.text_encoder_2, "lora_te2_", 48)):
+        name = prefix + "text_model_encoder_layers_1_mlp_fc2"  # (not attention: see SD1_TARGETS)
+        mlp = te.config.mlp_width
+        state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"] = torch.randn(2, mlp, generator=g) * 0.5, torch.randn(width, 2, generator=g) * 0.5
+    save_file(state, str(tmp_path / "xl.safetensors"))
+    ours.load_lora_weights(tmp_path / "xl.safetensors", "xl")
+    ref.load_lora_weights(str(tmp_path / "xl.safetensors"), adapter_name="xl")
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    kw = dict(num_inference_steps=6, guidance_scale=5.0, negative_prompt="blurry", prompt_2="oil painting")
+    expected = ref("a photo of a cat", latents=latents.clone(), output_type="np", **kw).images[0]
+    got = np.asarray(ours("a photo of a cat", latents=latents, sampler="euler", **kw).images[0], dtype=np.float32) / 255
+    assert_close(got, expected)
