@@ -254,3 +254,22 @@ def test_sdxl_kohya_lora_with_original_layout_names_matches_diffusers(tmp_path_f
     expected = ref("a photo of a cat", latents=latents.clone(), output_type="np", **kw).images[0]
     got = np.asarray(ours("a photo of a cat", latents=latents, sampler="euler", **kw).images[0], dtype=np.float32) / 255
     assert_close(got, expected)
+
+
+def test_lora_with_the_fast_path(sd1, tmp_path):
+    """optimize()'s fused q/k/v and the cached denoiser graphs never run without the adapters."""
+    ref, folder = sd1
+    path = kohya_file(ref, tmp_path / "fast.safetensors", seed=9)
+    plain = Pipeline.from_pretrained(folder)
+    plain.load_lora_weights(path)
+    expected = images(plain, True)
+    fast = Pipeline.from_pretrained(folder).optimize(dtype=torch.float32, channels_last=False, cuda_graphs=True)
+    images(fast, True)  # a graph (on a CPU: its static-buffer body) cached without the adapters
+    assert fast.denoiser_graphs
+    fast.load_lora_weights(path)
+    assert not fast.denoiser_graphs
+    assert_close(images(fast, True), expected)
+    fast.fuse_lora()  # the fused q/k/v copy is rebuilt from the fused weights
+    assert np.abs(images(fast, True) - expected).max() <= 2 / 255
+    fast.unload_lora_weights()
+    assert_close(images(fast, True), images(Pipeline.from_pretrained(folder), True))
