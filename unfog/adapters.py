@@ -137,6 +137,38 @@ class LoraMixin:
         self._unwrap(lambda layer: True)
 
     @contextlib.contextmanager
+    def prompt_loras(self, request):
+        """The request's <lora:NAME:w> tags applied for the length of the block: NAME (a loaded
+        adapter, or NAME.safetensors from the request's lora_dir, loaded for the call) at weight w
+        beside the adapters already active; afterwards the adapters are as they were."""
+        if not request.loras:
+            yield
+            return
+        if any(layer.fused for _, _, layer in self._adapted_layers()):
+            raise UnfogError("adapters are fused into the weights; unfuse_lora() before using <lora:…> tags", "prompt")
+        loaded = {n for names in self.get_list_adapters().values() for n in names}
+        before = {(comp, path): dict(layer.weights) for comp, path, layer in self._adapted_layers()}
+        added = []
+        try:
+            for name, _ in request.loras:
+                if name not in loaded and name not in added:
+                    self.load_lora_weights(Path(request.lora_dir) / f"{name}.safetensors", name, weight=0.0)
+                    added.append(name)
+            tags = dict(request.loras)
+            for _, _, layer in self._adapted_layers():
+                for name in layer.adapters:
+                    if name in tags:
+                        layer.weights[name] = tags[name]
+            self._adapters_changed()
+            yield
+        finally:
+            if added:
+                self.delete_adapters(added)
+            for comp, path, layer in self._adapted_layers():
+                layer.weights = {n: before.get((comp, path), {}).get(n, 0.0) for n in layer.adapters}
+            self._adapters_changed()
+
+    @contextlib.contextmanager
     def _adapters_set_aside(self):
         """The plain layers back in place for a while (saving writes their weights, fused or not)."""
         wrapped = list(self._adapted_layers())

@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .adapters import LoraMixin
+from .embeddings import EmbeddingMixin
 from .diffusion import DiscreteDenoiser, SamplingDefaults, SchedulerConfig, classifier_free_guidance, make_sigmas
 from .errors import UnfogError
 from .formats import ModelParts, load_any, save_model
@@ -32,6 +33,7 @@ from .images import from_pil, mask_from_pil, resized, to_pil
 from .nn import Autoencoder, TextEncoder, Tokenizer, UNet
 from .request import GenerationRequest, ModelFacts, make_request
 from .samplers import Step, get_sampler, iterate
+from .text import apply_emphasis, frame
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
 
@@ -94,7 +96,7 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-class Pipeline(LoraMixin):
+class Pipeline(LoraMixin, EmbeddingMixin):
     """Text-to-image generation with a tokenizer, text encoder, U-Net and optional autoencoder."""
 
     def __init__(self, tokenizer: Tokenizer, text_encoder: TextEncoder, unet: UNet, vae: Autoencoder | None,
@@ -111,6 +113,7 @@ class Pipeline(LoraMixin):
         if (tokenizer_2 is None) != (text_encoder_2 is None):
             raise UnfogError("tokenizer_2 and text_encoder_2 go together (SDXL's second text encoder)")
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
+        self.embedding_tokens: dict[str, list[str]] = {}  # textual-inversion token → its vector tokens
         self.unet = unet.eval()
         self.vae = vae.eval() if vae is not None else None
         self.scheduler = scheduler
@@ -361,13 +364,14 @@ class Pipeline(LoraMixin):
         `callback(i, x, x0_hat)` is called after each sampler step; `progress` shows a bar.
         """
         request = self.request(prompt, **options)
-        state = self.initial_state(request)
-        steps = contextlib.closing(self.denoise(request, state))  # a callback that raises stops the sampler too
-        with steps as steps, tqdm(total=len(state.sigmas) - 1, desc="denoising", disable=not progress, leave=False) as bar:
-            for step in steps:
-                bar.update(1)
-                if callback is not None:
-                    callback(step.index, step.x, step.x0)
+        with self.prompt_loras(request):  # the prompt's <lora:…> tags (A1111 syntax), for this call only
+            state = self.initial_state(request)
+            steps = contextlib.closing(self.denoise(request, state))  # a callback that raises stops the sampler too
+            with steps as steps, tqdm(total=len(state.sigmas) - 1, desc="denoising", disable=not progress, leave=False) as bar:
+                for step in steps:
+                    bar.update(1)
+                    if callback is not None:
+                        callback(step.index, step.x, step.x0)
         images = self.decode(state.x) if request.output_type == "pil" else []
         return PipelineOutput(images=images, seeds=request.seeds, request=request, latents=state.x)
 
@@ -406,29 +410,22 @@ class Pipeline(LoraMixin):
         return self.encode_text(prompts, long_prompts, prompts_2)[0]
 
     @torch.inference_mode()
-    def encode_text(self, prompts: Sequence[str], long_prompts: str = "chunk", prompts_2: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_text(self, prompts: Sequence[str], long_prompts: str = "chunk", prompts_2: Sequence[str] | None = None,
+                    syntax: str = "plain") -> tuple[torch.Tensor, torch.Tensor]:
         """(states (B, L, D), pooled (B, P)): `encode_prompt`'s states and the last text
-        encoder's pooled output of each prompt's first window (SDXL's pooled conditioning)."""
-        if long_prompts not in ("chunk", "truncate"):
-            raise UnfogError(f"long_prompts must be 'chunk' or 'truncate', got {long_prompts!r}", "long_prompts")
-        encoders = [(self.tokenizer, self.text_encoder, list(prompts))]
+        encoder's pooled output of each prompt's first window (SDXL's pooled conditioning).
+        `syntax="a1111"` reads A1111's emphasis, BREAK and windows (see unfog.prompts)."""
+        texts = [self.expand_embeddings(p) for p in prompts]
+        encoders = [(self.tokenizer, self.text_encoder, texts)]
         if self.text_encoder_2 is not None:
-            encoders.append((self.tokenizer_2, self.text_encoder_2, list(prompts if prompts_2 is None else prompts_2)))
-        if long_prompts == "truncate":
-            framed = []
-            for tok, _, texts in encoders:
-                ids, truncated = tok.frame(texts)
-                cut = [p for p, t in zip(texts, truncated) if t]
-                if cut:
-                    warnings.warn(f"{len(cut)} prompt(s) exceed the {tok.config.context_length}-token context and were truncated: {cut[0][:60]!r}…", stacklevel=3)
-                framed.append(ids[:, None])
-        else:  # every encoder gets the same number of windows, so their states line up
-            count = max(tok.window_count(texts) for tok, _, texts in encoders)
-            framed = [tok.windows(texts, count) for tok, _, texts in encoders]
+            encoders.append((self.tokenizer_2, self.text_encoder_2, texts if prompts_2 is None else [self.expand_embeddings(p) for p in prompts_2]))
+        framed, weights = frame([(tok, t) for tok, _, t in encoders], long_prompts, syntax)
         states = []
         for (_, encoder, _), ids in zip(encoders, framed):
             b, windows, length = ids.shape
             s, pooled = encoder(ids.reshape(b * windows, length).to(self.device))
+            if weights is not None:
+                s = apply_emphasis(s, weights.reshape(b * windows, length))
             states.append(s.reshape(b, windows * length, -1))
             pooled = pooled.reshape(b, windows, -1)[:, 0]
         return torch.cat(states, dim=-1) if len(states) > 1 else states[0], pooled
@@ -440,10 +437,10 @@ class Pipeline(LoraMixin):
         zeros = r.guided and r.zero_negative
         if r.guided and not zeros:
             states, pooled = self.encode_text(r.negative_prompts + r.prompts, r.long_prompts,
-                                              None if r.prompts_2 is None else r.negative_prompts_2 + r.prompts_2)
+                                              None if r.prompts_2 is None else r.negative_prompts_2 + r.prompts_2, r.prompt_syntax)
             (u_states, states), (u_pooled, pooled) = states.chunk(2), pooled.chunk(2)
         else:
-            states, pooled = self.encode_text(r.prompts, r.long_prompts, r.prompts_2)
+            states, pooled = self.encode_text(r.prompts, r.long_prompts, r.prompts_2, r.prompt_syntax)
             u_states, u_pooled = torch.zeros_like(states), torch.zeros_like(pooled)
         cond, uncond = {"context": states}, {"context": u_states}
         if self.sdxl is not None:

@@ -13,6 +13,7 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -21,6 +22,7 @@ from PIL import Image
 from .diffusion import SIGMA_SCHEDULES, SamplingDefaults
 from .diffusion.schedules import DIFFUSERS_DEFAULT_SPACING, DIFFUSERS_FIXED_SCHEDULE
 from .errors import UnfogError
+from .prompts import extract_loras
 from .samplers import OPTION_CHOICES, get_sampler
 
 LONG_PROMPTS = ("chunk", "truncate")
@@ -65,6 +67,9 @@ class GenerationRequest:
     denoising_start: float | None = None
     denoising_end: float | None = None
     output_type: str = "pil"
+    prompt_syntax: str = "plain"  # or "a1111": emphasis, BREAK, <lora:…> (unfog.prompts)
+    loras: list[tuple[str, float]] = field(default_factory=list)  # <lora:NAME:w> tags of the prompt, for this call
+    lora_dir: str | None = None
 
     @property
     def batch(self) -> int:
@@ -235,12 +240,20 @@ def make_request(
     denoising_start: float | None = None,
     denoising_end: float | None = None,
     output_type: str = "pil",
+    prompt_syntax: str = "plain",
+    lora_dir: str | None = None,
     **sdxl: Any,
 ) -> GenerationRequest:
     """Validate a generation's arguments against the model and fill the omitted ones from its
     defaults (see Pipeline.__call__ for what each means)."""
     d, f = model.defaults, model.downsample_factor
     prompts, negatives = _prompts(prompt, negative_prompt)
+    loras: list[tuple[str, float]] = []
+    if prompt_syntax not in ("plain", "a1111"):
+        raise UnfogError(f"prompt_syntax must be 'plain' or 'a1111', got {prompt_syntax!r}", "prompt_syntax")
+    if prompt_syntax == "a1111":
+        prompts, loras = _lora_tags(prompts, lora_dir)
+        negatives = [extract_loras(q)[0] for q in negatives]
     unknown = sorted(set(sdxl) - set(SDXL_OPTIONS))
     if unknown:
         raise UnfogError(f"unknown generation option(s) {unknown}", unknown[0])
@@ -306,11 +319,28 @@ def make_request(
         mask_image=mask_image, strength=strength, long_prompts=long_prompts, round_timesteps=round_timesteps,
         match_diffusers=matching, denoising_start=None if denoising_start is None else float(denoising_start),
         denoising_end=None if denoising_end is None else float(denoising_end), output_type=output_type,
+        prompt_syntax=prompt_syntax, loras=loras, lora_dir=None if lora_dir is None else str(lora_dir),
         **(_sdxl_conditioning(model, sdxl, prompt, negative_prompt, prompts, negatives, n, height, width) if model.sdxl else {}),
     )
 
 
 OUTPUT_TYPES = ("pil", "latent")
+
+
+def _lora_tags(prompts: list[str], lora_dir: Any) -> tuple[list[str], list[tuple[str, float]]]:
+    """The prompts without their <lora:NAME:w> tags, and the tags (the same for every prompt of
+    the batch, since an adapter applies to the whole batch); each NAME a file in lora_dir."""
+    stripped, tags = zip(*(extract_loras(p) for p in prompts))
+    if any(t != tags[0] for t in tags):
+        raise UnfogError("the prompts of one batch carry different <lora:…> tags; an adapter applies to the whole batch", "prompt")
+    for name, weight in tags[0]:
+        if not math.isfinite(weight):
+            raise UnfogError(f"<lora:{name}:{weight}> needs a finite weight", "prompt")
+        if lora_dir is None:
+            raise UnfogError(f"the prompt asks for <lora:{name}:…>: pass lora_dir= (--lora-dir) to say where LoRA files are", "prompt")
+        if "/" in name or "\\" in name or name.startswith(".") or not (Path(lora_dir) / f"{name}.safetensors").is_file():
+            raise UnfogError(f"<lora:{name}:…>: no {name}.safetensors in {lora_dir}", "prompt")
+    return list(stripped), list(tags[0])
 # SDXL's keywords, with diffusers' names and defaults (None: derived as `_sdxl_conditioning` says).
 SDXL_OPTIONS = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
                 "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score", "negative_aesthetic_score")

@@ -84,6 +84,47 @@ class Tokenizer:
             rows.append([[self.bos_id, *c, self.eos_id] + [self.pad_id] * (n - len(c)) for c in chunks])
         return torch.tensor(rows, dtype=torch.long)
 
+    def weighted_windows(self, fragments: Sequence[tuple[str, float]], comma_backtrack: int = 20) -> tuple[list[list[int]], list[list[float]]]:
+        """A1111's windows of (text, weight) fragments (see unfog.prompts): each token carries its
+        fragment's weight; a window holds context_length - 2 tokens framed [bos] … [eos] [pad]…
+        (weight 1 at the frame); ("BREAK", -1) closes the window; a window that fills up within
+        `comma_backtrack` tokens after a comma is cut after the comma, the rest moving on."""
+        n = self.config.context_length - 2
+        comma = self.backend.token_to_id(",</w>") or self.backend.token_to_id(",")
+        windows: list[tuple[list[int], list[float]]] = []
+        ids: list[int] = []
+        weights: list[float] = []
+        last_comma = -1
+
+        def close() -> None:
+            nonlocal ids, weights, last_comma
+            pad = n - len(ids)
+            windows.append(([self.bos_id, *ids, self.eos_id] + [self.pad_id] * pad, [1.0, *weights, 1.0] + [1.0] * pad))
+            ids, weights, last_comma = [], [], -1
+
+        texts = [t for t, w in fragments if w != -1]
+        encoded = iter(self.encode(texts)) if texts else iter(())
+        for text, weight in fragments:
+            if weight == -1:  # BREAK
+                close()
+                continue
+            for token in next(encoded):
+                if token == comma:
+                    last_comma = len(ids)
+                elif comma_backtrack and len(ids) == n and last_comma != -1 and len(ids) - last_comma <= comma_backtrack:
+                    cut = last_comma + 1
+                    moved = ids[cut:], weights[cut:]
+                    ids, weights = ids[:cut], weights[:cut]
+                    close()
+                    ids, weights = list(moved[0]), list(moved[1])
+                if len(ids) == n:
+                    close()
+                ids.append(token)
+                weights.append(weight)
+        if ids or not windows:
+            close()
+        return [w[0] for w in windows], [w[1] for w in windows]
+
     @classmethod
     def train_word_level(cls, texts: Iterable[str], config: TokenizerConfig | None = None, *, min_frequency: int = 1) -> "Tokenizer":
         """A lower-cased word-level vocabulary built from the given captions."""

@@ -201,17 +201,19 @@ class JobQueue:
     def _run(self, job: Job) -> None:
         pipe = self.pipe
         start = time.time()
-        state = pipe.initial_state(job.request)
+
         def should_stop() -> bool:  # asked between U-Net blocks too: cancel acts within one block, not one step
             return job.cancel_requested or time.time() - start > self.job_timeout_s
 
-        with contextlib.closing(pipe.denoise(job.request, state, should_stop)) as steps:  # leaving early stops the sampler
-            for step in steps:
-                if job.cancel_requested:
-                    raise JobStopped("cancelled")
-                if time.time() - start > self.job_timeout_s:
-                    raise JobStopped(f"timed out after {self.job_timeout_s:.0f} s")
-                self._progress(job, step.index, step.x0)
+        with pipe.prompt_loras(job.request):  # the prompt's <lora:…> tags, for this job only
+            state = pipe.initial_state(job.request)
+            with contextlib.closing(pipe.denoise(job.request, state, should_stop)) as steps:  # leaving early stops the sampler
+                for step in steps:
+                    if job.cancel_requested:
+                        raise JobStopped("cancelled")
+                    if time.time() - start > self.job_timeout_s:
+                        raise JobStopped(f"timed out after {self.job_timeout_s:.0f} s")
+                    self._progress(job, step.index, step.x0)
         images = pipe.decode(state.x)
         names = []
         for k, image in enumerate(images):

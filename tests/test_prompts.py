@@ -1,0 +1,161 @@
+"""A1111's prompt syntax: parsing (a table of A1111 prompts with the fragments and weights A1111
+gives them), windows token by token, the emphasis rule on the text states, <lora:…> tags; and
+textual-inversion embeddings against diffusers' load_textual_inversion."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from unfog.errors import UnfogError
+from unfog.prompts import extract_loras, parse_attention
+
+W = 1.1
+TABLE = {  # the first six are the examples in A1111's own documentation of its parser
+    "normal text": [("normal text", 1.0)],
+    "an (important) word": [("an ", 1.0), ("important", 1.1), (" word", 1.0)],
+    "(unbalanced": [("unbalanced", 1.1)],
+    "\\(literal\\]": [("(literal]", 1.0)],
+    "(unnecessary)(parens)": [("unnecessaryparens", 1.1)],
+    "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).": [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1),
+                                                              ("hill", 0.55), (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)],
+    "((a)) [[b]]": [("a", W * W), (" ", 1.0), ("b", 1 / W / W)],
+    "(a [b] c:2)": [("a ", 2.0), ("b", 2.0 / W), (" c", 2.0)],
+    "a cat BREAK a dog": [("a cat", 1.0), ("BREAK", -1.0), ("a dog", 1.0)],
+    "x ) y ] z": [("x ) y ] z", 1.0)],  # closing with nothing open: text
+    "[unclosed": [("unclosed", 1 / W)],
+    "a \\\\ b": [("a \\ b", 1.0)],
+    "time: 5pm": [("time: 5pm", 1.0)],
+    "": [("", 1.0)],
+}
+
+
+@pytest.mark.parametrize("prompt", list(TABLE))
+def test_parse_attention_table(prompt):
+    got = parse_attention(prompt)
+    assert [t for t, _ in got] == [t for t, _ in TABLE[prompt]]
+    assert np.allclose([w for _, w in got], [w for _, w in TABLE[prompt]])
+
+
+def test_lora_tags_are_taken_out():
+    assert extract_loras("a cat <lora:style:0.8>, <lora:ink> night") == ("a cat ,  night", [("style", 0.8), ("ink", 1.0)])
+    with pytest.raises(UnfogError, match="not a number"):
+        extract_loras("<lora:x:abc>")
+
+
+@pytest.fixture(scope="module")
+def clip_tok(tmp_path_factory):
+    from clip_bytes import write_tiny_clip_vocab
+
+    from unfog.formats.diffusers_folder import clip_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    write_tiny_clip_vocab(d)
+    return clip_tokenizer(d)
+
+
+def test_weighted_windows_token_by_token(clip_tok):
+    t = clip_tok
+    ids, weights = t.weighted_windows(parse_attention("a (red:1.5) [circle]"))
+    red, circle = t.encode(["red"])[0], t.encode(["circle"])[0]
+    assert len(red) == 1 and len(circle) == 1
+    assert ids[0][:5] == [t.bos_id, *t.encode(["a"])[0], red[0], circle[0], t.eos_id] and len(ids) == 1 and len(ids[0]) == 77
+    assert np.allclose(weights[0][:5], [1, 1, 1.5, 1 / 1.1, 1]) and set(weights[0][5:]) == {1.0}
+    ids, _ = t.weighted_windows(parse_attention("a cat BREAK a dog"))
+    assert len(ids) == 2 and ids[1][1:3] == t.encode(["a dog"])[0]
+
+
+def test_long_prompts_break_after_a_recent_comma(clip_tok):
+    t = clip_tok
+    words = "cat " * 70 + ", " + "dog " * 10  # the window fills 5 tokens after the comma
+    ids, _ = t.weighted_windows(parse_attention(words))
+    comma = t.backend.token_to_id(",</w>")
+    assert len(ids) == 2
+    first = ids[0][1 : ids[0].index(t.eos_id)]
+    assert first[-1] == comma and len(first) == 71  # cut after the comma, the dogs moved on
+    ids, _ = t.weighted_windows(parse_attention(words), comma_backtrack=0)
+    assert len(ids[0][1 : ids[0].index(t.eos_id)]) == 75
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    pytest.importorskip("diffusers")
+    from test_sd_parity import build_sd
+
+    from unfog import Pipeline
+
+    root = tmp_path_factory.mktemp("prompts-sd")
+    ref = build_sd(root, v2=False)
+    return ref, Pipeline.from_pretrained(root / "sd"), root / "sd"
+
+
+def test_emphasis_rule_on_the_states(sd):
+    _, pipe, _ = sd
+    plain, _ = pipe.encode_text(["a photo of a red cat"])
+    same, _ = pipe.encode_text(["a photo of a red cat"], syntax="a1111")
+    assert torch.equal(plain, same)  # no emphasis: the same tokens, the same states
+    weighted, _ = pipe.encode_text(["a photo of a (red:1.5) [cat]"], syntax="a1111")
+    ids, _ = pipe.tokenizer.weighted_windows(parse_attention("a photo of a (red:1.5) [cat]"))
+    w = torch.ones(77)
+    w[ids[0].index(pipe.tokenizer.encode(["red"])[0][0])] = 1.5
+    w[ids[0].index(pipe.tokenizer.encode(["cat"])[0][0])] = 1 / 1.1
+    z = plain[0] * w[:, None]
+    expected = z * (plain[0].mean() / z.mean())
+    torch.testing.assert_close(weighted[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_lora_tags_apply_for_the_call_only(sd, tmp_path):
+    from test_lora import kohya_file
+
+    ref, pipe, _ = sd
+    kohya_file(ref, tmp_path / "style.safetensors", seed=3)
+    kw = dict(seed=1, num_inference_steps=4, sampler="euler", prompt_syntax="a1111")
+    base = np.asarray(pipe("a photo of a cat", **kw).images[0])
+    tagged = np.asarray(pipe("a photo of a cat <lora:style:0.6>", lora_dir=tmp_path, **kw).images[0])
+    assert pipe.get_list_adapters() == {}  # loaded for the call, gone after
+    assert np.array_equal(np.asarray(pipe("a photo of a cat", **kw).images[0]), base)
+    pipe.load_lora_weights(tmp_path / "style.safetensors")
+    pipe.set_adapters("style", 0.6)
+    try:
+        assert np.array_equal(np.asarray(pipe("a photo of a cat", **kw).images[0]), tagged)
+    finally:
+        pipe.unload_lora_weights()
+    with pytest.raises(UnfogError, match="no missing.safetensors"):
+        pipe("a cat <lora:missing:1>", lora_dir=tmp_path, **kw)
+    with pytest.raises(UnfogError, match="pass lora_dir"):
+        pipe("a cat <lora:style:1>", **kw)
+    with pytest.raises(UnfogError, match="no ...safetensors|no \\.\\./"):
+        pipe("a cat <lora:../style:1>", lora_dir=tmp_path, **kw)
+
+
+def test_textual_inversion_matches_diffusers(sd, tmp_path):
+    ref, pipe, folder = sd
+    from unfog import Pipeline
+
+    ours = Pipeline.from_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    vectors = torch.randn(3, 32, generator=g)
+    save_file({"emb_params": vectors}, str(tmp_path / "cattoy.safetensors"))
+    assert ours.load_textual_inversion(tmp_path / "cattoy.safetensors", token="<cat-toy>") == "<cat-toy>"
+    ref.load_textual_inversion(str(tmp_path / "cattoy.safetensors"), token="<cat-toy>")
+    try:
+        prompt = "a photo of <cat-toy> on a horse"
+        expected = ref.encode_prompt(prompt, "cpu", 1, False)[0]
+        got, _ = ours.encode_text([prompt], "truncate")
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(got, ours.encode_text(["a photo of cat-toy on a horse"], "truncate")[0])
+    finally:
+        ref.unload_textual_inversion()
+    with pytest.raises(UnfogError, match="already in the vocabulary"):
+        ours.load_textual_inversion(tmp_path / "cattoy.safetensors", token="<cat-toy>")
+    save_file({"emb_params": torch.randn(2, 48)}, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(UnfogError, match="48 wide but the text encoder's tokens are 32"):
+        ours.load_textual_inversion(tmp_path / "wide.safetensors")
+    save_file({"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 48)}, str(tmp_path / "xl.safetensors"))
+    with pytest.raises(UnfogError, match="SDXL embedding"):
+        ours.load_textual_inversion(tmp_path / "xl.safetensors")
+    vocab = ours.tokenizer.vocab_size
+    assert ours.text_encoder.token_embedding.num_embeddings == vocab  # the failed loads changed nothing

@@ -1,0 +1,61 @@
+"""Prompts to framed token ids for the text encoders, and A1111's emphasis on their states.
+
+`frame` turns each encoder's prompts into (B, W, L) ids with the same number of windows W for
+every encoder and prompt (so SDXL's two encoders' states line up and both halves of guidance
+have the same length), in one of three ways: windows of plain text ("chunk"), one truncated
+window ("truncate"), or A1111's syntax (see unfog.prompts), which also gives each token a weight.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+
+from .errors import UnfogError
+from .nn import Tokenizer
+from .prompts import parse_attention
+
+SYNTAXES = ("plain", "a1111")
+
+
+def frame(encoders: Sequence[tuple[Tokenizer, list[str]]], long_prompts: str = "chunk", syntax: str = "plain"
+          ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(ids per encoder, each (B, W, L); token weights (B, W, L) with the "a1111" syntax, else None)."""
+    if long_prompts not in ("chunk", "truncate"):
+        raise UnfogError(f"long_prompts must be 'chunk' or 'truncate', got {long_prompts!r}", "long_prompts")
+    if syntax not in SYNTAXES:
+        raise UnfogError(f"prompt_syntax must be one of {', '.join(SYNTAXES)}, got {syntax!r}", "prompt_syntax")
+    if syntax == "a1111":  # A1111 always cuts long prompts into windows
+        per_encoder = [[tok.weighted_windows(parse_attention(t)) for t in texts] for tok, texts in encoders]
+        count = max(len(ids) for rows in per_encoder for ids, _ in rows)
+        framed, weights = [], None
+        for (tok, _), rows in zip(encoders, per_encoder):
+            empty_ids, empty_w = tok.weighted_windows([("", 1.0)])
+            ids = [r[0] + empty_ids * (count - len(r[0])) for r in rows]
+            framed.append(torch.tensor(ids, dtype=torch.long))
+            if weights is None:  # the same fragments and vocabulary in every encoder: the same weights
+                weights = torch.tensor([r[1] + empty_w * (count - len(r[1])) for r in rows])
+        return framed, weights
+    if long_prompts == "truncate":
+        framed = []
+        for tok, texts in encoders:
+            ids, truncated = tok.frame(texts)
+            cut = [p for p, t in zip(texts, truncated) if t]
+            if cut:
+                warnings.warn(f"{len(cut)} prompt(s) exceed the {tok.config.context_length}-token context and were truncated: {cut[0][:60]!r}…", stacklevel=4)
+            framed.append(ids[:, None])
+        return framed, None
+    count = max(tok.window_count(texts) for tok, texts in encoders)
+    return [tok.windows(texts, count) for tok, texts in encoders], None
+
+
+def apply_emphasis(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's emphasis on one window's states per row: z·w per token, then rescaled so the
+    window's mean over all its values is what it was."""
+    w = weights.to(states.device, states.dtype)[..., None]
+    before = states.float().mean(dim=(1, 2), keepdim=True)
+    weighted = states * w
+    after = weighted.float().mean(dim=(1, 2), keepdim=True)
+    return (weighted.float() * (before / after)).to(states.dtype)
