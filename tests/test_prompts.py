@@ -159,3 +159,38 @@ def test_textual_inversion_matches_diffusers(sd, tmp_path):
         ours.load_textual_inversion(tmp_path / "xl.safetensors")
     vocab = ours.tokenizer.vocab_size
     assert ours.text_encoder.token_embedding.num_embeddings == vocab  # the failed loads changed nothing
+
+
+def test_cli_and_server_read_a1111_prompts_with_lora_tags(sd, tmp_path):
+    from PIL import Image
+    from test_lora import kohya_file
+
+    from unfog.cli import main
+
+    ref, pipe, folder = sd
+    kohya_file(ref, tmp_path / "style.safetensors", seed=3)
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(1))}, str(tmp_path / "toy.safetensors"))
+    args = ["generate", "a (photo:1.3) of a toy cat <lora:style:0.6>", "--model", str(folder), "--steps", "3", "--seed", "2", "--sampler", "euler",
+            "--height", "16", "--width", "16", "--lora-dir", str(tmp_path), "--embedding", str(tmp_path / "toy.safetensors"), "-q"]
+    assert main([*args, "-o", str(tmp_path / "a.png")]) == 0
+    from unfog import Pipeline
+
+    again = Pipeline.from_pretrained(folder)
+    again.load_textual_inversion(tmp_path / "toy.safetensors")
+    expected = again("a (photo:1.3) of a toy cat <lora:style:0.6>", num_inference_steps=3, seed=2, sampler="euler", height=16, width=16,
+                     prompt_syntax="a1111", lora_dir=tmp_path).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png").convert("RGB")), np.asarray(expected))
+    assert main(["generate", "a cat <lora:style:1>", "--model", str(folder), "--steps", "2", "-q", "-o", str(tmp_path / "b.png")]) == 2  # no --lora-dir
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from unfog.server import ServerSettings, create_app
+
+    with TestClient(create_app(pipe, ServerSettings(lora_dir=str(tmp_path)), model_name="sd"), base_url="http://127.0.0.1:7860") as api:
+        r = api.post("/v1/images/generate", json={"prompt": "a ((cat)) <lora:style:0.5>", "steps": 2, "seed": 1, "width": 16, "height": 16})
+        assert r.status_code == 200
+        r = api.post("/v1/jobs", json={"prompt": "a cat <lora:nothing:1>", "steps": 2})
+        assert r.status_code == 422 and r.json()["field"] == "prompt"
+        assert api.post("/v1/jobs", json={"prompt": "a cat", "prompt_syntax": "fancy"}).json()["field"] == "prompt_syntax"
+    assert pipe.get_list_adapters() == {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -93,6 +94,23 @@ def _output_paths(out: Path, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(n)]
 
 
+def _adapters(pipe, args) -> None:
+    """--lora PATH[:WEIGHT] and --embedding PATH, loaded before any generation."""
+    names, weights = [], []
+    for spec in args.lora or []:
+        path, _, weight = spec.rpartition(":") if re.search(r":-?[\d.]+$", spec) else (spec, "", "")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise UnfogError(f"--lora {spec}: the weight after ':' must be a number") from None
+        names.append(pipe.load_lora_weights(path))
+        weights.append(w)
+    if names:
+        pipe.set_adapters(names, weights)
+    for path in args.embedding or []:
+        pipe.load_textual_inversion(path)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
@@ -108,6 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     options = {k: v for k, v in (("config", args.config), ("tokenizer", args.tokenizer), ("clip_skip", args.clip_skip)) if v}
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype] if args.dtype else None
     pipe = Pipeline.from_pretrained(args.model, dtype=dtype, **options).to(args.device)  # loaded straight into dtype: no float32 copy
+    _adapters(pipe, args)
     if args.optimize:
         pipe.optimize()
     trajectory: list = []
@@ -142,6 +161,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     result = pipe(
         prompt,
         **sdxl,
+        prompt_syntax=args.prompt_syntax,
+        **({"lora_dir": args.lora_dir} if args.prompt_syntax == "a1111" else {}),
         image=_open_image(args.init_image, "--init-image"),
         mask_image=_open_image(args.mask, "--mask"),
         strength=args.strength,
@@ -286,11 +307,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         raise UnfogError(f"binding to {args.host} exposes the server to the network: pass --token T, and clients send Authorization: Bearer T")
     settings = ServerSettings(host=args.host, port=args.port, token=args.token, max_queue=args.max_queue, job_timeout_s=args.job_timeout,
-                              max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images, max_work=args.max_work)
+                              max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images, max_work=args.max_work,
+                              lora_dir=args.lora_dir)
     import torch
 
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     pipe = Pipeline.from_pretrained(args.model, dtype=dtype).to(args.device)
+    _adapters(pipe, args)
+    if args.lora_dir and not Path(args.lora_dir).is_dir():
+        raise UnfogError(f"--lora-dir {args.lora_dir} is not a folder")
     if args.optimize:
         pipe.optimize(compile=args.compile)
     app = create_app(pipe, settings, model_name=Path(args.model).name if args.model else "unfog-default")
@@ -348,6 +373,11 @@ def _generate_parser(sub) -> None:
     g.add_argument("--negative", help="negative prompt")
     g.add_argument("--prompt-2", help="SDXL: the prompt for the second text encoder (default: the prompt)")
     g.add_argument("--negative-2", help="SDXL: the negative prompt for the second text encoder (default: --negative)")
+    g.add_argument("--prompt-syntax", choices=["a1111", "plain"], default="a1111",
+                   help="a1111 (default): (emphasis:1.2), [less], BREAK, <lora:NAME:w> from --lora-dir; plain: the text as it is")
+    g.add_argument("--lora-dir", help="where <lora:NAME:w> tags in the prompt find NAME.safetensors")
+    g.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]", help="load a LoRA file (kohya, LyCORIS or diffusers) at a weight (default 1); repeatable")
+    g.add_argument("--embedding", action="append", metavar="PATH", help="load a textual-inversion embedding; its file name is its token; repeatable")
     g.add_argument("--refiner", help="SDXL: a refiner model that runs the last steps on the base model's latents")
     g.add_argument("--refiner-start", type=float, default=0.8, help="SDXL: the fraction of the schedule the base runs before the refiner takes over (default 0.8)")
     g.add_argument("--refiner-config", help="SDXL: a diffusers-layout config folder for a single-file refiner")
@@ -458,6 +488,9 @@ def _serve_parser(sub) -> None:
     v.add_argument("--max-side", type=int, default=2048)
     v.add_argument("--max-steps", type=int, default=150)
     v.add_argument("--max-images", type=int, default=8)
+    v.add_argument("--lora-dir", help="where <lora:NAME:w> tags in prompts find NAME.safetensors")
+    v.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]", help="load a LoRA file for every request; repeatable")
+    v.add_argument("--embedding", action="append", metavar="PATH", help="load a textual-inversion embedding; repeatable")
     v.add_argument("--max-work", type=float, default=200.0, help="a request's total work limit, megapixels × steps × images")
     v.add_argument("--optimize", action="store_true", help="serve through pipe.optimize()")
     v.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",

@@ -53,9 +53,13 @@ def frame(encoders: Sequence[tuple[Tokenizer, list[str]]], long_prompts: str = "
 
 def apply_emphasis(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """A1111's emphasis on one window's states per row: z·w per token, then rescaled so the
-    window's mean over all its values is what it was."""
-    w = weights.to(states.device, states.dtype)[..., None]
-    before = states.float().mean(dim=(1, 2), keepdim=True)
-    weighted = states * w
-    after = weighted.float().mean(dim=(1, 2), keepdim=True)
-    return (weighted.float() * (before / after)).to(states.dtype)
+    window's mean over all its values is what it was. A row without emphasis is left exactly as
+    it is, and so is the mean of a row whose mean is near zero (the ratio would be noise)."""
+    w = weights.to(states.device, torch.float32)[..., None]
+    z = states.float()
+    weighted = z * w
+    before, after = z.mean(dim=(1, 2), keepdim=True), weighted.mean(dim=(1, 2), keepdim=True)
+    scale = z.abs().mean(dim=(1, 2), keepdim=True)
+    ratio = torch.where((after.abs() > 1e-4 * scale) & (before.abs() > 1e-4 * scale), before / after, torch.ones_like(after))
+    plain = (w == 1).all(dim=1, keepdim=True)
+    return torch.where(plain, z, weighted * ratio).to(states.dtype)

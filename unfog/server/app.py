@@ -40,6 +40,8 @@ class ServerSettings:
     max_body_bytes: int = 1024 * 1024
     sync_timeout_s: float = 600.0
     preview_every: int = 2
+    prompt_syntax: str = "a1111"  # prompts are read in A1111's syntax unless a request says "plain"
+    lora_dir: str | None = None  # where <lora:NAME:w> tags find NAME.safetensors (None: tags are refused)
     # A request's total work, megapixels × steps × images: one at the size and step limits would
     # hold the only worker for many minutes. 200 is e.g. four 1024² images at 50 steps.
     max_work: float = 200.0
@@ -67,7 +69,8 @@ class Refused(Exception):
 # The API's field names and the generation request's, where they differ.
 FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "num_inference_steps", "guidance_scale": "guidance_scale",
           "sampler": "sampler", "seed": "seed", "width": "width", "height": "height", "num_images": "num_images_per_prompt",
-          "prompt_2": "prompt_2", "negative_prompt_2": "negative_prompt_2"}  # the last two: SDXL models only
+          "prompt_2": "prompt_2", "negative_prompt_2": "negative_prompt_2",  # SDXL models only
+          "prompt_syntax": "prompt_syntax"}
 API_NAMES = {v: k for k, v in FIELDS.items()}
 
 
@@ -119,7 +122,9 @@ def validate(body: Any, pipe, s: ServerSettings) -> GenerationRequest:
         if extra:
             raise Refused(422, f"unknown fields {extra}", extra[0], sorted(FIELDS))
         _limits(body, s)
-        options = {FIELDS[k]: v for k, v in body.items()}
+        options = {"prompt_syntax": s.prompt_syntax, **{FIELDS[k]: v for k, v in body.items()}}
+        if options["prompt_syntax"] == "a1111":
+            options["lora_dir"] = s.lora_dir
         if options.get("seed") in (None, -1):
             options["seed"] = random.SystemRandom().randrange(2**32)
         try:
