@@ -77,8 +77,7 @@ class LoraMixin:
                     layer = Adapted(layer)
                     self._put(comp, target, layer)
                 weight_tensor = layer.layer.weight
-                layer.adapters[name] = adapter.to(device=weight_tensor.device)
-                layer.weights[name] = float(weight)
+                layer.add(name, adapter.to(device=weight_tensor.device), weight)
         self._adapters_changed()
         return name
 
@@ -125,8 +124,7 @@ class LoraMixin:
             if names & set(layer.fused):
                 layer.unfuse()
             for n in names & set(layer.adapters):
-                del layer.adapters[n]
-                layer.weights.pop(n, None)
+                layer.remove(n)
         self._unwrap(lambda layer: not layer.adapters)
 
     def unload_lora_weights(self) -> None:

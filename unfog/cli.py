@@ -236,15 +236,21 @@ def cmd_data_shapes(args: argparse.Namespace) -> None:
 
 
 def _data_source(args, config):
+    """The dataset, or (resolution unknown until the model is loaded) a function of the resolution."""
     from .data.folder import ImageCaptionFolder
     from .data.shapes import ShapesStream
 
-    if args.data == "shapes":
-        return ShapesStream(seed=config.seed, pool=config.data_pool, resolution=config.resolution)
-    data = ImageCaptionFolder(args.data, config.resolution, skip_bad=args.skip_bad)
-    if data.skipped:
-        print(f"skipped {len(data.skipped)} bad files, e.g. {data.skipped[0][0]}: {data.skipped[0][1]}", file=sys.stderr)
-    return data
+    def make(resolution, factor=64):  # buckets' sides: multiples of the model's pixel factor (SD: 64, as kohya's)
+        if args.data == "shapes":
+            return ShapesStream(seed=config.seed, pool=config.data_pool, resolution=resolution)
+        data = ImageCaptionFolder(args.data, resolution, skip_bad=args.skip_bad, buckets=factor if config.buckets else None)
+        if data.skipped:
+            print(f"skipped {len(data.skipped)} bad files, e.g. {data.skipped[0][0]}: {data.skipped[0][1]}", file=sys.stderr)
+        return data
+
+    if args.data != "shapes" and not Path(args.data).is_dir():
+        raise UnfogError(f"dataset folder {args.data} does not exist")
+    return make if not config.resolution else make(config.resolution)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -252,8 +258,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     overrides = {"max_steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "warmup_steps": args.warmup_steps, "ema_decay": args.ema_decay,
                  "grad_accum": args.grad_accum, "precision": args.precision, "data_pool": args.pool,
-                 "checkpoint_every": args.checkpoint_every, "sample_every": args.sample_every}
-    config = preset(args.preset, **overrides)
+                 "checkpoint_every": args.checkpoint_every, "sample_every": args.sample_every, "resolution": args.resolution,
+                 "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_text_encoder": args.lora_text_encoder or None,
+                 "gradient_checkpointing": args.gradient_checkpointing or None, "buckets": args.buckets or None}
+    name = args.preset or ("lora" if args.lora_rank else None)
+    if name is None:
+        raise UnfogError("choose a --preset (or --lora-rank R with --init MODEL to train a LoRA)")
+    config = preset(name, **overrides)
     given = {k: v for k, v in overrides.items() if v is not None}
     trainer = Trainer(config, _data_source(args, config), args.out, vae=args.vae, init=args.init, device=args.device, resume=args.resume,
                       progress=not args.quiet, resume_overrides=given if args.resume else None)
@@ -267,9 +278,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     import torch
 
     from .train import export
+    from .train.lora import export_lora
 
     dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    print(export(args.run_dir, args.out_dir, dtype))
+    print(export_lora(args.run_dir, args.out_dir, dtype) if args.lora else export(args.run_dir, args.out_dir, dtype))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -431,10 +443,16 @@ def _train_parser(sub) -> None:
 
     t = sub.add_parser("train", help="train an autoencoder or a text-to-image model")
     t.add_argument("--data", required=True, help="an image+caption folder, or 'shapes' for the endless shapes-v1 stream")
-    t.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    t.add_argument("--preset", choices=sorted(PRESETS), help="the settings to start from (default with --lora-rank: lora)")
     t.add_argument("--out", required=True, help="run folder: config, checkpoints, metrics, samples")
     t.add_argument("--vae", help="autoencoder run or model folder (diffusion stage)")
-    t.add_argument("--init", help="fine-tune: start from this model folder's weights (diffusion stage)")
+    t.add_argument("--init", help="fine-tune: start from this model's weights (diffusion stage); with --lora-rank any model unfog loads")
+    t.add_argument("--lora-rank", type=int, help="train a LoRA of this rank beside the frozen --init model instead of the whole model")
+    t.add_argument("--lora-alpha", type=float, help="LoRA alpha (scale alpha/rank; default: the rank)")
+    t.add_argument("--lora-text-encoder", action="store_true", help="also train adapters on the text encoder")
+    t.add_argument("--resolution", type=int, help="training image size (default: the preset's; for a LoRA the model's own)")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute U-Net activations in the backward pass (less memory)")
+    t.add_argument("--buckets", action="store_true", help="image folders: aspect-ratio buckets (sides multiples of 64) instead of square crops")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--max-steps", type=int)
     t.add_argument("--batch-size", type=int, help="global batch size")
@@ -457,7 +475,8 @@ def _export_parser(sub) -> None:
     """`unfog export`: a run's EMA weights as a model folder."""
     x = sub.add_parser("export", help="write a run's EMA weights as a model folder")
     x.add_argument("run_dir")
-    x.add_argument("out_dir")
+    x.add_argument("out_dir", help="the model folder to write (with --lora: the .safetensors file)")
+    x.add_argument("--lora", action="store_true", help="a LoRA run: write its adapters as a kohya-format .safetensors that unfog, diffusers, A1111 and ComfyUI load")
     x.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="storage precision")
     x.set_defaults(func=cmd_export)
 

@@ -22,17 +22,34 @@ class Item:
     text: str
 
 
-def _load_image(path: Path, resolution: int) -> np.ndarray:
-    """Resize the short side to `resolution`, center-crop, return uint8 (H, W, 3)."""
+def bucket_sizes(resolution: int, step: int = 64) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets as kohya's scripts make them: (width, height), both multiples of
+    `step`, about resolution² pixels, from 1:2 to 2:1."""
+    step = min(step, resolution)
+    sizes = set()
+    for w in range(max(step, resolution // 2 // step * step), 2 * resolution + 1, step):
+        h = min(2 * resolution, resolution * resolution // w // step * step)
+        if h >= max(step, resolution // 2) and max(w, h) <= 2 * min(w, h):
+            sizes |= {(w, h), (h, w)}  # each shape in both orientations
+    return sorted(sizes)
+
+
+def _load_image(path: Path, resolution: int, size: tuple[int, int] | None = None, buckets: list[tuple[int, int]] | None = None) -> np.ndarray:
+    """Resize to cover the target and center-crop, return uint8 (H, W, 3). The target is
+    resolution × resolution, or with `buckets` the bucket whose aspect ratio is nearest the image's."""
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
-        scale = resolution / min(w, h)
+        if buckets:
+            tw, th = min(buckets, key=lambda b: abs(np.log(b[0] / b[1]) - np.log(w / h)))
+        else:
+            tw, th = resolution, resolution
+        scale = max(tw / w, th / h)
         if scale != 1:
-            im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+            im = im.resize((max(tw, round(w * scale)), max(th, round(h * scale))), Image.BICUBIC)
         w, h = im.size
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-        return np.asarray(im.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+        left, top = (w - tw) // 2, (h - th) // 2
+        return np.asarray(im.crop((left, top, left + tw, top + th)), dtype=np.uint8)
 
 
 class ImageCaptionFolder:
@@ -42,7 +59,9 @@ class ImageCaptionFolder:
     `skip_bad=True` are counted in `skipped` and left out.
     """
 
-    def __init__(self, root: str | Path, resolution: int, *, skip_bad: bool = False, hflip: bool = False):
+    def __init__(self, root: str | Path, resolution: int, *, skip_bad: bool = False, hflip: bool = False, buckets: int | None = None):
+        """`buckets`: group the images into aspect-ratio buckets with sides multiples of this
+        (e.g. 64) instead of centre-cropping squares; a batch then comes from one bucket."""
         self.root = Path(root)
         if not self.root.is_dir():
             raise UnfogError(f"dataset folder {self.root} does not exist")
@@ -56,14 +75,17 @@ class ImageCaptionFolder:
                 self._bad(*item, skip_bad)
                 continue
             try:
-                images.append(_load_image(item.path, resolution))
+                images.append(_load_image(item.path, resolution, buckets=bucket_sizes(resolution, buckets) if buckets else None))
                 texts.append(item.text)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 self._bad(str(item.path), f"cannot be read as an image ({e})", skip_bad)
         if not images:
             raise UnfogError(f"dataset folder {self.root} holds no usable image+caption pairs")
-        self.images_all = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
         self.texts = texts
+        self.by_size: dict[tuple[int, int], list[int]] = {}  # (height, width) → indices
+        for i, im in enumerate(images):
+            self.by_size.setdefault(im.shape[:2], []).append(i)
+        self.images_list = [torch.from_numpy(im).permute(2, 0, 1).contiguous() for im in images]
 
     def _bad(self, name: str, problem: str, skip: bool) -> None:
         if not skip:
@@ -102,7 +124,10 @@ class ImageCaptionFolder:
     def images(self, indices: list[int]) -> torch.Tensor:
         """uint8 images (B, 3, H, W); index i wraps around the folder."""
         idx = [i % len(self) for i in indices]
-        images = self.images_all[idx]
+        sizes = {tuple(self.images_list[i].shape[1:]) for i in idx}
+        if len(sizes) > 1:
+            raise UnfogError(f"a batch must come from one aspect-ratio bucket; these images have sizes {sorted(sizes)}")
+        images = torch.stack([self.images_list[i] for i in idx])
         if self.hflip:
             flip = torch.tensor([(i // len(self)) % 2 == 1 for i in indices])
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)

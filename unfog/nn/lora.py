@@ -38,12 +38,13 @@ class LowRank(Adapter):
     convolution (LoCon), down has the layer's kernel and up is 1×1; applied as two small
     matmuls or convolutions, never as the full ΔW."""
 
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float | None):
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float | None, *, trainable: bool = False):
         super().__init__()
-        self.down = nn.Parameter(down, requires_grad=False)
-        self.up = nn.Parameter(up, requires_grad=False)
+        self.down = nn.Parameter(down, requires_grad=trainable)
+        self.up = nn.Parameter(up, requires_grad=trainable)
         rank = down.shape[0]
-        self.scale = (rank if alpha is None else float(alpha)) / rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.scale = self.alpha / rank
 
     def delta(self) -> torch.Tensor:
         down, up = self.down.float(), self.up.float()
@@ -105,10 +106,31 @@ class Adapted(nn.Module):
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
-        self.adapters = nn.ModuleDict()
+        # Adapter names are the user's (file stems: "style.v2", "train"), so they are not module
+        # attribute names: the modules sit in a list beside a list of their names.
+        self.adapter_modules = nn.ModuleList()
+        self.names: list[str] = []
         self.weights: dict[str, float] = {}
         self.fused: list[str] = []  # adapters added into layer.weight, in order
         self.unfused_weight: torch.Tensor | None = None  # the layer's weight before the first fuse
+
+    @property
+    def adapters(self) -> dict[str, Adapter]:
+        """name → adapter, in loading order (a read-only view: use add and remove)."""
+        return dict(zip(self.names, self.adapter_modules))
+
+    def add(self, name: str, adapter: Adapter, weight: float = 1.0) -> None:
+        if name in self.names:
+            raise ValueError(f"adapter {name!r} is already on this layer")
+        self.adapter_modules.append(adapter)
+        self.names.append(name)
+        self.weights[name] = float(weight)
+
+    def remove(self, name: str) -> None:
+        k = self.names.index(name)
+        del self.adapter_modules[k]
+        del self.names[k]
+        self.weights.pop(name, None)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -45,6 +45,14 @@ class TrainConfig:
     tokenizer_context_length: int = 24
     defaults: dict[str, Any] = field(default_factory=dict)
     sample_prompts: list[str] = field(default_factory=lambda: list(SHAPES_PROMPTS))
+    # LoRA: train rank-`lora_rank` adapters beside the frozen model `init` (any model unfog
+    # loads); resolution 0 = the model's native size. No EMA (as LoRA trainers do).
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # default: the rank (scale 1)
+    lora_text_encoder: bool = False
+    init: str | None = None
+    gradient_checkpointing: bool = False
+    buckets: bool = False  # image folders: group images into aspect-ratio buckets instead of centre-cropping
     # autoencoder stage
     autoencoder: dict[str, Any] = field(default_factory=dict)
     kl_weight: float = 1e-6
@@ -63,6 +71,10 @@ class TrainConfig:
         if self.lr_schedule not in ("cosine", "constant"):
             raise UnfogError(f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
         self.betas = tuple(self.betas)
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or not 0 <= self.lora_rank <= 1024:
+            raise UnfogError(f"lora_rank must be an integer from 0 (no LoRA) to 1024, got {self.lora_rank!r}")
+        if not isinstance(self.resolution, int) or isinstance(self.resolution, bool) or not 0 <= self.resolution <= 4096:
+            raise UnfogError(f"resolution must be an integer from 8 to 4096 (0: the model's own, with --init), got {self.resolution!r}")
 
 
 SHAPES_AE = dict(block_channels=[32, 64, 128], layers_per_block=1, latent_channels=4, norm_groups=16, mid_attention=False)
@@ -80,6 +92,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         scheduler=dict(beta_schedule="scaled_linear", prediction_type="v_prediction", zero_terminal_snr=True, sigma_schedule="trailing"),
         defaults=dict(sampler="dpmpp_2m_sde", num_inference_steps=30, guidance_scale=4.0, height=64, width=64),
     ),
+    # LoRA on any model (--init): the model's own size, a constant learning rate, min-SNR weighting.
+    "lora": dict(stage="diffusion", resolution=0, lora_rank=8, batch_size=4, max_steps=1000, lr=1e-4, warmup_steps=0, lr_schedule="constant",
+                 caption_dropout=0.0, loss_weighting="min_snr", checkpoint_every=100, sample_every=250, log_every=10, sample_prompts=[]),
     # Small enough for tests and a CPU smoke run.
     "tiny-ae": dict(stage="autoencoder", resolution=32, autoencoder=dict(block_channels=[16, 32], layers_per_block=1, latent_channels=4, norm_groups=8, mid_attention=False),
                     batch_size=8, max_steps=20, lr=1e-3, warmup_steps=2, log_every=5, checkpoint_every=10, sample_every=10),

@@ -148,7 +148,7 @@ class Trainer:
         if resume and (self.out / "config.json").is_file():
             config = read_config(self.out / "config.json", TrainConfig)
             for key, value in (resume_overrides or {}).items():
-                if key not in self.RESUMABLE_OVERRIDES:
+                if key not in self.RESUMABLE_OVERRIDES and value != getattr(config, key):  # the same value again is fine
                     raise UnfogError(f"--{key.replace('_', '-')} cannot change when resuming (the run was configured with {getattr(config, key)!r}); "
                                      f"only {', '.join(self.RESUMABLE_OVERRIDES)} may")
                 setattr(config, key, value)
@@ -156,7 +156,7 @@ class Trainer:
         per_step = self.world * c.grad_accum
         if c.batch_size % per_step:
             raise UnfogError(f"batch_size {c.batch_size} must be divisible by processes × grad_accum = {per_step}")
-        self.data = data
+        self.data = data  # or a function of the resolution, called once the model fixes it (LoRA at the model's own size)
         self.progress = progress and self.rank == 0
         self.autocast = c.precision == "bf16" or (c.precision == "auto" and self.device.type == "cuda")
         if self.device.type == "cuda":
@@ -165,19 +165,25 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(c.seed)
+        self.lora = None
         if c.stage == "autoencoder":
             if init is not None:
                 raise UnfogError("--init applies to the diffusion stage; it starts from a model folder")
             self.model = AutoencoderModel(AutoencoderConfig(**c.autoencoder), c.kl_weight)
             self.latent_shape = None
+        elif c.lora_rank:
+            self._init_lora(init or c.init)
         elif init is not None and ckpt is None:
             self._init_from_model(init)
         else:
             self._build_diffusion(vae, resume)
+        if callable(self.data):
+            self.data = self.data(c.resolution, self.vae.config.downsample_factor * self.model.unet.config.downsample_factor)
         if self.rank == 0:
             (self.out / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
         self.model.to(self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        # A LoRA run keeps no EMA (and no copy of the frozen model): samples and export use the adapters as trained.
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if self.lora is None else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
         self.train_model = self.model
@@ -186,7 +192,7 @@ class Trainer:
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.step, self.nonfinite, self.latent_cache = 0, 0, {}
         if resume and ckpt is not None:
-            state = load_checkpoint(ckpt, self.model, self.ema, self.optimizer)
+            state = load_checkpoint(ckpt, self.lora or self.model, self.ema, self.optimizer)
             self.step, self.nonfinite = state["step"], state["nonfinite"]
             self._say(f"resumed from {ckpt} at step {self.step}")
         self.stop_signal = None
@@ -228,6 +234,36 @@ class Trainer:
         if unet_cfg.context_dim != te_cfg.width:
             raise UnfogError(f"the U-Net's context_dim {unet_cfg.context_dim} must equal the text encoder width {te_cfg.width}")
         self.model = DiffusionModel(UNet(unet_cfg), TextEncoder(te_cfg), self.scheduler, c.loss_weighting, c.snr_gamma)
+
+    def _init_lora(self, init) -> None:
+        """LoRA: the frozen model `init` (any model unfog loads, reloaded from there on resume)
+        with trainable adapters beside its layers; only the adapters are checkpointed."""
+        from ..formats import load_any
+        from .lora import attach_trainable
+
+        c = self.config
+        if init is None:
+            raise UnfogError("--lora-rank trains adapters for an existing model: pass --init MODEL (a folder or single file unfog loads)")
+        parts = load_any(init)
+        if parts.vae is None:
+            raise UnfogError(f"{init} is a pixel-space model; the trainer's diffusion stage trains latent models")
+        if parts.text_encoder_2 is not None or parts.unet.config.addition_time_embed_dim is not None:
+            raise UnfogError(f"{init} is an SDXL model; LoRA training covers single-text-encoder models (SD 1.x/2.x and unfog's) so far")
+        c.init = str(Path(init).resolve())
+        c.resolution = c.resolution or parts.defaults.height
+        self.tokenizer, self.vae, self.scheduler = parts.tokenizer, parts.vae.to(self.device).requires_grad_(False), parts.scheduler
+        c.text_encoder, c.unet, c.scheduler = asdict(parts.text_encoder.config), asdict(parts.unet.config), asdict(parts.scheduler)
+        c.defaults = {**asdict(parts.defaults), **c.defaults}
+        f = self.vae.config.downsample_factor
+        if c.resolution % (f * parts.unet.config.downsample_factor):
+            raise UnfogError(f"resolution {c.resolution} is not a multiple of the model's factor {f * parts.unet.config.downsample_factor}")
+        self.latent_shape = (self.vae.config.latent_channels, c.resolution // f, c.resolution // f)
+        self.model = DiffusionModel(parts.unet, parts.text_encoder, self.scheduler, c.loss_weighting, c.snr_gamma)
+        components = {"unet": parts.unet, **({"text_encoder": parts.text_encoder} if c.lora_text_encoder else {})}
+        parts.text_encoder.requires_grad_(False)
+        self.lora = attach_trainable(components, c.lora_rank, c.lora_alpha, c.seed)
+        parts.unet.gradient_checkpointing = c.gradient_checkpointing
+        self.model.train()
 
     def _init_from_model(self, init) -> None:
         """Fine-tune: start from a model folder's tokenizer, text encoder, U-Net and
@@ -272,7 +308,12 @@ class Trainer:
         B = self.config.batch_size
         if getattr(self.data, "endless", False):  # every sample is new
             return list(range(step * B, (step + 1) * B))
-        return torch.randint(len(self.data), (B,), generator=_step_generator(self.config.seed, step, 1)).tolist()
+        g = _step_generator(self.config.seed, step, 1)
+        groups = list(getattr(self.data, "by_size", {}).values())
+        if len(groups) > 1:  # aspect-ratio buckets: one bucket per step, chosen in proportion to its size
+            group = groups[torch.multinomial(torch.tensor([len(x) for x in groups], dtype=torch.float), 1, generator=g).item()]
+            return [group[k] for k in torch.randint(len(group), (B,), generator=g).tolist()]
+        return torch.randint(len(self.data), (B,), generator=g).tolist()
 
     @torch.no_grad()
     def _latents(self, indices: list[int]) -> torch.Tensor:
@@ -314,7 +355,12 @@ class Trainer:
             noise = torch.randn(B, ae.latent_channels, lat, lat, generator=g)[lo:hi]
             return (self._to_pixels(images), noise.to(self.device))
         t = torch.randint(0, self.scheduler.num_train_timesteps, (B,), generator=g)[lo:hi]
-        noise = torch.randn(B, *self.latent_shape, generator=g)[lo:hi]
+        shape = self.latent_shape
+        if hasattr(self.data, "images_list"):  # the latents of this step's bucket
+            f = self.vae.config.downsample_factor
+            h, w = self.data.images_list[indices[0] % len(self.data)].shape[1:]
+            shape = (shape[0], h // f, w // f)
+        noise = torch.randn(B, *shape, generator=g)[lo:hi]
         drop = (torch.rand(B, generator=g) < c.caption_dropout)[lo:hi]
         texts = ["" if d else s for d, s in zip(drop.tolist(), self.data.captions(indices[lo:hi], epoch_seed=step))]
         x0 = self._latents(indices[lo:hi])
@@ -353,17 +399,20 @@ class Trainer:
             return float("nan")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        decay = min(c.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                e.lerp_(p.detach(), 1 - decay)
+        if self.ema is not None:
+            decay = min(c.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                    e.lerp_(p.detach(), 1 - decay)
         return loss_value
 
     # ---- the loop -----------------------------------------------------------------------
 
     def checkpoint(self) -> None:
         if self.rank == 0:
-            save_checkpoint(self.out, self.step, self.model, self.ema, self.optimizer, {"nonfinite": self.nonfinite}, keep=self.config.keep_checkpoints)
+            model = self.lora if self.lora is not None else self.model
+            save_checkpoint(self.out, self.step, model, self.ema if self.ema is not None else model, self.optimizer, {"nonfinite": self.nonfinite},
+                            keep=self.config.keep_checkpoints)
 
     def _log(self, row: dict) -> None:
         if self.rank == 0:
@@ -442,9 +491,13 @@ class Trainer:
             rec = self.ema.autoencoder.decode(self.ema.autoencoder.encode(self._to_pixels(images))[0])
             grid(to_pil(self._to_pixels(images)) + to_pil(rec), 8).save(out)
             return out
-        pipe = self.pipeline()
         prompts = self.config.sample_prompts
+        if not prompts:
+            return None
+        pipe = self.pipeline()
         images = pipe(prompts, seed=0).images
+        if self.lora is not None:
+            self.model.train()  # the pipeline put the (shared) networks in eval mode
         grid(images, math.ceil(math.sqrt(len(images)))).save(out)
         return out
 
@@ -452,7 +505,8 @@ class Trainer:
         """A Pipeline over the EMA weights (diffusion runs)."""
         from ..pipeline import Pipeline
 
-        return Pipeline(self.tokenizer, self.ema.text_encoder, self.ema.unet, self.vae, self.scheduler, SamplingDefaults.from_dict(self.config.defaults))
+        source = self.ema if self.ema is not None else self.model
+        return Pipeline(self.tokenizer, source.text_encoder, source.unet, self.vae, self.scheduler, SamplingDefaults.from_dict(self.config.defaults))
 
 
 def export(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
