@@ -16,12 +16,16 @@ ALLOWED = {
     "samplers": {"diffusion"},
     "graphs": {"diffusion"},
     "formats": {"diffusion", "nn"},
-    "request": {"diffusion", "samplers"},
-    "pipeline": {"diffusion", "samplers", "nn", "formats", "graphs", "request"},
+    "prompts": set(),  # A1111's prompt syntax: text in, text out
+    "text": {"nn", "prompts"},  # prompts → framed token ids, emphasis
+    "adapters": {"nn", "formats"},  # LoRA methods of the pipeline
+    "embeddings": {"nn", "formats"},  # textual-inversion methods of the pipeline
+    "request": {"diffusion", "samplers", "prompts"},
+    "pipeline": {"diffusion", "samplers", "nn", "formats", "graphs", "request", "adapters", "embeddings", "text", "prompts"},
     "eval": {"data", "pipeline"},
-    "train": {"diffusion", "samplers", "nn", "formats", "data", "graphs", "request", "pipeline", "eval"},
+    "train": {"diffusion", "samplers", "nn", "formats", "data", "graphs", "request", "pipeline", "eval", "adapters", "embeddings", "text", "prompts"},
     "server": {"diffusion", "samplers", "request", "pipeline"},
-    "cli": {"diffusion", "samplers", "nn", "formats", "data", "graphs", "request", "pipeline", "eval", "train", "server", "__init__"},
+    "cli": {"diffusion", "samplers", "nn", "formats", "data", "graphs", "request", "pipeline", "eval", "train", "server", "__init__", "prompts", "text"},
     "__init__": {"pipeline"},
     "__main__": {"cli"},
 }

@@ -126,10 +126,11 @@ def sample_scene(rng: random.Random, prompt: Prompt | None = None) -> Scene:
     raise RuntimeError("could not place two objects; this is a bug in the shapes-v1 sampler")
 
 
-def render(scene: Scene) -> Image.Image:
-    """Draw at 4× and box-downsample to 64×64, so edges are anti-aliased."""
+def render(scene: Scene, background: tuple[int, int, int] | None = None) -> Image.Image:
+    """Draw at 4× and box-downsample to 64×64, so edges are anti-aliased. `background` (RGB)
+    overrides the scene's, for worlds beyond shapes-v1 (the LoRA demo's coloured backgrounds)."""
     k = SUPERSAMPLE
-    im = Image.new("RGB", (SIZE * k, SIZE * k), BACKGROUNDS[scene.background])
+    im = Image.new("RGB", (SIZE * k, SIZE * k), background or BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(im)
     for o in scene.objects:
         x0, y0, x1, y1 = (v * k for v in _bbox(o))
