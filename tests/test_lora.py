@@ -273,3 +273,23 @@ def test_lora_with_the_fast_path(sd1, tmp_path):
     assert np.abs(images(fast, True) - expected).max() <= 2 / 255
     fast.unload_lora_weights()
     assert_close(images(fast, True), images(Pipeline.from_pretrained(folder), True))
+
+
+def test_sd1_files_on_sdxl_are_refused(sd1, tmp_path_factory, tmp_path):
+    from test_sdxl_parity import build_sdxl
+
+    ref, _ = sd1
+    root = tmp_path_factory.mktemp("lora-sdxl-bad")
+    build_sdxl(root)
+    xl = Pipeline.from_pretrained(root / "base")
+    with pytest.raises(UnfogError, match="sd1.safetensors.*another architecture"):
+        xl.load_lora_weights(kohya_file(ref, tmp_path / "sd1.safetensors"))
+    save_file({"emb_params": torch.randn(2, 32)}, str(tmp_path / "sd1-emb.safetensors"))
+    with pytest.raises(UnfogError, match="needs an SDXL embedding"):
+        xl.load_textual_inversion(tmp_path / "sd1-emb.safetensors")
+    assert xl.get_list_adapters() == {} and not xl.embedding_tokens
+    # an SDXL embedding loads into both encoders, as wide as each
+    save_file({"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 48)}, str(tmp_path / "xl-emb.safetensors"))
+    assert xl.load_textual_inversion(tmp_path / "xl-emb.safetensors", token="<xl>") == "<xl>"
+    states, _ = xl.encode_text(["a photo of <xl>"], "truncate")
+    assert states.shape == (1, 77, 80)
