@@ -120,3 +120,34 @@ def test_lora_training_refuses_what_it_cannot_do(sd1, tmp_path, capsys):
     assert "--init MODEL" in capsys.readouterr().err
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "r")]) == 2
     assert main(["train", "--data", str(data), "--init", str(folder), "--lora-rank", "0", "--preset", "lora", "--out", str(tmp_path / "r2")]) == 2
+
+
+def test_sdxl_base_lora_trains_and_exports_with_kohya_sdxl_names(tmp_path_factory, tmp_path):
+    pytest.importorskip("diffusers")
+    from safetensors.torch import load_file
+    from test_sdxl_parity import build_sdxl
+
+    root = tmp_path_factory.mktemp("lora-train-sdxl")
+    ref, _ = build_sdxl(root)
+    data = picture_folder(tmp_path / "data")
+    common = ["--init", str(root / "base"), "--lora-rank", "4", "--max-steps", "2", "--batch-size", "2", "--lr", "5e-3", "--seed", "1", "-q"]
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "u"), *common]) == 0
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "te"), "--lora-text-encoder", *common]) == 0
+    assert main(["export", "--lora", str(tmp_path / "u"), str(tmp_path / "u.safetensors")]) == 0
+    assert main(["export", "--lora", str(tmp_path / "te"), str(tmp_path / "te.safetensors")]) == 0
+    keys = load_file(str(tmp_path / "te.safetensors")).keys()
+    assert any(k.startswith("lora_unet_input_blocks_") for k in keys)  # the original layout's names, as kohya's SDXL LoRAs have
+    assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+    ours = Pipeline.from_pretrained(root / "base")
+    ours.load_lora_weights(tmp_path / "te.safetensors")  # every key finds its layer
+    ours.unload_lora_weights()
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    kw = dict(num_inference_steps=6, guidance_scale=5.0, negative_prompt="blurry")
+    ours.load_lora_weights(tmp_path / "u.safetensors")
+    got = np.asarray(ours("a photo of a cat", latents=latents, sampler="euler", **kw).images[0], dtype=np.float32) / 255
+    ref.load_lora_weights(str(tmp_path / "u.safetensors"), adapter_name="u")
+    try:
+        expected = ref("a photo of a cat", latents=latents.clone(), output_type="np", **kw).images[0]
+    finally:
+        ref.unload_lora_weights()
+    assert np.abs(got - expected).max() <= 1e-3 + 0.5 / 255

@@ -85,7 +85,7 @@ class ImageCaptionFolder:
         self.by_size: dict[tuple[int, int], list[int]] = {}  # (height, width) → indices
         for i, im in enumerate(images):
             self.by_size.setdefault(im.shape[:2], []).append(i)
-        self.images_list = [torch.from_numpy(im).permute(2, 0, 1).contiguous() for im in images]
+        self.images_list = [torch.from_numpy(im.copy()).permute(2, 0, 1).contiguous() for im in images]  # PIL arrays are read-only
 
     def _bad(self, name: str, problem: str, skip: bool) -> None:
         if not skip:

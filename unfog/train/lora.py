@@ -65,17 +65,23 @@ def attach_trainable(components: dict[str, nn.Module], rank: int, alpha: float |
     return adapters
 
 
-def kohya_state(adapters: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """Checkpointed adapter tensors ("unet/a/b.down", …) as a kohya-format state dict."""
+def kohya_state(adapters: dict[str, torch.Tensor], alpha: float, unet_config=None, sdxl: bool = False) -> dict[str, torch.Tensor]:
+    """Checkpointed adapter tensors ("unet/a/b.down", …) as a kohya-format state dict: U-Net
+    modules by their diffusers paths (SD 1.x/2.x) or, for SDXL as kohya's SDXL scripts write them,
+    by the original layout's; text encoders as lora_te_ (one) or lora_te1_ / lora_te2_ (SDXL)."""
+    from ..formats.single_file import ldm_unet_key
+
     out = {}
     for key, value in adapters.items():
         name, _, part = key.rpartition(".")
         comp, _, path = name.partition("/")
         path = path.replace("/", ".")
         if comp == "unet":
-            kohya = "lora_unet_" + _diffusers_unet_path(path).replace(".", "_")
-        elif comp == "text_encoder":
-            kohya = "lora_te_" + _transformers_text_path(path).replace(".", "_")
+            module = ldm_unet_key(path + ".weight", unet_config).removesuffix(".weight") if sdxl else _diffusers_unet_path(path)
+            kohya = "lora_unet_" + module.replace(".", "_")
+        elif comp in ("text_encoder", "text_encoder_2"):
+            prefix = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[comp] if sdxl else "lora_te_"
+            kohya = prefix + _transformers_text_path(path).replace(".", "_")
         else:
             raise UnfogError(f"unexpected adapter {key!r} in the checkpoint")
         out[f"{kohya}.lora_{part}.weight"] = value.detach().float().contiguous()
@@ -93,7 +99,11 @@ def export_lora(run_dir: str | Path, out_file: str | Path, dtype: torch.dtype | 
     c, ckpt = read_run(run, "diffusion", "LoRA export needs a diffusion run")
     if not c.lora_rank:
         raise UnfogError(f"{run} trained the whole model, not a LoRA; export it as a model folder with `unfog export RUN OUT_DIR`")
-    state = kohya_state(read_tensors(ckpt / "model.safetensors"), c.lora_alpha if c.lora_alpha is not None else c.lora_rank)
+    from ..nn import UNetConfig
+
+    unet_config = UNetConfig(**c.unet)
+    state = kohya_state(read_tensors(ckpt / "model.safetensors"), c.lora_alpha if c.lora_alpha is not None else c.lora_rank, unet_config,
+                        sdxl=unet_config.addition_time_embed_dim is not None)
     if dtype is not None:
         state = {k: v.to(dtype) if k.endswith(".weight") else v for k, v in state.items()}
     out = Path(out_file)
@@ -103,5 +113,6 @@ def export_lora(run_dir: str | Path, out_file: str | Path, dtype: torch.dtype | 
     tmp = out.with_name(f".{out.name}.tmp")
     save_file(state, str(tmp), metadata={"ss_network_dim": str(c.lora_rank), "ss_network_alpha": str(c.lora_alpha or c.lora_rank),
                                          "ss_base_model": str(c.init or "")})
+    tmp.chmod(0o644)  # a file to share
     tmp.replace(out)
     return out

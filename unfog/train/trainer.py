@@ -56,21 +56,31 @@ class AutoencoderModel(nn.Module):
 
 
 class DiffusionModel(nn.Module):
-    """U-Net and text encoder trained jointly; the denoiser owns the loss."""
+    """U-Net and text encoder trained jointly; the denoiser owns the loss. An SDXL base also has
+    its second text encoder, whose pooled output and the micro-conditioning numbers go to the U-Net."""
 
-    def __init__(self, unet: UNet, text_encoder: TextEncoder, scheduler: SchedulerConfig, weighting: str, snr_gamma: float):
+    def __init__(self, unet: UNet, text_encoder: TextEncoder, scheduler: SchedulerConfig, weighting: str, snr_gamma: float,
+                 text_encoder_2: TextEncoder | None = None):
         super().__init__()
         self.denoiser = DiscreteDenoiser(unet, scheduler.alphas_cumprod(), scheduler.prediction_type)
         self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
         self.weighting, self.snr_gamma = weighting, snr_gamma
 
     @property
     def unet(self) -> UNet:
         return self.denoiser.network
 
-    def forward(self, x0: torch.Tensor, ids: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        context = self.text_encoder(ids)[0]
-        return self.denoiser.loss(x0, t=t, noise=noise, weighting=self.weighting, snr_gamma=self.snr_gamma, context=context)
+    def forward(self, x0: torch.Tensor, ids: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                ids_2: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        context, pooled = self.text_encoder(ids)
+        added = {}
+        if self.text_encoder_2 is not None:
+            context_2, pooled = self.text_encoder_2(ids_2)
+            context = torch.cat([context, context_2], dim=-1)
+        if self.unet.config.addition_time_embed_dim is not None:
+            added = {"pooled": pooled, "time_ids": time_ids}
+        return self.denoiser.loss(x0, t=t, noise=noise, weighting=self.weighting, snr_gamma=self.snr_gamma, context=context, **added)
 
 
 def _step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -247,8 +257,8 @@ class Trainer:
         parts = load_any(init)
         if parts.vae is None:
             raise UnfogError(f"{init} is a pixel-space model; the trainer's diffusion stage trains latent models")
-        if parts.text_encoder_2 is not None or parts.unet.config.addition_time_embed_dim is not None:
-            raise UnfogError(f"{init} is an SDXL model; LoRA training covers single-text-encoder models (SD 1.x/2.x and unfog's) so far")
+        if parts.unet.config.addition_time_embed_dim is not None and parts.text_encoder_2 is None:
+            raise UnfogError(f"{init} is an SDXL refiner; LoRA training covers SD 1.x/2.x, SDXL base and unfog's models")
         c.init = str(Path(init).resolve())
         c.resolution = c.resolution or parts.defaults.height
         self.tokenizer, self.vae, self.scheduler = parts.tokenizer, parts.vae.to(self.device).requires_grad_(False), parts.scheduler
@@ -258,9 +268,17 @@ class Trainer:
         if c.resolution % (f * parts.unet.config.downsample_factor):
             raise UnfogError(f"resolution {c.resolution} is not a multiple of the model's factor {f * parts.unet.config.downsample_factor}")
         self.latent_shape = (self.vae.config.latent_channels, c.resolution // f, c.resolution // f)
-        self.model = DiffusionModel(parts.unet, parts.text_encoder, self.scheduler, c.loss_weighting, c.snr_gamma)
-        components = {"unet": parts.unet, **({"text_encoder": parts.text_encoder} if c.lora_text_encoder else {})}
-        parts.text_encoder.requires_grad_(False)
+        self.tokenizer_2, self.text_encoder_2 = parts.tokenizer_2, parts.text_encoder_2
+        self.force_zeros = parts.force_zeros_for_empty_prompt
+        self.model = DiffusionModel(parts.unet, parts.text_encoder, self.scheduler, c.loss_weighting, c.snr_gamma, parts.text_encoder_2)
+        components = {"unet": parts.unet}
+        if c.lora_text_encoder:
+            components["text_encoder"] = parts.text_encoder
+            if parts.text_encoder_2 is not None:
+                components["text_encoder_2"] = parts.text_encoder_2
+        for encoder in (parts.text_encoder, parts.text_encoder_2):
+            if encoder is not None:
+                encoder.requires_grad_(False)
         self.lora = attach_trainable(components, c.lora_rank, c.lora_alpha, c.seed)
         parts.unet.gradient_checkpointing = c.gradient_checkpointing
         self.model.train()
@@ -364,7 +382,13 @@ class Trainer:
         drop = (torch.rand(B, generator=g) < c.caption_dropout)[lo:hi]
         texts = ["" if d else s for d, s in zip(drop.tolist(), self.data.captions(indices[lo:hi], epoch_seed=step))]
         x0 = self._latents(indices[lo:hi])
-        return (x0, self.tokenizer(texts).to(self.device), t.to(self.device), noise.to(self.device))
+        batch = (x0, self.tokenizer(texts).to(self.device), t.to(self.device), noise.to(self.device))
+        if getattr(self, "tokenizer_2", None) is not None:  # SDXL base: the second encoder's ids and the micro-conditioning
+            f = self.vae.config.downsample_factor
+            h, w = x0.shape[-2] * f, x0.shape[-1] * f  # the image as trained: its (bucket) size, uncropped
+            time_ids = torch.tensor([[h, w, 0.0, 0.0, h, w]] * len(texts), device=self.device)
+            batch += (self.tokenizer_2(texts).to(self.device), time_ids)
+        return batch
 
     def _train_step(self, step: int) -> float:
         c = self.config
@@ -506,7 +530,9 @@ class Trainer:
         from ..pipeline import Pipeline
 
         source = self.ema if self.ema is not None else self.model
-        return Pipeline(self.tokenizer, source.text_encoder, source.unet, self.vae, self.scheduler, SamplingDefaults.from_dict(self.config.defaults))
+        return Pipeline(self.tokenizer, source.text_encoder, source.unet, self.vae, self.scheduler, SamplingDefaults.from_dict(self.config.defaults),
+                        tokenizer_2=getattr(self, "tokenizer_2", None), text_encoder_2=source.text_encoder_2,
+                        force_zeros_for_empty_prompt=getattr(self, "force_zeros", False))
 
 
 def export(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
