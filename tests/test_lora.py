@@ -293,3 +293,22 @@ def test_sd1_files_on_sdxl_are_refused(sd1, tmp_path_factory, tmp_path):
     assert xl.load_textual_inversion(tmp_path / "xl-emb.safetensors", token="<xl>") == "<xl>"
     states, _ = xl.encode_text(["a photo of <xl>"], "truncate")
     assert states.shape == (1, 77, 80)
+
+
+def test_peft_file_without_metadata_and_bfloat16(sd1, tmp_path):
+    """No lora_adapter_metadata header: scale 1, as diffusers reads it; tensors stored in bfloat16."""
+    ref, folder = sd1
+    g = torch.Generator().manual_seed(12)
+    state = {}
+    for name in SD1_TARGETS["unet"][:3]:
+        w = diffusers_module(ref, "unet", name).weight
+        state[f"unet.{name}.lora_A.weight"] = (torch.randn(2, w.shape[1], generator=g) * 0.3).bfloat16()
+        state[f"unet.{name}.lora_B.weight"] = (torch.randn(w.shape[0], 2, generator=g) * 0.3).bfloat16()
+    save_file(state, str(tmp_path / "plain.safetensors"))
+    ours = Pipeline.from_pretrained(folder)
+    ours.load_lora_weights(tmp_path / "plain.safetensors")
+    ref.load_lora_weights(str(tmp_path / "plain.safetensors"), adapter_name="plain")
+    try:
+        assert_close(images(ours, True), images(ref, False))
+    finally:
+        ref.unload_lora_weights()
