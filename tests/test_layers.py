@@ -17,11 +17,12 @@ ALLOWED = {
     "graphs": {"diffusion"},
     "formats": {"diffusion", "nn"},
     "prompts": set(),  # A1111's prompt syntax: text in, text out
+    "threads": set(),  # CPU thread count for a generation
     "text": {"nn", "prompts"},  # prompts → framed token ids, emphasis
     "adapters": {"nn", "formats"},  # LoRA methods of the pipeline
     "embeddings": {"nn", "formats"},  # textual-inversion methods of the pipeline
     "request": {"diffusion", "samplers", "prompts"},
-    "pipeline": {"diffusion", "samplers", "nn", "formats", "graphs", "request", "adapters", "embeddings", "text", "prompts"},
+    "pipeline": {"diffusion", "samplers", "nn", "formats", "graphs", "request", "adapters", "embeddings", "text", "prompts", "threads"},
     "eval": {"data", "pipeline"},
     "train": {"diffusion", "samplers", "nn", "formats", "data", "graphs", "request", "pipeline", "eval", "adapters", "embeddings", "text", "prompts"},
     "server": {"diffusion", "samplers", "request", "pipeline"},

@@ -34,6 +34,7 @@ from .nn import Autoencoder, TextEncoder, Tokenizer, UNet
 from .request import GenerationRequest, ModelFacts, make_request
 from .samplers import Step, get_sampler, iterate
 from .text import apply_emphasis, frame
+from .threads import fit_threads
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
 
@@ -309,6 +310,8 @@ class Pipeline(LoraMixin, EmbeddingMixin):
         `should_stop`, it is also asked before each residual block of the U-Net, and a True raises
         `Interrupted` within one block rather than one step (eager U-Net calls only: under CUDA
         graphs or torch.compile a U-Net call runs whole and the stop comes at the next step)."""
+        if self.device.type == "cpu":
+            fit_threads()  # one thread fewer per core other processes keep busy (unfog.threads)
         sample = get_sampler(request.sampler)
         denoiser = self._guided_denoiser(request, state)
         hooks = []
