@@ -44,14 +44,14 @@ class LoraFile:
     unmatched: list[str] = field(default_factory=list)
 
 
-def _diffusers_unet_path(path: str) -> str:
+def diffusers_unet_path(path: str) -> str:
     """unfog U-Net module path → diffusers' (the inverse of map_unet_key's renames)."""
     side = ".downsamplers.0." if path.startswith("down_blocks.") else ".upsamplers.0."
     out = (path + ".").replace(".resample.", side).replace(".to_out.", ".to_out.0.").replace(".ff.proj.", ".ff.net.0.proj.").replace(".ff.out.", ".ff.net.2.")
     return out[:-1]
 
 
-def _transformers_text_path(path: str) -> str:
+def transformers_text_path(path: str) -> str:
     """unfog text encoder module path → transformers' CLIPTextModel path."""
     m = re.match(r"layers\.(\d+)\.(.*)", path)
     if not m:
@@ -73,12 +73,12 @@ def module_names(component: str, module: nn.Module) -> dict[str, str]:
             continue
         names[path] = path
         if component == "unet":
-            d = _diffusers_unet_path(path)
+            d = diffusers_unet_path(path)
             if map_unet_key(d + ".weight") == path + ".weight":
                 names[d] = path
             names[ldm_unet_key(path + ".weight", module.config).removesuffix(".weight")] = path
         else:
-            t = _transformers_text_path(path)
+            t = transformers_text_path(path)
             if map_text_encoder_key(t + ".weight") == path + ".weight":
                 names[t] = path
                 names[t.removeprefix("text_model.")] = path

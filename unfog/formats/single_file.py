@@ -122,7 +122,7 @@ def convert_vae(state: dict, config: AutoencoderConfig) -> dict:
         new = key
         m = re.match(r"(encoder|decoder)\.(down|up)\.(\d+)\.(block\.(\d+)|downsample|upsample)\.(.*)", key)
         if m:
-            part, direction, i, kind, j, rest = m[1], m[2], int(m[3]), m[4], m[5], m[6]
+            part, direction, i, j, rest = m[1], m[2], int(m[3]), m[5], m[6]
             level = i if direction == "down" else levels - 1 - i
             group = "down_blocks" if direction == "down" else "up_blocks"
             new = f"{part}.{group}.{level}." + (f"resnets.{j}.{_res_key(rest, VAE_RES)}" if j is not None else f"resample.{rest}")

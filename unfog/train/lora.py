@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import UnfogError
-from ..formats.lora import _diffusers_unet_path, _transformers_text_path
+from ..formats.lora import diffusers_unet_path, transformers_text_path
 from ..nn.lora import Adapted, LowRank
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out", "proj", "out", "proj_in", "proj_out")
@@ -77,11 +77,11 @@ def kohya_state(adapters: dict[str, torch.Tensor], alpha: float, unet_config=Non
         comp, _, path = name.partition("/")
         path = path.replace("/", ".")
         if comp == "unet":
-            module = ldm_unet_key(path + ".weight", unet_config).removesuffix(".weight") if sdxl else _diffusers_unet_path(path)
+            module = ldm_unet_key(path + ".weight", unet_config).removesuffix(".weight") if sdxl else diffusers_unet_path(path)
             kohya = "lora_unet_" + module.replace(".", "_")
         elif comp in ("text_encoder", "text_encoder_2"):
             prefix = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[comp] if sdxl else "lora_te_"
-            kohya = prefix + _transformers_text_path(path).replace(".", "_")
+            kohya = prefix + transformers_text_path(path).replace(".", "_")
         else:
             raise UnfogError(f"unexpected adapter {key!r} in the checkpoint")
         out[f"{kohya}.lora_{part}.weight"] = value.detach().float().contiguous()
