@@ -36,3 +36,12 @@ def test_cli_generates_with_the_bundled_model(tmp_path):
     red = (np.abs(pixels - [220, 30, 30]).sum(-1) < 90)
     ys, xs = np.nonzero(red)
     assert red.sum() > 50 and xs.mean() < 26
+
+
+def test_loading_does_not_import_the_compiler():
+    """Building networks on the meta device must not pull in torch._dynamo (1.6 s of start-up)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from unfog import Pipeline; Pipeline.from_pretrained(); print('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

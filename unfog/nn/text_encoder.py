@@ -54,6 +54,15 @@ class TextEncoderConfig:
             raise UnfogError(f"TextEncoderConfig.states_layer_norm must be true or false, got {self.states_layer_norm!r}")
 
 
+def _embedding(count: int, width: int) -> nn.Embedding:
+    """nn.Embedding, N(0, 1)-initialised as torch does, except on the meta device (loading), where
+    torch's normal_ would import torch._dynamo: 1.6 s of a CLI's start-up, for values never used."""
+    weight = torch.empty(count, width)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(count, width, _weight=weight)
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, c: TextEncoderConfig):
         super().__init__()
@@ -89,8 +98,8 @@ class TextEncoder(nn.Module):
         if not 0 <= config.skip_last_layers < config.layers:
             raise UnfogError(f"skip_last_layers must be in [0, {config.layers - 1}], got {config.skip_last_layers}")
         self.config = config
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
-        self.position_embedding = nn.Embedding(config.context_length, config.width)
+        self.token_embedding = _embedding(config.vocab_size, config.width)
+        self.position_embedding = _embedding(config.context_length, config.width)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers))
         self.final_layer_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False) if config.projection_dim else None

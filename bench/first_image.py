@@ -1,0 +1,59 @@
+"""Time to first image: `unfog generate "…" -o out.png` with the bundled model, cold (a fresh
+process each run), end to end, and where the time goes.
+
+    python bench/first_image.py [--runs 5]
+
+Prints the median wall time of the CLI command over --runs fresh processes, then one fresh
+process's split: import torch, import unfog's CLI, load the bundled model, make the image (text
+encoding, 30 steps, decode), write the PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SPLIT = r"""
+import time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+import unfog.cli
+t2 = time.perf_counter()
+from unfog import Pipeline
+from unfog.images import save
+pipe = Pipeline.from_pretrained()
+t3 = time.perf_counter()
+out = pipe("a big blue square left of a small yellow circle", seed=0)
+t4 = time.perf_counter()
+save(out.images[0], OUT, {})
+t5 = time.perf_counter()
+print({"import_torch": t1 - t0, "import_unfog_cli": t2 - t1, "load_model": t3 - t2, "image": t4 - t3, "write_png": t5 - t4})
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    out = Path(tempfile.mkdtemp()) / "out.png"
+    times = []
+    for _ in range(args.runs):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "unfog", "generate", "a big blue square left of a small yellow circle", "-o", str(out), "-q"],
+                       check=True, capture_output=True)
+        times.append(time.perf_counter() - t)
+    split = subprocess.run([sys.executable, "-c", SPLIT.replace("OUT", repr(str(out)))], check=True, capture_output=True, text=True).stdout
+    result = {"cli_seconds_median": round(statistics.median(times), 2), "cli_seconds": [round(t, 2) for t in times],
+              "split_seconds": {k: round(v, 2) for k, v in eval(split).items()}}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
