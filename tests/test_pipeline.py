@@ -242,3 +242,22 @@ def test_should_stop_interrupts_within_one_unet_call(tiny_pipe):
     assert blocks == []  # stopped before the first call reached the middle block
     assert not tiny_pipe.unet.down_blocks[0].resnets[0]._forward_pre_hooks  # the checks are removed afterwards
     assert tiny_pipe("a red circle", seed=0).images  # and the pipeline still works
+
+
+def test_cfg_truncation_skips_the_unconditional_half_late_in_the_schedule(tiny_pipe):
+    calls = []
+    hook = tiny_pipe.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    kw = dict(seed=3, num_inference_steps=8, sampler="euler", guidance_scale=4.0)
+    try:
+        full = tiny_pipe("a red circle", **kw).latents
+        calls.clear()
+        cut = tiny_pipe("a red circle", cfg_truncation=0.75, **kw).latents
+        assert calls == [2] * 6 + [1] * 2  # the last quarter of the steps without the unconditional half
+        calls.clear()
+        same = tiny_pipe("a red circle", cfg_truncation=1.0, **kw).latents
+        assert calls == [2] * 8
+    finally:
+        hook.remove()
+    assert torch.equal(same, full) and not torch.equal(cut, full)
+    with pytest.raises(__import__("unfog.errors", fromlist=["UnfogError"]).UnfogError, match="cfg_truncation"):
+        tiny_pipe("a red circle", cfg_truncation=1.5)
