@@ -261,3 +261,24 @@ def test_cfg_truncation_skips_the_unconditional_half_late_in_the_schedule(tiny_p
     assert torch.equal(same, full) and not torch.equal(cut, full)
     with pytest.raises(__import__("unfog.errors", fromlist=["UnfogError"]).UnfogError, match="cfg_truncation"):
         tiny_pipe("a red circle", cfg_truncation=1.5)
+
+
+def test_deep_cache_runs_the_deep_blocks_every_k_calls(tiny_pipe):
+    deep, calls = [], []
+    hooks = [tiny_pipe.unet.mid_block.resnets[0].register_forward_hook(lambda m, a, o: deep.append(1)),
+             tiny_pipe.unet.register_forward_hook(lambda m, a, o: calls.append(1))]
+    kw = dict(seed=5, num_inference_steps=6, sampler="euler", guidance_scale=3.0)
+    try:
+        full = tiny_pipe("a red circle", **kw).latents
+        same = tiny_pipe("a red circle", deep_cache=1, **kw).latents
+        deep.clear(), calls.clear()
+        cached = tiny_pipe("a red circle", deep_cache=3, **kw).latents
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(same, full)  # every call whole: exactly the plain computation
+    assert len(calls) == 6 and len(deep) == 2  # calls 0 and 3 whole, the others shallow
+    assert not torch.equal(cached, full) and torch.isfinite(cached).all()
+    assert tiny_pipe.unet.deep_cache is None  # nothing left behind on the network
+    with pytest.raises(__import__("unfog.errors", fromlist=["UnfogError"]).UnfogError, match="deep_cache"):
+        tiny_pipe("a red circle", deep_cache=0)

@@ -163,6 +163,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         **sdxl,
         prompt_syntax=args.prompt_syntax,
         cfg_truncation=args.cfg_truncation,
+        deep_cache=args.deep_cache,
         **({"lora_dir": args.lora_dir} if args.prompt_syntax == "a1111" else {}),
         image=_open_image(args.init_image, "--init-image"),
         mask_image=_open_image(args.mask, "--mask"),
@@ -388,6 +389,8 @@ def _generate_parser(sub) -> None:
     g.add_argument("--negative-2", help="SDXL: the negative prompt for the second text encoder (default: --negative)")
     g.add_argument("--cfg-truncation", type=float, metavar="F",
                    help="skip the unconditional pass after this fraction of the steps (faster; see README, Performance)")
+    g.add_argument("--deep-cache", type=int, metavar="K",
+                   help="DeepCache: run the U-Net whole every K calls and only its shallowest level in between (faster; see README, Performance)")
     g.add_argument("--prompt-syntax", choices=["a1111", "plain"], default="a1111",
                    help="a1111 (default): (emphasis:1.2), [less], BREAK, <lora:NAME:w> from --lora-dir; plain: the text as it is")
     g.add_argument("--lora-dir", help="where <lora:NAME:w> tags in the prompt find NAME.safetensors")

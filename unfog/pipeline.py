@@ -32,6 +32,7 @@ from .formats import ModelParts, load_any, save_model
 from .graphs import DenoiserGraph
 from .images import from_pil, mask_from_pil, resized, to_pil
 from .nn import Autoencoder, TextEncoder, Tokenizer, UNet
+from .nn.unet import DeepCache
 from .request import GenerationRequest, ModelFacts, make_request
 from .samplers import Step, get_sampler, iterate
 from .text import apply_emphasis, frame
@@ -314,6 +315,8 @@ class Pipeline(LoraMixin, EmbeddingMixin):
         if self.device.type == "cpu":
             fit_threads()  # one thread fewer per core other processes keep busy (unfog.threads)
         sample = get_sampler(request.sampler)
+        if request.deep_cache is not None:  # opt-in, eager: the cached calls compute less than a captured graph would
+            self.unet.deep_cache = DeepCache(request.deep_cache)
         denoiser = self._guided_denoiser(request, state)
         hooks = []
         # Not with graphs (a replay runs whole) or torch.compile (new hooks would recompile the U-Net).
@@ -327,6 +330,7 @@ class Pipeline(LoraMixin, EmbeddingMixin):
             state.x = yield from iterate(sample, denoiser, state.x, state.sigmas, generator=state.generators,
                                          callback=state.keep_known, **request.sampler_options)
         finally:
+            self.unet.deep_cache = None
             for hook in hooks:
                 hook.remove()
         if not torch.isfinite(state.x).all():  # one check at the end: per step it would stall the GPU every step
@@ -485,7 +489,7 @@ class Pipeline(LoraMixin, EmbeddingMixin):
 
     def _denoiser_for(self, r: GenerationRequest, state: DenoisingState) -> Callable:
         base = functools.partial(self.denoiser, round_timesteps=True) if r.round_timesteps else self.denoiser
-        if self.cuda_graphs:
+        if self.cuda_graphs and r.deep_cache is None:
             graph = self._denoiser_graph(base, r, state)
             if graph is not None:
                 return graph.bind(state.cond, state.uncond, r.guidance_scale, state.concat)

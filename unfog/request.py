@@ -69,6 +69,7 @@ class GenerationRequest:
     output_type: str = "pil"
     prompt_syntax: str = "plain"  # or "a1111": emphasis, BREAK, <lora:…> (unfog.prompts)
     cfg_truncation: float | None = None  # after this fraction of the steps, the unconditional half is skipped
+    deep_cache: int | None = None  # DeepCache: the U-Net runs whole every this many calls, shallow in between
     loras: list[tuple[str, float]] = field(default_factory=list)  # <lora:NAME:w> tags of the prompt, for this call
     lora_dir: str | None = None
 
@@ -244,6 +245,7 @@ def make_request(
     prompt_syntax: str = "plain",
     lora_dir: str | None = None,
     cfg_truncation: float | None = None,
+    deep_cache: int | None = None,
     **sdxl: Any,
 ) -> GenerationRequest:
     """Validate a generation's arguments against the model and fill the omitted ones from its
@@ -274,6 +276,8 @@ def make_request(
         raise UnfogError("denoising_start needs image= (the partly denoised latents or image to continue from)", "denoising_start")
     if cfg_truncation is not None and (not isinstance(cfg_truncation, (int, float)) or isinstance(cfg_truncation, bool) or not 0 <= cfg_truncation <= 1):
         raise UnfogError(f"cfg_truncation must be a fraction from 0 to 1 (of the steps run with guidance), got {cfg_truncation!r}", "cfg_truncation")
+    if deep_cache is not None and (not isinstance(deep_cache, int) or isinstance(deep_cache, bool) or not 1 <= deep_cache <= 100):
+        raise UnfogError(f"deep_cache must be an integer from 1 (every call whole) to 100, got {deep_cache!r}", "deep_cache")
     if output_type not in OUTPUT_TYPES:
         raise UnfogError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}", "output_type")
     if model.sdxl == "refiner" and image is None:
@@ -324,7 +328,7 @@ def make_request(
         match_diffusers=matching, denoising_start=None if denoising_start is None else float(denoising_start),
         denoising_end=None if denoising_end is None else float(denoising_end), output_type=output_type,
         prompt_syntax=prompt_syntax, loras=loras, lora_dir=None if lora_dir is None else str(lora_dir),
-        cfg_truncation=None if cfg_truncation is None else float(cfg_truncation),
+        cfg_truncation=None if cfg_truncation is None else float(cfg_truncation), deep_cache=deep_cache,
         **(_sdxl_conditioning(model, sdxl, prompt, negative_prompt, prompts, negatives, n, height, width) if model.sdxl else {}),
     )
 

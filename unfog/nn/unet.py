@@ -84,6 +84,19 @@ class UNetConfig:
         return 2 ** (len(self.block_channels) - 1)
 
 
+class DeepCache:
+    """DeepCache (Ma et al. 2023) for one generation: every `interval`-th U-Net call runs whole and
+    keeps the features entering the shallowest up block; the calls between run only the
+    shallowest down and up blocks on those cached deep features (the skip connections of the
+    shallowest level are still computed from the current input)."""
+
+    def __init__(self, interval: int):
+        self.interval, self.calls, self.features = interval, 0, None
+
+    def reusable(self, batch: int) -> bool:
+        return self.features is not None and self.calls % self.interval != 0 and self.features.shape[0] == batch
+
+
 class UNetBlock(nn.Module):
     """One resolution level: ResBlocks, each optionally followed by a SpatialTransformer, then
     an optional down- or upsampler."""
@@ -155,6 +168,8 @@ class UNet(nn.Module):
         # Training: recompute each block's activations in the backward pass instead of keeping
         # them (torch.utils.checkpoint), trading about a third more compute for far less memory.
         self.gradient_checkpointing = False
+        # Inference, opt-in per generation (Pipeline's deep_cache=k): reuse deep features (DeepCache).
+        self.deep_cache: DeepCache | None = None
 
     def _run(self, block: nn.Module, *args) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -179,29 +194,43 @@ class UNet(nn.Module):
 
         h = self.conv_in(x)
         skips = [h]
-        for block in self.down_blocks:
+        cache = self.deep_cache
+        reuse = cache is not None and cache.reusable(x.shape[0])
+        for level, block in enumerate(self.down_blocks):
+            if reuse and level > 0:
+                break
             for j, resnet in enumerate(block.resnets):
                 h = self._run(resnet, h, emb)
                 if block.attentions is not None:
                     h = self._run(block.attentions[j], h, context)
                 skips.append(h)
-            if block.resample is not None:
+            if block.resample is not None and not reuse:
                 h = block.resample(h)
                 skips.append(h)
 
-        mid = self.mid_block
-        h = self._run(mid.resnets[0], h, emb)
-        if mid.attentions is not None:
-            h = self._run(mid.attentions[0], h, context)
-        h = self._run(mid.resnets[1], h, emb)
+        if reuse:  # DeepCache: the deep features from the last full call stand in for everything below the shallowest level
+            h = cache.features
+        else:
+            mid = self.mid_block
+            h = self._run(mid.resnets[0], h, emb)
+            if mid.attentions is not None:
+                h = self._run(mid.attentions[0], h, context)
+            h = self._run(mid.resnets[1], h, emb)
 
-        for block in self.up_blocks:
+        for i, block in enumerate(self.up_blocks):
+            last = i == len(self.up_blocks) - 1
+            if not last and reuse:
+                continue
+            if last and cache is not None and not reuse:
+                cache.features = h
             for j, resnet in enumerate(block.resnets):
                 h = self._run(resnet, torch.cat([h, skips.pop()], dim=1), emb)
                 if block.attentions is not None:
                     h = self._run(block.attentions[j], h, context)
             if block.resample is not None:
                 h = block.resample(h, size=skips[-1].shape[-2:])
+        if cache is not None:
+            cache.calls += 1
         return self.conv_out(F.silu(self.norm_out(h)))
 
     def added_conditioning(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> torch.Tensor:
