@@ -155,8 +155,8 @@ class Pipeline(LoraMixin, EmbeddingMixin):
                 raise UnfogError("a second text encoder needs an SDXL U-Net (with added conditioning); this U-Net has none")
             return None
         pooled = encoders[-1].config.projection_dim or encoders[-1].config.width
-        count, rest = divmod(c.projection_class_embeddings_input_dim - pooled, c.addition_time_embed_dim)
-        if rest or count not in (5, 6):
+        count = c.micro_conditioning_count(pooled)
+        if count not in (5, 6):
             raise UnfogError(f"the SDXL U-Net's added conditioning takes {c.projection_class_embeddings_input_dim} features, which is not a "
                              f"{pooled}-wide pooled embedding plus 5 (refiner) or 6 (base) micro-conditioning numbers of {c.addition_time_embed_dim}")
         return "refiner" if count == 5 else "base"

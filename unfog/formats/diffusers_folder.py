@@ -172,7 +172,7 @@ def check_aesthetics_flag(flag, unet_cfg, parts: ModelParts, source: str) -> Non
     if flag is None or unet_cfg.addition_time_embed_dim is None:
         return
     last = parts.text_encoder_2 or parts.text_encoder
-    count = (unet_cfg.projection_class_embeddings_input_dim - (last.config.projection_dim or last.config.width)) // unet_cfg.addition_time_embed_dim
+    count = unet_cfg.micro_conditioning_count(last.config.projection_dim or last.config.width)
     if bool(flag) != (count == 5):
         raise UnfogError(f"{source} says requires_aesthetics_score={bool(flag)} (an SDXL {'refiner' if flag else 'base'}) but the U-Net is an SDXL "
                          f"{'refiner' if count == 5 else 'base'} ({count} micro-conditioning numbers); the components come from different models")

@@ -92,16 +92,24 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _peft_alpha(metadata: dict, component: str, path: str, rank: int) -> float:
-    """PEFT's scale is lora_alpha / r, with per-module overrides in alpha_pattern (matched on the
-    module path's end); without metadata diffusers takes alpha = rank (scale 1)."""
-    raw = metadata.get("lora_adapter_metadata")
+def _peft_header(f: SafetensorsFile) -> dict | None:
+    raw = f.metadata.get("lora_adapter_metadata")
     if not raw:
-        return float(rank)
+        return None
     try:
         meta = json.loads(raw)
     except ValueError:
-        raise UnfogError("the LoRA file's lora_adapter_metadata header is not valid JSON") from None
+        raise UnfogError(f"{f.path}: the lora_adapter_metadata header is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise UnfogError(f"{f.path}: the lora_adapter_metadata header is not a JSON object")
+    return meta
+
+
+def _peft_alpha(meta: dict | None, component: str, path: str, rank: int) -> float:
+    """PEFT's scale is lora_alpha / r, with per-module overrides in alpha_pattern (matched on the
+    module path's end); without metadata diffusers takes alpha = rank (scale 1)."""
+    if meta is None:
+        return float(rank)
     prefix = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}[component]
     alpha = meta.get(f"{prefix}.lora_alpha", meta.get("lora_alpha", rank))
     for pattern, value in (meta.get(f"{prefix}.alpha_pattern") or {}).items():
@@ -147,6 +155,7 @@ def read_lora(path: str | Path, components: dict[str, nn.Module], *, strict: boo
     tables = {c: module_names(c, m) for c, m in components.items() if m is not None}
     underscored = {c: {n.replace(".", "_"): p for n, p in t.items()} for c, t in tables.items()}
     out = LoraFile(path)
+    header = _peft_header(f)
     for (fmt, comp, name), parts in groups.items():
         table = underscored if fmt == "kohya" else tables
         target = table.get(comp, {}).get(name)
@@ -159,7 +168,7 @@ def read_lora(path: str | Path, components: dict[str, nn.Module], *, strict: boo
             continue
         layer = components[comp].get_submodule(target)
         layer = getattr(layer, "layer", layer)
-        out.adapters.setdefault(comp, {})[target] = _adapter(f, parts, layer, fmt, comp, name)
+        out.adapters.setdefault(comp, {})[target] = _adapter(f, parts, layer, fmt, comp, name, header)
     if out.unmatched and strict:
         kinds = ", ".join(f"{c}" for c in tables)
         raise UnfogError(f"{path}: {len(out.unmatched)} LoRA weights match no layer of this model ({kinds}), e.g. {out.unmatched[:3]}; "
@@ -169,7 +178,7 @@ def read_lora(path: str | Path, components: dict[str, nn.Module], *, strict: boo
     return out
 
 
-def _adapter(f: SafetensorsFile, parts: dict[str, str], layer: nn.Module, fmt: str, comp: str, name: str) -> Adapter:
+def _adapter(f: SafetensorsFile, parts: dict[str, str], layer: nn.Module, fmt: str, comp: str, name: str, header: dict | None) -> Adapter:
     def t(suffix):
         return f[parts[suffix]].float()
 
@@ -198,7 +207,7 @@ def _adapter(f: SafetensorsFile, parts: dict[str, str], layer: nn.Module, fmt: s
             raise UnfogError(f"{where}: LoRA shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not fit the layer's weight {shape} "
                              f"(rank {down.shape[0]} needs down {want_down} and up {want_up}); is it a LoRA for another architecture?")
         if fmt == "peft":
-            alpha = _peft_alpha(f.metadata, comp, name, down.shape[0])
+            alpha = _peft_alpha(header, comp, name, down.shape[0])
         adapter = LowRank(down, up, alpha)
     try:
         delta_shape = adapter.delta().shape if not isinstance(adapter, LowRank) else shape

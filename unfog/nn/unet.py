@@ -79,6 +79,14 @@ class UNetConfig:
         heads = _per_level(self.num_heads, len(self.block_channels), "num_heads")[level]
         return heads, ch // heads
 
+    def micro_conditioning_count(self, pooled_dim: int) -> int | None:
+        """How many micro-conditioning numbers the added conditioning takes beside a `pooled_dim`
+        pooled embedding (SDXL base 6, refiner 5); None without added conditioning or if it does not divide."""
+        if self.addition_time_embed_dim is None:
+            return None
+        count, rest = divmod(self.projection_class_embeddings_input_dim - pooled_dim, self.addition_time_embed_dim)
+        return None if rest or count < 0 else count
+
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.block_channels) - 1)

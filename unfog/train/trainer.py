@@ -176,6 +176,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(c.seed)
         self.lora = None
+        self.tokenizer_2, self.force_zeros = None, False  # an SDXL base's second tokenizer (LoRA runs)
         if c.stage == "autoencoder":
             if init is not None:
                 raise UnfogError("--init applies to the diffusion stage; it starts from a model folder")
@@ -383,7 +384,7 @@ class Trainer:
         texts = ["" if d else s for d, s in zip(drop.tolist(), self.data.captions(indices[lo:hi], epoch_seed=step))]
         x0 = self._latents(indices[lo:hi])
         batch = (x0, self.tokenizer(texts).to(self.device), t.to(self.device), noise.to(self.device))
-        if getattr(self, "tokenizer_2", None) is not None:  # SDXL base: the second encoder's ids and the micro-conditioning
+        if self.tokenizer_2 is not None:  # SDXL base: the second encoder's ids and the micro-conditioning
             f = self.vae.config.downsample_factor
             h, w = x0.shape[-2] * f, x0.shape[-1] * f  # the image as trained: its (bucket) size, uncropped
             time_ids = torch.tensor([[h, w, 0.0, 0.0, h, w]] * len(texts), device=self.device)
@@ -531,8 +532,8 @@ class Trainer:
 
         source = self.ema if self.ema is not None else self.model
         return Pipeline(self.tokenizer, source.text_encoder, source.unet, self.vae, self.scheduler, SamplingDefaults.from_dict(self.config.defaults),
-                        tokenizer_2=getattr(self, "tokenizer_2", None), text_encoder_2=source.text_encoder_2,
-                        force_zeros_for_empty_prompt=getattr(self, "force_zeros", False))
+                        tokenizer_2=self.tokenizer_2, text_encoder_2=source.text_encoder_2,
+                        force_zeros_for_empty_prompt=self.force_zeros)
 
 
 def export(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
