@@ -184,9 +184,13 @@ def scene_for_index(seed: int, index: int) -> Scene:
     return sample_scene(random.Random(f"shapes-v1/{seed}/{index}"))
 
 
-def write_dataset(out_dir: str | Path, count: int, seed: int = 0, *, progress: bool = True) -> Path:
-    """Write `count` PNGs plus metadata.jsonl ({file_name, text, scene} per line)."""
+def write_dataset(out_dir: str | Path, count: int, seed: int = 0, *, progress: bool = True, world=None) -> Path:
+    """Write `count` PNGs plus metadata.jsonl ({file_name, text, scene} per line). `world` is
+    the module of another procedural world with the same functions (unfog.data.emoji)."""
     from tqdm.auto import tqdm
+
+    w = world or __import__(__name__, fromlist=["render"])
+    scene_for_index, render, caption, training_prompt = w.scene_for_index, w.render, w.caption, w.training_prompt
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
