@@ -228,29 +228,36 @@ def cmd_noise(args: argparse.Namespace) -> None:
     print(f"{args.output}  x_t at t = {', '.join(str(int(t)) for t in ts)}")
 
 
-def cmd_data_shapes(args: argparse.Namespace) -> None:
-    from .data.shapes import write_dataset
+def cmd_data_world(args: argparse.Namespace) -> None:
+    """`unfog data shapes|emoji DIR`: render a procedural world's images + metadata.jsonl."""
+    import importlib
 
     if args.count < 1:
         raise UnfogError("--count must be at least 1")
-    out = write_dataset(args.out_dir, args.count, args.seed)
+    world = importlib.import_module(f".data.{args.dataset}", __package__)
+    out = world.write_dataset(args.out_dir, args.count, args.seed)
     print(f"{out}  {args.count} images + metadata.jsonl")
 
 
 def _data_source(args, config):
     """The dataset, or (resolution unknown until the model is loaded) a function of the resolution."""
     from .data.folder import ImageCaptionFolder
-    from .data.shapes import ShapesStream
 
     def make(resolution, factor=64):  # buckets' sides: multiples of the model's pixel factor (SD: 64, as kohya's)
         if args.data == "shapes":
+            from .data.shapes import ShapesStream
+
             return ShapesStream(seed=config.seed, pool=config.data_pool, resolution=resolution)
+        if args.data == "emoji":
+            from .data.emoji import EmojiStream
+
+            return EmojiStream(seed=config.seed, pool=config.data_pool, resolution=resolution)
         data = ImageCaptionFolder(args.data, resolution, skip_bad=args.skip_bad, buckets=factor if config.buckets else None)
         if data.skipped:
             print(f"skipped {len(data.skipped)} bad files, e.g. {data.skipped[0][0]}: {data.skipped[0][1]}", file=sys.stderr)
         return data
 
-    if args.data != "shapes" and not Path(args.data).is_dir():
+    if args.data not in ("shapes", "emoji") and not Path(args.data).is_dir():
         raise UnfogError(f"dataset folder {args.data} does not exist")
     return make if not config.resolution else make(config.resolution)
 
@@ -436,11 +443,12 @@ def _data_parser(sub) -> None:
     """`unfog data`: datasets."""
     d = sub.add_parser("data", help="make datasets")
     dsub = d.add_subparsers(dest="dataset", required=True)
-    ds = dsub.add_parser("shapes", help="render shapes-v1 images + metadata.jsonl")
-    ds.add_argument("out_dir")
-    ds.add_argument("--count", type=int, default=1000)
-    ds.add_argument("--seed", type=int, default=0)
-    ds.set_defaults(func=cmd_data_shapes)
+    for name, what in (("shapes", "shapes-v1"), ("emoji", "emoji-scenes")):
+        ds = dsub.add_parser(name, help=f"render {what} images + metadata.jsonl")
+        ds.add_argument("out_dir")
+        ds.add_argument("--count", type=int, default=1000)
+        ds.add_argument("--seed", type=int, default=0)
+        ds.set_defaults(func=cmd_data_world)
 
 
 def _train_parser(sub) -> None:
@@ -448,7 +456,7 @@ def _train_parser(sub) -> None:
     from .train.config import PRESETS
 
     t = sub.add_parser("train", help="train an autoencoder or a text-to-image model")
-    t.add_argument("--data", required=True, help="an image+caption folder, or 'shapes' for the endless shapes-v1 stream")
+    t.add_argument("--data", required=True, help="an image+caption folder, or 'shapes' / 'emoji' for the endless shapes-v1 / emoji-scenes stream")
     t.add_argument("--preset", choices=sorted(PRESETS), help="the settings to start from (default with --lora-rank: lora)")
     t.add_argument("--out", required=True, help="run folder: config, checkpoints, metrics, samples")
     t.add_argument("--vae", help="autoencoder run or model folder (diffusion stage)")
@@ -468,7 +476,7 @@ def _train_parser(sub) -> None:
     t.add_argument("--ema-decay", type=float)
     t.add_argument("--seed", type=int)
     t.add_argument("--precision", choices=["auto", "bf16", "fp32"])
-    t.add_argument("--pool", type=int, help="shapes: wrap the stream to N images and cache their latents")
+    t.add_argument("--pool", type=int, help="shapes, emoji: wrap the stream to N images and cache their latents")
     t.add_argument("--checkpoint-every", type=int)
     t.add_argument("--sample-every", type=int)
     t.add_argument("--device")

@@ -16,6 +16,14 @@ SHAPES_PROMPTS = [
     "a small green circle above a big orange triangle", "a orange circle below a blue circle on a gray background", "a red triangle right of a green square",
 ]
 
+EMOJI_PROMPTS = [
+    "a fox", "a big red apple at the top", "a fox left of a red apple on a light blue background", "a small cat in the center",
+    "a big sunflower on the left on a pink background", "a rocket above a hamburger", "a big owl at the bottom in grayscale",
+    "a guitar right of a small elephant on a light yellow background", "a pizza below a butterfly", "a big bicycle on a light green background",
+    "a small octopus on the right", "a teddy bear left of a cactus on a white background", "a big crown in sepia",
+    "a watermelon above a small tiger", "a helicopter at the top on a light blue background", "a big strawberry right of a turtle",
+]
+
 
 @dataclass
 class TrainConfig:
@@ -91,6 +99,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         text_encoder=dict(width=128, layers=4, heads=4, mlp_width=512, activation="gelu"),
         scheduler=dict(beta_schedule="scaled_linear", prediction_type="v_prediction", zero_terminal_snr=True, sigma_schedule="trailing"),
         defaults=dict(sampler="dpmpp_2m_sde", num_inference_steps=30, guidance_scale=4.0, height=64, width=64),
+    ),
+    # The bundled emoji-scenes model (docs/specs/emoji-scenes.md): shapes' recipe, a wider
+    # autoencoder for the sprites' detail, a 32-token context for the longer names.
+    "emoji-ae": dict(stage="autoencoder", autoencoder=dict(SHAPES_AE, block_channels=[64, 128, 128]), batch_size=64, max_steps=4000, lr=4e-4,
+                     ema_decay=0.999),
+    "emoji": dict(
+        stage="diffusion", batch_size=256, max_steps=30_000, lr=4e-4, warmup_steps=500, ema_decay=0.9995, data_pool=300_000,
+        loss_weighting="uniform", tokenizer_context_length=32,
+        unet=dict(in_channels=4, out_channels=4, block_channels=[64, 128, 160], layers_per_block=1, attention_levels=[True, True, True],
+                  num_heads=[2, 4, 5], context_dim=128, norm_groups=16, transformer_depth=1),
+        text_encoder=dict(width=128, layers=4, heads=4, mlp_width=512, activation="gelu"),
+        scheduler=dict(beta_schedule="scaled_linear", prediction_type="v_prediction", zero_terminal_snr=True, sigma_schedule="trailing"),
+        defaults=dict(sampler="dpmpp_2m_sde", num_inference_steps=30, guidance_scale=4.0, height=64, width=64),
+        sample_prompts=EMOJI_PROMPTS,
     ),
     # LoRA on any model (--init): the model's own size, a constant learning rate, min-SNR weighting.
     "lora": dict(stage="diffusion", resolution=0, lora_rank=8, batch_size=4, max_steps=1000, lr=1e-4, warmup_steps=0, lr_schedule="constant",
