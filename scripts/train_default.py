@@ -52,6 +52,11 @@ def main() -> None:
     ap.add_argument("--ae-seconds", type=float, default=90)
     ap.add_argument("--dm-seconds", type=float, default=360)
     ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--init", help="skip the autoencoder and continue the diffusion model from this model folder")
+    ap.add_argument("--pool", type=int, help="override the preset's data pool")
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--warmup-steps", type=int)
+    ap.add_argument("--ema-decay", type=float)
     ap.add_argument("--eval-prompts", type=int, default=500)
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
@@ -63,21 +68,27 @@ def main() -> None:
         from unfog.data.shapes import ShapesStream as Stream
     ae_preset, dm_preset = args.ae_preset or f"{args.world}-ae", args.dm_preset or args.world
 
-    dm_cfg = preset(dm_preset, batch_size=args.batch_size, checkpoint_every=10**9, sample_every=2000)
+    dm_cfg = preset(dm_preset, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
+                    data_pool=args.pool, checkpoint_every=10**9, sample_every=2000)
     data = Stream(seed=dm_cfg.seed, pool=dm_cfg.data_pool, resolution=dm_cfg.resolution)
     if args.workers:
         t0 = time.perf_counter()
         data.prerender(args.workers)
         print(f"rendered {len(data)} images in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    ae_cfg = preset(ae_preset, checkpoint_every=10**9, sample_every=10**9)
-    ae_data = data if args.workers else Stream(seed=ae_cfg.seed, resolution=ae_cfg.resolution)
-    ae = Trainer(ae_cfg, ae_data, out / "ae", resume=args.resume)
-    summary_ae = timed_run(ae, args.ae_seconds)
-    ae.save_samples()
-    print("autoencoder:", summary_ae, flush=True)
+    summary_ae = None
+    if not args.init:
+        ae_cfg = preset(ae_preset, checkpoint_every=10**9, sample_every=10**9)
+        ae_data = data if args.workers else Stream(seed=ae_cfg.seed, resolution=ae_cfg.resolution)
+        ae = Trainer(ae_cfg, ae_data, out / "ae", resume=args.resume)
+        summary_ae = timed_run(ae, args.ae_seconds)
+        ae.save_samples()
+        print("autoencoder:", summary_ae, flush=True)
 
-    dm = Trainer(dm_cfg, data, out / "dm", vae=out / "ae", resume=args.resume)
+    if args.init:
+        dm = Trainer(dm_cfg, data, out / "dm", init=args.init, resume=args.resume)
+    else:
+        dm = Trainer(dm_cfg, data, out / "dm", vae=out / "ae", resume=args.resume)
     summary_dm = timed_run(dm, args.dm_seconds)
     dm.save_samples()
     print("diffusion:", summary_dm, flush=True)
@@ -90,7 +101,7 @@ def main() -> None:
         if args.world == "shapes":
             from unfog.eval.shapes import evaluate, format_table
 
-            result = evaluate(pipe, args.eval_prompts, seed=seed, batch_size=100, progress=False)
+            result = evaluate(pipe, args.eval_prompts, seed=seed, batch_size=50, progress=False)
             print(format_table(result["scores"]))
             report[f"scores_seed{seed}"] = result["scores"]
         else:
@@ -99,8 +110,8 @@ def main() -> None:
 
             texts = [caption(p) for p in eval_prompts(args.eval_prompts, seed)]
             images = []
-            for start in range(0, len(texts), 100):
-                chunk = texts[start : start + 100]
+            for start in range(0, len(texts), 50):
+                chunk = texts[start : start + 50]
                 images += pipe(chunk, seed=[seed + start + k for k in range(len(chunk))]).images
             np.savez_compressed(out / f"eval-seed{seed}.npz", images=np.stack([np.asarray(im) for im in images]), prompts=np.array(texts))
             result = {"images": images}

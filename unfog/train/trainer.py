@@ -426,9 +426,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             decay = min(c.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                    e.lerp_(p.detach(), 1 - decay)
+            with torch.no_grad():  # one fused update per dtype, not a kernel per tensor
+                torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.model.parameters()], 1 - decay)
         return loss_value
 
     # ---- the loop -----------------------------------------------------------------------
