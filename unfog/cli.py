@@ -409,7 +409,7 @@ def _generate_parser(sub) -> None:
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
-    g.add_argument("--model", help="unfog or diffusers model folder, or single-file SD checkpoint (default: the bundled model)")
+    g.add_argument("--model", help="unfog or diffusers model folder, or single-file SD checkpoint, or a bundled model by name: shapes, emoji (default: the bundled default, shapes)")
     g.add_argument("--config", help="single-file checkpoints: a diffusers-layout config folder")
     g.add_argument("--tokenizer", help="single-file checkpoints: a CLIP tokenizer folder")
     g.add_argument("--clip-skip", type=int, default=0)

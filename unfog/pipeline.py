@@ -39,6 +39,9 @@ from .text import apply_emphasis, frame
 from .threads import fit_threads
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
+# The models shipped in the package, by the names `from_pretrained` and `--model` accept (a
+# folder or file of that name, if one exists, wins).
+BUNDLED_MODELS = {"shapes": DEFAULT_MODEL_DIR, "emoji": Path(__file__).parent / "assets" / "emoji"}
 
 
 class Interrupted(Exception):
@@ -167,7 +170,7 @@ class Pipeline(LoraMixin, EmbeddingMixin):
     def from_pretrained(cls, path: str | Path | None = None, **options) -> "Pipeline":
         """Load an unfog model folder, a diffusers-layout Stable Diffusion folder or a
         single-file SD 1.x/2.x/XL `.safetensors`; `None` loads the default model bundled with
-        unfog. Options (see `unfog.formats.load_any`): `dtype` (or diffusers' name `torch_dtype`;
+        unfog, and "shapes" or "emoji" a bundled model by name. Options (see `unfog.formats.load_any`): `dtype` (or diffusers' name `torch_dtype`;
         the networks are loaded straight into it, e.g. torch.bfloat16 for SDXL on a CPU),
         `clip_skip`, `prediction_type`, and for single files `config` (a diffusers-layout config
         folder) and `tokenizer`."""
@@ -180,6 +183,11 @@ class Pipeline(LoraMixin, EmbeddingMixin):
             if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
                 raise UnfogError("this install of unfog has no bundled default model; pass a model folder: Pipeline.from_pretrained('path/to/model')")
             path = DEFAULT_MODEL_DIR
+        elif str(path) in BUNDLED_MODELS and not Path(path).exists():
+            bundled = BUNDLED_MODELS[str(path)]
+            if not (bundled / "model_index.json").is_file():
+                raise UnfogError(f"this install of unfog lacks the bundled model {str(path)!r} ({bundled}); reinstall unfog from a full checkout")
+            path = bundled
         p = load_any(path, **options)
         return cls.from_parts(p)
 
