@@ -269,7 +269,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                  "grad_accum": args.grad_accum, "precision": args.precision, "data_pool": args.pool,
                  "checkpoint_every": args.checkpoint_every, "sample_every": args.sample_every, "resolution": args.resolution,
                  "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_text_encoder": args.lora_text_encoder or None,
-                 "gradient_checkpointing": args.gradient_checkpointing or None, "buckets": args.buckets or None}
+                 "gradient_checkpointing": args.gradient_checkpointing or None, "buckets": args.buckets or None, "fsdp": args.fsdp or None}
     name = args.preset or ("lora" if args.lora_rank else None)
     if name is None:
         raise UnfogError("choose a --preset (or --lora-rank R with --init MODEL to train a LoRA)")
@@ -465,6 +465,7 @@ def _train_parser(sub) -> None:
     t.add_argument("--lora-alpha", type=float, help="LoRA alpha (scale alpha/rank; default: the rank)")
     t.add_argument("--lora-text-encoder", action="store_true", help="also train adapters on the text encoder")
     t.add_argument("--resolution", type=int, help="training image size (default: the preset's; for a LoRA the model's own)")
+    t.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model, gradients, optimizer state and EMA across the processes (FSDP2)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute U-Net activations in the backward pass (less memory)")
     t.add_argument("--buckets", action="store_true", help="image folders: aspect-ratio buckets (sides multiples of 64) instead of square crops")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")

@@ -91,13 +91,15 @@ def _py_state():
 
 def _complete(path: Path) -> bool:
     """Whether a checkpoint folder holds all its files and a readable state.json."""
-    if not all((path / name).is_file() for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")):
+    sharded = (path / "dcp" / ".metadata").is_file()  # an FSDP checkpoint (unfog/train/fsdp.py)
+    files = ("ema.safetensors", "state.json") if sharded else ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
+    if not all((path / name).is_file() for name in files):
         return False
     try:
         state = json.loads((path / "state.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(state, dict) and all(k in state for k in ("step", "optimizer", "python_random"))
+    return isinstance(state, dict) and all(k in state for k in ("step", "python_random") + (() if sharded else ("optimizer",)))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -60,6 +60,7 @@ class TrainConfig:
     lora_text_encoder: bool = False
     init: str | None = None
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard model, gradients, optimizer state and EMA across torchrun processes (FSDP2)
     buckets: bool = False  # image folders: group images into aspect-ratio buckets instead of centre-cropping
     # autoencoder stage
     autoencoder: dict[str, Any] = field(default_factory=dict)

@@ -30,7 +30,7 @@ from ..formats.folder import load_weights, read_config, save_weights
 from ..formats.weights import load_checked
 from ..images import grid, to_pil
 from ..nn import Autoencoder, AutoencoderConfig, TextEncoder, TextEncoderConfig, Tokenizer, TokenizerConfig, UNet, UNetConfig
-from . import plots
+from . import fsdp, plots
 from .checkpoint import latest_checkpoint, load_checkpoint, read_tensors, save_checkpoint
 from .config import TrainConfig
 
@@ -163,6 +163,8 @@ class Trainer:
                                      f"only {', '.join(self.RESUMABLE_OVERRIDES)} may")
                 setattr(config, key, value)
         self.config = c = config
+        if c.fsdp:  # before anything is written
+            fsdp.check_setup(self.world, c.stage, bool(c.lora_rank))
         per_step = self.world * c.grad_accum
         if c.batch_size % per_step:
             raise UnfogError(f"batch_size {c.batch_size} must be divisible by processes × grad_accum = {per_step}")
@@ -195,15 +197,21 @@ class Trainer:
         self.model.to(self.device)
         # A LoRA run keeps no EMA (and no copy of the frozen model): samples and export use the adapters as trained.
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if self.lora is None else None
+        if c.fsdp:  # model, EMA and (through the sharded parameters) gradients and optimizer state: 1/N per process
+            fsdp.shard(self.model)
+            fsdp.shard(self.ema)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
         self.train_model = self.model
-        if self.world > 1:
+        if self.world > 1 and not c.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.step, self.nonfinite, self.latent_cache = 0, 0, {}
         if resume and ckpt is not None:
-            state = load_checkpoint(ckpt, self.lora or self.model, self.ema, self.optimizer)
+            if fsdp.is_sharded(ckpt) != c.fsdp:
+                raise UnfogError(f"{ckpt} was written {'with' if fsdp.is_sharded(ckpt) else 'without'} --fsdp; resume it the same way")
+            load = fsdp.load_sharded if c.fsdp else load_checkpoint
+            state = load(ckpt, self.lora or self.model, self.ema, self.optimizer)
             self.step, self.nonfinite = state["step"], state["nonfinite"]
             self._say(f"resumed from {ckpt} at step {self.step}")
         self.stop_signal = None
@@ -400,7 +408,11 @@ class Trainer:
         for k in range(c.grad_accum):
             part = [b[k * micro : (k + 1) * micro] for b in batch]
             sync = k == c.grad_accum - 1 or self.world == 1
-            ctx = self.train_model.no_sync() if not sync else contextlib.nullcontext()
+            if c.fsdp:
+                self.model.set_requires_gradient_sync(sync)
+                ctx = contextlib.nullcontext()
+            else:
+                ctx = self.train_model.no_sync() if not sync else contextlib.nullcontext()
             with ctx, torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 loss = self.train_model(*part) / c.grad_accum
             loss.backward()
@@ -419,6 +431,8 @@ class Trainer:
             group["lr"] = self._lr(step)
         # A finite loss can still have overflowed gradients (bf16); stepping would poison the weights.
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP: the norm over every process's shards
+            norm = norm.full_tensor()
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             return float("nan")
@@ -433,7 +447,10 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
 
     def checkpoint(self) -> None:
-        if self.rank == 0:
+        if self.config.fsdp:  # every process writes its shards
+            fsdp.save_sharded(self.out, self.step, self.model, self.ema, self.optimizer, {"nonfinite": self.nonfinite},
+                              keep=self.config.keep_checkpoints)
+        elif self.rank == 0:
             model = self.lora if self.lora is not None else self.model
             save_checkpoint(self.out, self.step, model, self.ema if self.ema is not None else model, self.optimizer, {"nonfinite": self.nonfinite},
                             keep=self.config.keep_checkpoints)
@@ -506,7 +523,7 @@ class Trainer:
     def save_samples(self) -> Path | None:
         """A PNG grid: generated images for the fixed prompts (diffusion) or originals above
         reconstructions (autoencoder), from the EMA weights."""
-        if self.rank != 0:
+        if self.rank != 0 or self.config.fsdp:  # a sharded EMA cannot run on one process: export the run to see samples
             return None
         out = self.out / "samples" / f"step-{self.step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
