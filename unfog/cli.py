@@ -344,18 +344,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
-def cmd_eval_shapes(args: argparse.Namespace) -> None:
+def cmd_eval(args: argparse.Namespace) -> None:
+    """`unfog eval shapes|emoji [MODEL]`: prompt adherence of a model on its procedural world."""
+    import importlib
     import json
 
-    from .eval.shapes import evaluate, format_table
     from .images import grid
     from .pipeline import Pipeline
 
+    world = importlib.import_module(f".eval.{args.suite}", __package__)
     if args.prompts < 1:
         raise UnfogError("--prompts must be at least 1")
-    pipe = Pipeline.from_pretrained(args.model).to(args.device)
-    result = evaluate(pipe, args.prompts, args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, progress=not args.quiet)
-    print(format_table(result["scores"]))
+    if getattr(args, "images", None):  # emoji: score images generated elsewhere (scripts/train_default.py --world emoji)
+        if args.model:
+            raise UnfogError("pass a MODEL or --images, not both")
+        result = world.score_file(args.images, args.seed)
+    else:
+        pipe = Pipeline.from_pretrained(args.model or ("emoji" if args.suite == "emoji" else None)).to(args.device)
+        result = world.evaluate(pipe, args.prompts, args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+                                progress=not args.quiet)
+    print(world.format_table(result["scores"]))
     if args.json:
         Path(args.json).write_text(json.dumps(result["scores"], indent=2) + "\n")
     if args.grid:
@@ -537,18 +545,21 @@ def _eval_parser(sub) -> None:
     """`unfog eval`: measurements of a model."""
     e = sub.add_parser("eval", help="measure a model")
     esub = e.add_subparsers(dest="suite", required=True)
-    es = esub.add_parser("shapes", help="prompt adherence on shapes-v1")
-    es.add_argument("model", nargs="?", help="model folder (default: the bundled model)")
-    es.add_argument("--prompts", type=int, default=500)
-    es.add_argument("--seed", type=int, default=0)
-    es.add_argument("--steps", type=int)
-    es.add_argument("--guidance", type=float)
-    es.add_argument("--sampler")
-    es.add_argument("--device")
-    es.add_argument("--json", help="also write the scores as JSON")
-    es.add_argument("--grid", help="also save the first 64 images as a grid PNG")
-    es.add_argument("-q", "--quiet", action="store_true")
-    es.set_defaults(func=cmd_eval_shapes)
+    for name, what, default in (("shapes", "shapes-v1", "the bundled default model"), ("emoji", "emoji-scenes", "the bundled emoji model")):
+        es = esub.add_parser(name, help=f"prompt adherence on {what}")
+        es.add_argument("model", nargs="?", help=f"model folder (default: {default})")
+        es.add_argument("--prompts", type=int, default=500)
+        es.add_argument("--seed", type=int, default=0)
+        es.add_argument("--steps", type=int)
+        es.add_argument("--guidance", type=float)
+        es.add_argument("--sampler")
+        es.add_argument("--device")
+        es.add_argument("--json", help="also write the scores as JSON")
+        es.add_argument("--grid", help="also save the first 64 images as a grid PNG")
+        es.add_argument("-q", "--quiet", action="store_true")
+        if name == "emoji":
+            es.add_argument("--images", help="score an .npz of generated images (images, prompts) instead of a model; --seed is the one they were drawn with")
+        es.set_defaults(func=cmd_eval)
 
 
 def main(argv: list[str] | None = None) -> int:
