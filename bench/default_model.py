@@ -1,7 +1,7 @@
-"""Time the bundled default model on this machine: loading, and one 64×64 image at the
-default settings (median of repeats after a warm-up).
+"""Time a bundled model on this machine: loading, and one 64×64 image at the default
+settings (median of repeats after a warm-up).
 
-    python bench/default_model.py [--repeats 10] [--threads N]
+    python bench/default_model.py [--model shapes|emoji] [--repeats 10] [--threads N]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["shapes", "emoji"], default="shapes")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
@@ -27,22 +28,24 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     # Load in a fresh interpreter so nothing is cached: import unfog + read the model folder.
-    code = "import time; t=time.perf_counter(); import unfog; p=unfog.Pipeline.from_pretrained(); print(time.perf_counter()-t)"
+    code = f"import time; t=time.perf_counter(); import unfog; p=unfog.Pipeline.from_pretrained({args.model!r}); print(time.perf_counter()-t)"
     cold = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout) for _ in range(3)]
 
     from unfog import Pipeline
 
     t = time.perf_counter()
-    pipe = Pipeline.from_pretrained()
+    pipe = Pipeline.from_pretrained(args.model)
     warm_load = time.perf_counter() - t
-    pipe("a red circle", seed=0)  # warm-up
+    prompt = "a big blue square left of a small yellow circle" if args.model == "shapes" else "a fox left of a red apple on a light blue background"
+    pipe(prompt, seed=0)  # warm-up
     times = []
     for k in range(args.repeats):
         t = time.perf_counter()
-        pipe("a big blue square left of a small yellow circle", seed=k)
+        pipe(prompt, seed=k)
         times.append(time.perf_counter() - t)
     d = pipe.defaults
     result = {
+        "model": args.model,
         "load_s_fresh_process_median": statistics.median(cold),
         "load_s_in_process": warm_load,
         "image_s_median": statistics.median(times),
