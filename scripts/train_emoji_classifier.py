@@ -2,7 +2,13 @@
 (float16 safetensors, the class names in its metadata) to
 unfog/assets/emoji-sprites/classifier.safetensors.
 
-    python scripts/train_emoji_classifier.py                # about 10 minutes on 2 cores
+    nohup nice -n 10 python scripts/train_emoji_classifier.py > train.log 2>&1 &
+
+On 2 CPU cores shared with another training job this took 819 s (crops 287 s, 2 epochs 530 s);
+an epoch took 119 s once the other job eased off. Held-out accuracy after 2 epochs: 100.00 %
+on clean crops and on crops degraded as in `validate`, 99.91 % degraded as in training,
+99.86 % with rescaled sprites. Runs are repeatable: two runs of a small configuration wrote
+bit-identical tensors (only the order of the header's metadata keys differed).
 
 The crops are made exactly as the evaluator makes them: random emoji-scenes (all backgrounds,
 styles; half of them with the sprites rescaled to a longer side of 14–34 px, so that generated
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import resource
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -103,9 +110,9 @@ def accuracy(net, x: np.ndarray, y: np.ndarray) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenes", type=int, default=80_000, help="training scenes (about 1.4 crops each)")
+    ap.add_argument("--scenes", type=int, default=60_000, help="training scenes (about 1.4 crops each)")
     ap.add_argument("--held-out", type=int, default=4000, help="held-out scenes per kind (clean, validate-degraded, train-degraded)")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--workers", type=int, default=2, help="processes rendering the crops")
@@ -153,14 +160,15 @@ def main() -> None:
             loss.backward()
             opt.step()
             sched.step()
-            running += float(loss)
+            running += float(loss.detach())
         accs = {k: accuracy(net, *v) for k, v in held.items()}
         print(f"epoch {epoch + 1}/{args.epochs}: loss {running / steps_per_epoch:.3f}; held-out accuracy "
               + ", ".join(f"{k} {100 * a:.2f}%" for k, a in accs.items()) + f"; {time.perf_counter() - t1:.0f} s", flush=True)
     save_classifier(net, names, WIDTHS, args.out)
     size = Path(args.out).stat().st_size
+    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
     print(f"wrote {args.out} ({size / 1e6:.2f} MB); data {t_data:.0f} s, training {time.perf_counter() - t1:.0f} s, "
-          f"total {time.perf_counter() - t0:.0f} s", flush=True)
+          f"total {time.perf_counter() - t0:.0f} s wall, {cpu:.0f} CPU-seconds", flush=True)
 
 
 if __name__ == "__main__":
