@@ -35,6 +35,9 @@ MIN_PIXELS = 12  # smaller objects are specks, not objects
 CROP_PAD = 2
 CROP_SIZE = 32
 MAX_OBJECTS = 4  # the largest objects considered when matching a prompt's objects
+# Recognised means the classifier's first choice, with at least this probability: a blob that is
+# "most like a zebra" at 7 % (a near tie with a wrench) is not a zebra to a person.
+MIN_CONFIDENCE = 0.5
 SPLIT_PENALTY = 0.5  # log-probability charged for matching a prompt object to part of a segmented object
 SMALL_BELOW = 23  # longer side in pixels: small 18±2, big 28±2
 RELATION_GAP = 6
@@ -409,7 +412,7 @@ def _results(a: dict, prompt: Prompt) -> dict[str, bool]:
     for k, (o, m) in enumerate(zip(prompt.objects, matched)):
         sfx = f".{k}" if len(prompt.objects) > 1 else ""
         results["exists" + sfx] = m is not None
-        results["object" + sfx] = m is not None and m["name"] == o.name
+        results["object" + sfx] = m is not None and m["name"] == o.name and m["logp"] >= math.log(MIN_CONFIDENCE)
         if o.size:
             results["size" + sfx] = m is not None and ("small" if m["found"].side < SMALL_BELOW else "big") == o.size
     if prompt.position:
