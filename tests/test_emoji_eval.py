@@ -211,3 +211,19 @@ def test_evaluate_runs_an_emoji_model():
     assert result["prompts"] == [caption(p) for p in E.eval_prompts(4, 5)] and len(result["images"]) == 4
     assert {"one-object", "two-object", "by_group"} <= set(result["scores"])
     json.dumps(result["scores"])  # plain numbers, for reports
+
+
+def test_a_low_confidence_first_choice_is_not_recognised(monkeypatch):
+    """A blob the classifier calls "most like a fox" at 7 % is not a fox to a person."""
+    image = render(Scene([Obj("fox", "big", 28, 32, 32)], "white"))
+    prompt = Scene([Obj("fox")])
+    assert E.check(image, prompt)["object"]
+    fox = sprites().index("fox")
+
+    def unsure(crops, path=None):
+        p = np.full((len(crops), len(sprites().names)), (1 - 0.07) / (len(sprites().names) - 1))
+        p[:, fox] = 0.07  # still the first choice
+        return np.log(p)
+
+    monkeypatch.setattr(E, "classify", unsure)
+    assert not E.check(image, prompt)["object"]
