@@ -1,9 +1,10 @@
-"""The sample grid at the top of the README: the bundled model on 16 varied prompts.
+"""A bundled model's 4×4 sample grid for the README: 16 fixed prompts, seed 0, no picking.
 
     python scripts/readme_grid.py docs/default-model-grid.png
+    python scripts/readme_grid.py docs/emoji-model-grid.png --model emoji
 """
 
-import sys
+import argparse
 import textwrap
 
 from PIL import Image, ImageDraw
@@ -20,13 +21,16 @@ PROMPTS = [
 ]
 
 
-def main(out: str) -> None:
-    pipe = Pipeline.from_pretrained()
-    images = pipe(PROMPTS, seed=0).images
+def main(out: str, model: str) -> None:
+    from unfog.train.config import EMOJI_PROMPTS  # the emoji preset's sample prompts, fixed before training
+
+    prompts = EMOJI_PROMPTS if model == "emoji" else PROMPTS
+    pipe = Pipeline.from_pretrained(model)
+    images = pipe(prompts, seed=0).images
     cell, scale, text_h = 64 * 3, 3, 44
     sheet = Image.new("RGB", (4 * cell, 4 * (cell + text_h)), "white")
     draw = ImageDraw.Draw(sheet)
-    for k, (im, prompt) in enumerate(zip(images, PROMPTS)):
+    for k, (im, prompt) in enumerate(zip(images, prompts)):
         x, y = (k % 4) * cell, (k // 4) * (cell + text_h)
         sheet.paste(im.resize((64 * scale, 64 * scale), Image.NEAREST), (x, y))
         for j, line in enumerate(textwrap.wrap(prompt, 30)[:3]):
@@ -36,4 +40,8 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "docs/default-model-grid.png")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", nargs="?", default="docs/default-model-grid.png")
+    ap.add_argument("--model", choices=["shapes", "emoji"], default="shapes")
+    args = ap.parse_args()
+    main(args.out, args.model)

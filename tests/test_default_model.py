@@ -45,3 +45,17 @@ def test_loading_does_not_import_the_compiler():
 
     code = "import sys; from unfog import Pipeline; Pipeline.from_pretrained(); print('torch._dynamo' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_bundled_emoji_model_loads_by_name_and_draws_what_it_can(tmp_path):
+    from unfog.pipeline import BUNDLED_MODELS
+
+    folder = BUNDLED_MODELS["emoji"]
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 30 * 2**20
+    pipe = Pipeline.from_pretrained("emoji")
+    assert pipe.defaults.height == pipe.defaults.width == 64
+    # an object word the model never saw is not an error: it draws what it can
+    images = pipe(["a fox left of a red apple", "a unicorn left of a fox"], seed=0, num_inference_steps=4).images
+    assert [im.size for im in images] == [(64, 64), (64, 64)]
+    assert main(["generate", "a big red apple", "--model", "emoji", "-o", str(tmp_path / "a.png"), "--steps", "4", "-q"]) == 0
+    assert (tmp_path / "a.png").stat().st_size > 0
