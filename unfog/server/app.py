@@ -150,12 +150,15 @@ def public_params(r: GenerationRequest) -> dict:
             "sampler": r.sampler, "seed": r.seeds[0], "width": r.width, "height": r.height, "num_images": r.batch}
 
 
-def create_app(pipe, settings: ServerSettings | None = None, *, model_name: str = "default") -> FastAPI:
-    """The FastAPI app serving `pipe`: the guard on every request, the job API and the page."""
+def create_app(pipe, settings: ServerSettings | None = None, *, model_name: str = "default", jobs=None) -> FastAPI:
+    """The FastAPI app serving `pipe`: the guard on every request, the job API and the page.
+    `jobs` is where jobs run: by default one worker thread in this process (JobQueue); the Ray
+    deployment passes a registry shared by every ingress and model replica."""
     s = settings or ServerSettings()
     if pipe.is_inpainting_model:
         raise UnfogError("unfog serve serves text-to-image models; this is an inpainting model, which needs an image and a mask for every request")
-    jobs = JobQueue(pipe, model_name=model_name, max_queue=s.max_queue, job_timeout_s=s.job_timeout_s, preview_every=s.preview_every)
+    if jobs is None:
+        jobs = JobQueue(pipe, model_name=model_name, max_queue=s.max_queue, job_timeout_s=s.job_timeout_s, preview_every=s.preview_every)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -237,12 +240,6 @@ def _add_job_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings) -> No
         except QueueFull:
             raise Refused(429, f"the queue is full ({s.max_queue} jobs); retry later", headers={"Retry-After": "5"}) from None
 
-    def get_job(job_id: str):
-        job = jobs.jobs.get(job_id)
-        if job is None:
-            raise Refused(404, f"no job {job_id!r}", "id")
-        return job
-
     @app.post("/v1/jobs", status_code=202)
     async def create_job(request: Request):
         job, position = await submit(request)
@@ -250,61 +247,59 @@ def _add_job_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings) -> No
 
     @app.get("/v1/jobs/{job_id}")
     def job_status(job_id: str):
-        job = get_job(job_id)
-        return job.public(jobs.position(job))
+        status = jobs.status(job_id)
+        if status is None:
+            raise Refused(404, f"no job {job_id!r}", "id")
+        return status
 
     @app.delete("/v1/jobs/{job_id}")
     def cancel_job(job_id: str):
-        job = jobs.cancel(job_id)
-        if job is None:
+        status = jobs.cancel_job(job_id)
+        if status is None:
             raise Refused(404, f"no job {job_id!r}", "id")
-        return job.public()
+        return status
 
     streams: dict[str, int] = {}  # open event streams per client address
 
     @app.get("/v1/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request):
-        job = get_job(job_id)
+        if jobs.status(job_id) is None:
+            raise Refused(404, f"no job {job_id!r}", "id")
         client = request.client.host if request.client else "?"
         if streams.get(client, 0) >= s.max_streams_per_client:
             raise Refused(429, f"at most {s.max_streams_per_client} open event streams per client; close one", headers={"Retry-After": "5"})
         streams[client] = streams.get(client, 0) + 1
-        return StreamingResponse(_event_stream(jobs, job, request, client, streams), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(_event_stream(jobs, job_id, request, client, streams), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/images/generate", responses={200: {"content": {"image/png": {}}}})
     async def generate(request: Request):
         """Synchronous convenience call: waits for the job and returns its first PNG."""
         job, _ = await submit(request)
         deadline = asyncio.get_running_loop().time() + s.sync_timeout_s
-        while not await asyncio.to_thread(jobs.wait, job, 0.5):
+        while not await asyncio.to_thread(jobs.wait_id, job.id, 0.5):
             if await request.is_disconnected() or asyncio.get_running_loop().time() > deadline:
-                jobs.cancel(job.id)  # nobody will read the result
+                jobs.cancel_job(job.id)  # nobody will read the result
                 raise Refused(504, f"the job did not finish within {s.sync_timeout_s:.0f} s")
-        if job.state != "done":
-            raise Refused(500 if job.state == "failed" else 409, f"job {job.state}: {job.error}")
-        return Response(jobs.images[job.images[0]], media_type="image/png", headers={"X-Seeds": ",".join(map(str, job.seeds))})
+        status = jobs.status(job.id)
+        if status["state"] != "done":
+            raise Refused(500 if status["state"] == "failed" else 409, f"job {status['state']}: {status['error']}")
+        data = jobs.image(status["images"][0].rsplit("/", 1)[-1])
+        return Response(data, media_type="image/png", headers={"X-Seeds": ",".join(map(str, status["seeds"]))})
 
 
-async def _event_stream(jobs: JobQueue, job, request: Request, client: str, streams: dict[str, int]):
-    """A job's events as server-sent events, pushed as the worker records them (a 1 s wake-up
-    only to notice a client that has gone)."""
-    loop, waiter, sent = asyncio.get_running_loop(), asyncio.Event(), 0
-    jobs.listen(job.id, waiter, loop)
+async def _event_stream(jobs, job_id: str, request: Request, client: str, streams: dict[str, int]):
+    """A job's events as server-sent events, pushed as they are recorded (a 1 s wake-up only to
+    notice a client that has gone)."""
+    sent = 0
     try:
         while True:
-            waiter.clear()
-            events = job.events[sent:]
+            events, finished = await jobs.next_events(job_id, sent, 1.0)
             for e in events:
                 yield f"event: {e['type']}\ndata: {json.dumps(e)}\n\n"
             sent += len(events)
-            if (job.state not in ("queued", "running") and sent >= len(job.events)) or await request.is_disconnected():
+            if finished or await request.is_disconnected():
                 return
-            try:
-                await asyncio.wait_for(waiter.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
-                pass
     finally:
-        jobs.unlisten(job.id, waiter, loop)
         streams[client] -= 1
 
 
@@ -315,14 +310,14 @@ def _add_info_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings, mode
 
     @app.get("/v1/images/{name}")
     def image(name: str):
-        data = jobs.images.get(name)  # only names the server made exist here; nothing touches the filesystem
+        data = jobs.image(name)  # only names the server made exist here; nothing touches the filesystem
         if data is None:
             raise Refused(404, "no such image", "name")
         return Response(data, media_type="image/png")
 
     @app.get("/v1/health")
     def health():
-        return {"status": "ok", "queued": jobs.queue.qsize(), "device": str(pipe.device)}
+        return {"status": "ok", "queued": jobs.queued(), "device": str(pipe.device)}
 
     @app.get("/v1/models")
     def models():

@@ -132,6 +132,47 @@ class JobQueue:
                 self.changed.wait(left)
         return True
 
+    # ---- the interface the app's routes use (a Ray deployment provides the same) ------------
+
+    def status(self, job_id: str) -> dict | None:
+        job = self.jobs.get(job_id)
+        return None if job is None else job.public(self.position(job))
+
+    def cancel_job(self, job_id: str) -> dict | None:
+        job = self.cancel(job_id)
+        return None if job is None else job.public()
+
+    def wait_id(self, job_id: str, timeout: float) -> bool:
+        job = self.jobs.get(job_id)
+        return True if job is None else self.wait(job, timeout)
+
+    def image(self, name: str) -> bytes | None:
+        return self.images.get(name)
+
+    def queued(self) -> int:
+        return self.queue.qsize()
+
+    async def next_events(self, job_id: str, since: int, timeout: float) -> tuple[list[dict], bool]:
+        """The job's events from index `since` (waiting up to `timeout` for one), and whether
+        the job has finished with all its events in the list."""
+        import asyncio
+
+        job = self.jobs.get(job_id)
+        if job is None:
+            return [], True
+        loop, waiter = asyncio.get_running_loop(), asyncio.Event()
+        self.listen(job_id, waiter, loop)
+        try:
+            if len(job.events) <= since and job.state in ("queued", "running"):
+                try:
+                    await asyncio.wait_for(waiter.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+            events = job.events[since:]
+            return events, job.state not in ("queued", "running") and since + len(events) >= len(job.events)
+        finally:
+            self.unlisten(job_id, waiter, loop)
+
     # ---- the worker -----------------------------------------------------------------------
 
     def _event(self, job: Job, event: dict) -> None:
@@ -199,41 +240,55 @@ class JobQueue:
             torch.cuda.empty_cache()
 
     def _run(self, job: Job) -> None:
-        pipe = self.pipe
         start = time.time()
 
         def should_stop() -> bool:  # asked between U-Net blocks too: cancel acts within one block, not one step
             return job.cancel_requested or time.time() - start > self.job_timeout_s
 
-        with pipe.prompt_loras(job.request):  # the prompt's <lora:…> tags, for this job only
-            state = pipe.initial_state(job.request)
-            with contextlib.closing(pipe.denoise(job.request, state, should_stop)) as steps:  # leaving early stops the sampler
-                for step in steps:
-                    if job.cancel_requested:
-                        raise JobStopped("cancelled")
-                    if time.time() - start > self.job_timeout_s:
-                        raise JobStopped(f"timed out after {self.job_timeout_s:.0f} s")
-                    self._progress(job, step.index, step.x0)
-        images = pipe.decode(state.x)
+        def progress(i, x0) -> None:
+            if job.cancel_requested:
+                raise JobStopped("cancelled")
+            if time.time() - start > self.job_timeout_s:
+                raise JobStopped(f"timed out after {self.job_timeout_s:.0f} s")
+            self._progress(job, i, x0)
+
+        pngs = run_job(self.pipe, job.request, self.model_name, progress, should_stop)
         names = []
-        for k, image in enumerate(images):
-            text = png_text(job.request, k, self.model_name)
-            name = f"{uuid.uuid4().hex}.png"
-            with self.lock:
-                self.images[name] = png_bytes(image, text)
+        with self.lock:
+            for data in pngs:
+                name = f"{uuid.uuid4().hex}.png"
+                self.images[name] = data
                 while len(self.images) > self.keep_images:
                     self.images.popitem(last=False)
-            names.append(name)
-        with self.lock:
+                names.append(name)
             job.images, job.seeds, job.state = names, job.request.seeds, "done"
             self._event(job, {"type": "done", "images": [f"/v1/images/{n}" for n in names], "seeds": job.seeds})
 
     def _progress(self, job: Job, i: int, x0) -> None:
-        event = {"type": "progress", "step": i + 1, "total": job.total}
-        if self.preview_every and ((i + 1) % self.preview_every == 0 or i + 1 == job.total):
-            preview = self.pipe.decode(x0[:1])[0]
-            preview.thumbnail((128, 128))
-            event["preview"] = "data:image/png;base64," + base64.b64encode(png_bytes(preview)).decode()
+        event = progress_event(self.pipe, i, x0, job.total, self.preview_every)
         with self.lock:
             job.step = i + 1
             self._event(job, event)
+
+
+def run_job(pipe, request, model_name: str, progress, should_stop) -> list[bytes]:
+    """Run one generation request to PNG bytes: `progress(i, x0)` after each step (it may raise
+    to stop), `should_stop()` asked inside U-Net calls. The local worker and the Ray replicas
+    (unfog/server/ray_serve.py) both run jobs through this."""
+    with pipe.prompt_loras(request):  # the prompt's <lora:…> tags, for this job only
+        state = pipe.initial_state(request)
+        with contextlib.closing(pipe.denoise(request, state, should_stop)) as steps:  # leaving early stops the sampler
+            for step in steps:
+                progress(step.index, step.x0)
+    images = pipe.decode(state.x)
+    return [png_bytes(image, png_text(request, k, model_name)) for k, image in enumerate(images)]
+
+
+def progress_event(pipe, i: int, x0, total: int, preview_every: int) -> dict:
+    """A progress event, with a small preview of the predicted image every `preview_every` steps."""
+    event = {"type": "progress", "step": i + 1, "total": total}
+    if preview_every and ((i + 1) % preview_every == 0 or i + 1 == total):
+        preview = pipe.decode(x0[:1])[0]
+        preview.thumbnail((128, 128))
+        event["preview"] = "data:image/png;base64," + base64.b64encode(png_bytes(preview)).decode()
+    return event
