@@ -330,6 +330,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = ServerSettings(host=args.host, port=args.port, token=args.token, max_queue=args.max_queue, job_timeout_s=args.job_timeout,
                               max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images, max_work=args.max_work,
                               lora_dir=args.lora_dir)
+    if args.ray:
+        return _serve_ray(args, settings)
+    if args.ray_address or args.replicas != 1 or args.ingresses != 1:
+        raise UnfogError("--replicas, --ingresses and --ray-address apply with --ray")
     import torch
 
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -342,6 +346,28 @@ def cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(pipe, settings, model_name=Path(args.model).name if args.model else "unfog-default")
     print(f"unfog serving on http://{args.host}:{args.port}/  (API docs at /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def _serve_ray(args: argparse.Namespace, settings) -> None:
+    """`unfog serve --ray`: start (or join) Ray, the replicas and the ingress; drain on SIGTERM."""
+    import signal
+    import threading
+
+    from .server import ray_serve
+
+    if args.lora or args.embedding or args.optimize or args.lora_dir:
+        raise UnfogError("--lora, --embedding, --lora-dir and --optimize are not available with --ray yet")
+    gpus = 1.0 if (args.device or "").startswith("cuda") else 0.0
+    name = Path(args.model).name if args.model else "unfog-default"
+    registry, _ = ray_serve.start(args.model, settings, replicas=args.replicas, ingresses=args.ingresses, address=args.ray_address,
+                                  dtype=args.dtype, device=args.device, replica_gpus=gpus, model_name=name)
+    print(f"unfog serving on http://{args.host}:{args.port}/ with {args.replicas} model replica(s) on Ray", flush=True)
+    stop = threading.Event()
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda *_: stop.set())
+    stop.wait()
+    print("draining: no new jobs; finishing the queued and running ones", flush=True)
+    ray_serve.stop(registry, timeout=settings.job_timeout_s)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -538,6 +564,10 @@ def _serve_parser(sub) -> None:
     v.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="load the model in this precision (bfloat16 halves the memory; SDXL on a CPU)")
     v.add_argument("--compile", action="store_true", help="with --optimize: also torch.compile the U-Net (slow first request per size)")
+    v.add_argument("--ray", action="store_true", help="serve on Ray Serve with --replicas model replicas (pip install 'unfog[ray]')")
+    v.add_argument("--replicas", type=int, default=1, help="--ray: model replicas (one per GPU with --device cuda, else CPU workers)")
+    v.add_argument("--ingresses", type=int, default=1, help="--ray: HTTP ingress replicas (any of them answers for any job)")
+    v.add_argument("--ray-address", help="--ray: join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local one")
     v.set_defaults(func=cmd_serve)
 
 

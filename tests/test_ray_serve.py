@@ -1,0 +1,138 @@
+"""`unfog serve --ray`: the HTTP API on Ray Serve with two CPU model replicas and two ingresses
+(a local Ray instance, started and stopped here): no job lost, cancel across replicas, a replica
+killed mid-job, the queue bound across ingresses."""
+
+import json
+import socket
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+httpx = pytest.importorskip("httpx")
+
+from unfog.server import ServerSettings  # noqa: E402
+from unfog.server import ray_serve  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    settings = ServerSettings(port=port, max_queue=24, preview_every=0)
+    registry, replicas = ray_serve.start(None, settings, replicas=2, ingresses=2, num_cpus=4)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    deadline = time.time() + 60
+    while True:  # the ingress answers once Serve has routed it
+        try:
+            if client.get("/v1/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, "the Ray ingress never answered"
+        time.sleep(0.5)
+    yield client, registry, replicas
+    client.close()
+    ray_serve.stop(registry, timeout=60)
+
+
+def submit(client, **body) -> str:
+    r = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 4, "seed": 0} | body)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def wait(client, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get(f"/v1/jobs/{job_id}").json()
+        if status["state"] not in ("queued", "running"):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {status['state']} after {timeout} s")
+
+
+def test_twenty_jobs_none_lost_and_both_replicas_work(server):
+    client, registry, replicas = server
+    ids = [submit(client, seed=k) for k in range(20)]
+    done = [wait(client, i) for i in ids]
+    assert [d["state"] for d in done] == ["done"] * 20
+    assert [d["seeds"][0] for d in done] == list(range(20))
+    image = client.get(done[0]["images"][0])
+    assert image.status_code == 200 and image.content[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same seed gives the same picture whichever replica ran it
+    again = wait(client, submit(client, seed=0))
+    assert client.get(again["images"][0]).content == image.content
+    # every event of a finished job streams through either ingress
+    events = client.get(f"/v1/jobs/{ids[3]}/events").text
+    assert events.count("event: progress") == 4 and "event: done" in events
+    ran_on = set()
+    for i in ids:
+        for line in client.get(f"/v1/jobs/{i}/events").text.splitlines():
+            if line.startswith("data: ") and '"started"' in line:
+                ran_on.add(json.loads(line[6:])["replica"])
+    assert ran_on == {"replica-0", "replica-1"}
+
+
+def test_cancel_reaches_the_replica_running_the_job(server):
+    client, _, _ = server
+    job = submit(client, steps=150)
+    deadline = time.time() + 60
+    while client.get(f"/v1/jobs/{job}").json()["step"] < 2:
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert client.delete(f"/v1/jobs/{job}").status_code == 200
+    status = wait(client, job)
+    assert status["state"] == "cancelled" and status["step"] < 150
+
+
+def test_queue_bound_holds_across_ingresses(server):
+    client, _, _ = server
+    ids, refused = [], 0
+    for k in range(40):
+        r = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 20, "seed": k})
+        if r.status_code == 429:
+            refused += 1
+            assert r.headers.get("retry-after")
+        else:
+            ids.append(r.json()["id"])
+    assert refused >= 40 - 24 - 2  # at most max_queue waiting (plus the two running)
+    for i in ids:
+        client.delete(f"/v1/jobs/{i}")
+    for i in ids:
+        assert wait(client, i)["state"] in ("cancelled", "done")
+
+
+def test_a_replica_killed_mid_job_hands_the_job_on(server):
+    client, registry, replicas = server
+    job = submit(client, steps=60)
+    deadline = time.time() + 60
+    victim = None
+    while victim is None:
+        assert time.time() < deadline, "the job never started"
+        for h in replicas:
+            if ray.get(h.running_job.remote()) == job:
+                victim = h
+        time.sleep(0.05)
+    ray.kill(victim)
+    status = wait(client, job, timeout=180)
+    assert status["state"] == "done", status
+    events = client.get(f"/v1/jobs/{job}/events").text
+    assert "event: retry" in events and "stopped" in events
+    assert ray.get(registry.replica_count.remote()) == 1
+    assert wait(client, submit(client))["state"] == "done"  # the survivor serves on
+
+
+def test_an_unreachable_ray_address_fails_at_start_naming_it():
+    from unfog.errors import UnfogError
+
+    port = free_port()  # nothing listens there
+    with pytest.raises(UnfogError, match=f"127.0.0.1:{port}"):
+        ray_serve.start(None, ServerSettings(port=free_port()), replicas=1, address=f"127.0.0.1:{port}")

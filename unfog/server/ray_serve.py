@@ -1,0 +1,435 @@
+"""`unfog serve --ray`: the same HTTP API and web page on Ray Serve, with N model replicas.
+
+    ingress (Ray Serve deployment, the FastAPI app of app.py; any number of them)
+        │  submit / status / cancel / events / images
+        ▼
+    Registry (one Ray actor): every job, its events and its finished images; the bounded queue
+        ▲  claim / progress (answers "stop?") / finish / fail
+        │
+    Replica × N (Ray actors, one per GPU or a share of the CPUs): a Pipeline each, pulling jobs
+
+Any ingress answers for any job, because none of them holds one. A cancel sets a flag that the
+replica running the job reads at its next step (and inside U-Net calls). The registry pings
+the replicas every second: the job of a replica that died goes back to the head of the queue
+once (its events say so), and fails with the reason the second time, so no job waits forever.
+On SIGTERM `unfog serve --ray` stops taking jobs, lets the running ones finish, then stops.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+
+from ..errors import UnfogError
+from .jobs import Job, JobStopped, progress_event, run_job
+
+REGISTRY = "unfog-registry"
+NAMESPACE = "unfog"
+
+
+def _ray():
+    try:
+        import ray
+        from ray import serve  # noqa: F401  (the serve extra of ray)
+    except ImportError:
+        raise UnfogError("unfog serve --ray needs Ray Serve: pip install 'unfog[ray]'") from None
+    return ray
+
+
+class Registry:
+    """Every job, held in one place (a Ray actor, many calls at once: it blocks only in waits)."""
+
+    def __init__(self, max_queue: int, retries: int = 1, keep_images: int = 256, keep_jobs: int = 512, ping_every_s: float = 1.0):
+        self.max_queue, self.retries, self.keep_images, self.keep_jobs = max_queue, retries, keep_images, keep_jobs
+        self.jobs: dict[str, Job] = {}
+        self.pending: deque[str] = deque()
+        self.images: OrderedDict[str, bytes] = OrderedDict()
+        self.running: dict[str, str] = {}  # job id → replica name
+        self.attempts: dict[str, int] = {}
+        self.replicas: dict[str, object] = {}  # name → actor handle (alive ones)
+        self.draining = False
+        self.changed = threading.Condition()
+        self.ping_every_s = ping_every_s
+        threading.Thread(target=self._watch, name="unfog-registry-watch", daemon=True).start()
+
+    # ---- the ingress side -----------------------------------------------------------------
+
+    def submit(self, request, params: dict) -> tuple[str, int] | None:
+        """(job id, queue position), or None when the queue is full or the server is draining."""
+        with self.changed:
+            if self.draining or len(self.pending) >= self.max_queue:
+                return None
+            job = Job(id=uuid.uuid4().hex, params=params, request=request, total=params["steps"])
+            self.jobs[job.id] = job
+            self.pending.append(job.id)
+            self.changed.notify_all()
+            return job.id, len(self.pending)
+
+    def status(self, job_id: str) -> dict | None:
+        with self.changed:
+            job = self.jobs.get(job_id)
+            if job is None:
+                return None
+            position = self.pending.index(job_id) + 1 if job.state == "queued" and job_id in self.pending else None
+            return job.public(position)
+
+    def cancel_job(self, job_id: str) -> dict | None:
+        with self.changed:
+            job = self.jobs.get(job_id)
+            if job is None:
+                return None
+            if job.state == "queued":
+                if job_id in self.pending:
+                    self.pending.remove(job_id)
+                job.state = "cancelled"
+                self._event(job, {"type": "cancelled"})
+            elif job.state == "running":
+                job.cancel_requested = True  # the replica running it stops at its next step
+            return job.public()
+
+    def wait_id(self, job_id: str, timeout: float) -> bool:
+        deadline = time.time() + timeout
+        with self.changed:
+            while (job := self.jobs.get(job_id)) is not None and job.state in ("queued", "running"):
+                left = deadline - time.time()
+                if left <= 0:
+                    return False
+                self.changed.wait(left)
+        return True
+
+    def next_events(self, job_id: str, since: int, timeout: float) -> tuple[list[dict], bool]:
+        deadline = time.time() + timeout
+        with self.changed:
+            while True:
+                job = self.jobs.get(job_id)
+                if job is None:
+                    return [], True
+                events = job.events[since:]
+                finished = job.state not in ("queued", "running")
+                left = deadline - time.time()
+                if events or finished or left <= 0:
+                    return events, finished and since + len(events) >= len(job.events)
+                self.changed.wait(left)
+
+    def image(self, name: str) -> bytes | None:
+        with self.changed:
+            return self.images.get(name)
+
+    def queued(self) -> int:
+        with self.changed:
+            return len(self.pending)
+
+    def replica_count(self) -> int:
+        with self.changed:
+            return len(self.replicas)
+
+    def drain(self) -> int:
+        """Take no more jobs; returns how many are queued or running."""
+        with self.changed:
+            self.draining = True
+            return len(self.pending) + len(self.running)
+
+    def busy(self) -> int:
+        with self.changed:
+            return len(self.pending) + len(self.running)
+
+    # ---- the replica side -----------------------------------------------------------------
+
+    def register(self, name: str, handle) -> None:
+        with self.changed:
+            self.replicas[name] = handle
+
+    def claim(self, replica: str, timeout: float):
+        """The next queued job for this replica: (id, request, total), or None after `timeout`."""
+        deadline = time.time() + timeout
+        with self.changed:
+            while not self.pending:
+                left = deadline - time.time()
+                if left <= 0 or replica not in self.replicas:
+                    return None
+                self.changed.wait(left)
+            job = self.jobs[self.pending.popleft()]
+            job.state = "running"
+            self.running[job.id] = replica
+            self.attempts[job.id] = self.attempts.get(job.id, 0) + 1
+            self._event(job, {"type": "started", "total": job.total, "attempt": self.attempts[job.id], "replica": replica})
+            return job.id, job.request, job.total
+
+    def progress(self, job_id: str, replica: str, event: dict) -> bool:
+        """Record a step; returns whether the job should stop (cancelled)."""
+        with self.changed:
+            job = self.jobs.get(job_id)
+            if job is None or self.running.get(job_id) != replica:
+                return True  # the job was taken from this replica (it was thought dead): stop
+            job.step = event["step"]
+            self._event(job, event)
+            return job.cancel_requested
+
+    def finish(self, job_id: str, replica: str, pngs: list[bytes], seeds: list[int]) -> None:
+        with self.changed:
+            job = self.jobs.get(job_id)
+            if job is None or self.running.get(job_id) != replica:
+                return
+            del self.running[job_id]
+            names = []
+            for data in pngs:
+                name = f"{uuid.uuid4().hex}.png"
+                self.images[name] = data
+                while len(self.images) > self.keep_images:
+                    self.images.popitem(last=False)
+                names.append(name)
+            job.images, job.seeds, job.state = names, seeds, "done"
+            self._event(job, {"type": "done", "images": [f"/v1/images/{n}" for n in names], "seeds": seeds})
+
+    def fail(self, job_id: str, replica: str, error: str | None, cancelled: bool) -> None:
+        with self.changed:
+            job = self.jobs.get(job_id)
+            if job is None or self.running.get(job_id) != replica:
+                return
+            del self.running[job_id]
+            job.state, job.error = ("cancelled", None) if cancelled else ("failed", error)
+            self._event(job, {"type": job.state, "error": job.error})
+
+    # ---- faults ---------------------------------------------------------------------------
+
+    def _replica_died(self, name: str) -> None:
+        with self.changed:
+            self.replicas.pop(name, None)
+            for job_id, where in list(self.running.items()):
+                if where != name:
+                    continue
+                del self.running[job_id]
+                job = self.jobs[job_id]
+                if job.cancel_requested:
+                    job.state = "cancelled"
+                    self._event(job, {"type": "cancelled"})
+                elif self.attempts.get(job_id, 0) <= self.retries and self.replicas:
+                    job.state, job.step = "queued", 0
+                    self.pending.appendleft(job_id)
+                    self._event(job, {"type": "retry", "reason": "the replica running it stopped"})
+                else:
+                    job.state = "failed"
+                    job.error = "the model replica running this job stopped" + (" twice" if self.replicas else " and none is left")
+                    self._event(job, {"type": "failed", "error": job.error})
+            if not self.replicas:  # nothing can run the queue: fail it now rather than let it wait forever
+                while self.pending:
+                    job = self.jobs[self.pending.popleft()]
+                    job.state, job.error = "failed", "no model replica is left to run it"
+                    self._event(job, {"type": "failed", "error": job.error})
+            self.changed.notify_all()
+
+    def _watch(self) -> None:
+        import ray
+
+        while True:
+            time.sleep(self.ping_every_s)
+            with self.changed:
+                replicas = dict(self.replicas)
+            for name, handle in replicas.items():
+                try:
+                    ray.get(handle.ping.remote(), timeout=30)
+                except Exception:  # dead, or not answering for 30 s
+                    self._replica_died(name)
+
+    def _event(self, job: Job, event: dict) -> None:
+        """Record an event (callers hold the lock); finished jobs keep only their last preview,
+        and the oldest finished jobs are forgotten."""
+        job.events.append(event)
+        if event["type"] in ("done", "failed", "cancelled"):
+            with_preview = [e for e in job.events if "preview" in e]
+            for e in with_preview[:-1]:
+                e.pop("preview")
+            finished = [j for j in self.jobs.values() if j.state not in ("queued", "running")]
+            for old in finished[: max(0, len(finished) - self.keep_jobs)]:
+                self.jobs.pop(old.id, None)
+        self.changed.notify_all()
+
+
+class Replica:
+    """One model replica (a Ray actor): loads the pipeline, then pulls and runs jobs."""
+
+    def __init__(self, name: str, model: str | None, dtype: str, device: str | None, job_timeout_s: float, preview_every: int,
+                 model_name: str):
+        import ray
+        import torch
+
+        from ..pipeline import Pipeline
+
+        dt = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.pipe = Pipeline.from_pretrained(model, dtype=dt).to(device)
+        self.name, self.job_timeout_s, self.preview_every, self.model_name = name, job_timeout_s, preview_every, model_name
+        self.registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
+        self.stopping = False
+        threading.Thread(target=self._loop, name="unfog-replica", daemon=True).start()
+
+    def ping(self) -> bool:
+        return True
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def running_job(self) -> str | None:
+        return getattr(self, "current", None)
+
+    def _loop(self) -> None:
+        import ray
+
+        while not self.stopping:
+            claimed = ray.get(self.registry.claim.remote(self.name, 1.0))
+            if claimed is None:
+                continue
+            job_id, request, total = claimed
+            self.current = job_id
+            start, stop = time.time(), [False]
+
+            def should_stop() -> bool:
+                return stop[0] or time.time() - start > self.job_timeout_s
+
+            def progress(i, x0) -> None:
+                event = progress_event(self.pipe, i, x0, total, self.preview_every)
+                stop[0] = ray.get(self.registry.progress.remote(job_id, self.name, event))
+                if stop[0]:
+                    raise JobStopped("cancelled")
+                if time.time() - start > self.job_timeout_s:
+                    raise JobStopped(f"timed out after {self.job_timeout_s:.0f} s")
+
+            try:
+                pngs = run_job(self.pipe, request, self.model_name, progress, should_stop)
+                ray.get(self.registry.finish.remote(job_id, self.name, pngs, request.seeds))
+            except Exception as e:  # noqa: BLE001  (one job's failure must not stop the replica)
+                from ..pipeline import Interrupted
+
+                cancelled = stop[0] or (isinstance(e, JobStopped) and str(e) == "cancelled")
+                error = str(e) if isinstance(e, JobStopped) else ("timed out" if isinstance(e, Interrupted) else f"{type(e).__name__}: {e}")
+                ray.get(self.registry.fail.remote(job_id, self.name, error, cancelled))
+            finally:
+                self.current = None
+
+
+class RemoteJobs:
+    """The jobs interface of app.py (what JobQueue offers), answered by the registry actor."""
+
+    class _Submitted:
+        def __init__(self, job_id: str):
+            self.id, self.state = job_id, "queued"
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    def _get(self, ref):
+        import ray
+
+        return ray.get(ref)
+
+    def submit(self, request, params: dict):
+        from .jobs import QueueFull
+
+        got = self._get(self.registry.submit.remote(request, params))
+        if got is None:
+            raise QueueFull()
+        return self._Submitted(got[0]), got[1]
+
+    def status(self, job_id: str):
+        return self._get(self.registry.status.remote(job_id))
+
+    def cancel_job(self, job_id: str):
+        return self._get(self.registry.cancel_job.remote(job_id))
+
+    def wait_id(self, job_id: str, timeout: float) -> bool:
+        return self._get(self.registry.wait_id.remote(job_id, timeout))
+
+    def image(self, name: str):
+        return self._get(self.registry.image.remote(name))
+
+    def queued(self) -> int:
+        return self._get(self.registry.queued.remote())
+
+    async def next_events(self, job_id: str, since: int, timeout: float):
+        return await self.registry.next_events.remote(job_id, since, timeout)
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        pass  # the replicas and the registry outlive an ingress; `unfog serve --ray` stops them
+
+
+def build_ingress_app(model: str | None, settings, model_name: str):
+    """The FastAPI app for an ingress replica (called inside it by Ray Serve): the pipeline is
+    loaded only to validate requests (sizes, samplers, the model's limits) exactly as the
+    single-process server does; generation happens in the model replicas."""
+    import ray
+
+    from ..pipeline import Pipeline
+    from .app import create_app
+
+    pipe = Pipeline.from_pretrained(model)
+    registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
+    return create_app(pipe, settings, model_name=model_name, jobs=RemoteJobs(registry))
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail at once, naming the address, when nothing listens there (ray.init would retry for
+    minutes)."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UnfogError(f"--ray-address {address!r} is not HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UnfogError(f"cannot reach the Ray cluster at {address}: {e}") from None
+
+
+def start(model: str | None, settings, *, replicas: int, ingresses: int = 1, address: str | None = None, dtype: str = "float32",
+          device: str | None = None, replica_cpus: float = 1.0, replica_gpus: float = 0.0, model_name: str = "unfog-default",
+          num_cpus: int | None = None):
+    """Start (or join) Ray, the registry, `replicas` model replicas and the Serve ingress.
+    Returns the registry handle and the replica handles."""
+    ray = _ray()
+    from ray import serve
+
+    if replicas < 1 or ingresses < 1:
+        raise UnfogError("--replicas and --ingresses must be at least 1")
+    if address and address != "auto":
+        _check_reachable(address)
+    try:
+        if address:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        else:
+            ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=False, num_cpus=num_cpus)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UnfogError(f"could not connect to the Ray cluster at {address!r}: {e}") from None
+    registry = ray.remote(Registry).options(name=REGISTRY, namespace=NAMESPACE, max_concurrency=1000, num_cpus=0).remote(settings.max_queue)
+    handles = []
+    for k in range(replicas):
+        name = f"replica-{k}"
+        h = ray.remote(Replica).options(name=f"unfog-{name}", namespace=NAMESPACE, num_cpus=replica_cpus, num_gpus=replica_gpus,
+                                        max_concurrency=4).remote(name, model, dtype, device, settings.job_timeout_s,
+                                                                  settings.preview_every, model_name)
+        handles.append(h)
+    for k, h in enumerate(handles):
+        ray.get(h.ping.remote())  # loaded: a model that cannot load fails here, at start
+        ray.get(registry.register.remote(f"replica-{k}", h))
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    builder = lambda: build_ingress_app(model, settings, model_name)  # noqa: E731  (evaluated in each ingress replica)
+    deployment = serve.deployment(serve.ingress(builder)(), name="unfog-ingress", num_replicas=ingresses,
+                                  ray_actor_options={"num_cpus": 0})
+    serve.run(deployment.bind(), name="unfog", route_prefix="/")
+    return registry, handles
+
+
+def stop(registry, timeout: float = 600.0) -> None:
+    """Drain (no new jobs, the running and queued ones finish), then stop Serve and Ray."""
+    import ray
+    from ray import serve
+
+    ray.get(registry.drain.remote())
+    deadline = time.time() + timeout
+    while time.time() < deadline and ray.get(registry.busy.remote()):
+        time.sleep(0.5)
+    serve.shutdown()
+    ray.shutdown()
