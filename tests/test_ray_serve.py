@@ -136,3 +136,43 @@ def test_an_unreachable_ray_address_fails_at_start_naming_it():
     port = free_port()  # nothing listens there
     with pytest.raises(UnfogError, match=f"127.0.0.1:{port}"):
         ray_serve.start(None, ServerSettings(port=free_port()), replicas=1, address=f"127.0.0.1:{port}")
+
+
+def test_ray_without_the_extra_says_how_to_install_it(monkeypatch):
+    from unfog.errors import UnfogError
+
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as if the wheel were absent
+    with pytest.raises(UnfogError, match=r"pip install 'unfog\[ray\]'"):
+        ray_serve.start(None, ServerSettings(port=free_port()), replicas=1)
+
+
+def test_sigterm_drains_the_running_job_then_exits(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "unfog", "serve", "--ray", "--replicas", "1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        deadline = time.time() + 120
+        while True:
+            try:
+                if client.get("/v1/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, "the server did not start"
+            time.sleep(0.5)
+        job = submit(client, steps=40)
+        while client.get(f"/v1/jobs/{job}").json()["step"] < 2:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        status = wait(client, job)  # still answered while draining
+        assert status["state"] == "done"
+        assert proc.wait(timeout=120) == 0
+        assert "draining" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
