@@ -27,7 +27,7 @@ def free_port() -> int:
 def server():
     port = free_port()
     settings = ServerSettings(port=port, max_queue=24, preview_every=0)
-    registry, replicas = ray_serve.start(None, settings, replicas=2, ingresses=2, num_cpus=4)
+    registry, replicas = ray_serve.start(None, settings, replicas=2, ingresses=2, num_cpus=4, max_batch=4)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
     deadline = time.time() + 60
     while True:  # the ingress answers once Serve has routed it
@@ -81,6 +81,27 @@ def test_twenty_jobs_none_lost_and_both_replicas_work(server):
     assert ran_on == {"replica-0", "replica-1"}
 
 
+def test_jobs_of_one_shape_share_a_batch_and_keep_their_own_pictures(server):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    client, _, _ = server
+    ids = [submit(client, seed=100 + k, steps=6) for k in range(8)]
+    done = [wait(client, i) for i in ids]
+    batches = []
+    for i in ids:
+        for line in client.get(f"/v1/jobs/{i}/events").text.splitlines():
+            if line.startswith("data: ") and '"started"' in line:
+                batches.append(json.loads(line[6:])["batch"])
+    assert max(batches) > 1, batches  # 8 queued at once: some ran together
+    for k in (0, 5):  # each job's picture is the one its seed gives alone
+        alone = wait(client, submit(client, seed=100 + k, steps=6))
+        a, b = (np.asarray(Image.open(io.BytesIO(client.get(d["images"][0]).content))).astype(int) for d in (done[k], alone))
+        assert np.abs(a - b).max() <= 1
+
+
 def test_cancel_reaches_the_replica_running_the_job(server):
     client, _, _ = server
     job = submit(client, steps=150)
@@ -103,7 +124,7 @@ def test_queue_bound_holds_across_ingresses(server):
             assert r.headers.get("retry-after")
         else:
             ids.append(r.json()["id"])
-    assert refused >= 40 - 24 - 2  # at most max_queue waiting (plus the two running)
+    assert refused >= 40 - 24 - 2 * 4  # at most max_queue waiting (plus two running batches of up to 4)
     for i in ids:
         client.delete(f"/v1/jobs/{i}")
     for i in ids:
@@ -118,7 +139,7 @@ def test_a_replica_killed_mid_job_hands_the_job_on(server):
     while victim is None:
         assert time.time() < deadline, "the job never started"
         for h in replicas:
-            if ray.get(h.running_job.remote()) == job:
+            if job in ray.get(h.running_batch.remote()):
                 victim = h
         time.sleep(0.05)
     ray.kill(victim)

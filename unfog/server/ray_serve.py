@@ -7,6 +7,7 @@
         ▲  claim / progress (answers "stop?") / finish / fail
         │
     Replica × N (Ray actors, one per GPU or a share of the CPUs): a Pipeline each, pulling jobs
+        (up to --max-batch queued jobs of the same shape and settings at once, as one batch)
 
 Any ingress answers for any job, because none of them holds one. A cancel sets a flag that the
 replica running the job reads at its next step (and inside U-Net calls). The registry pings
@@ -141,8 +142,9 @@ class Registry:
         with self.changed:
             self.replicas[name] = handle
 
-    def claim(self, replica: str, timeout: float):
-        """The next queued job for this replica: (id, request, total), or None after `timeout`."""
+    def claim(self, replica: str, timeout: float, max_batch: int = 1):
+        """The next queued job for this replica and up to max_batch - 1 more queued jobs that
+        can share its batch (batch_key): [(id, request)], or None after `timeout`."""
         deadline = time.time() + timeout
         with self.changed:
             while not self.pending:
@@ -150,22 +152,44 @@ class Registry:
                 if left <= 0 or replica not in self.replicas:
                     return None
                 self.changed.wait(left)
-            job = self.jobs[self.pending.popleft()]
-            job.state = "running"
-            self.running[job.id] = replica
-            self.attempts[job.id] = self.attempts.get(job.id, 0) + 1
-            self._event(job, {"type": "started", "total": job.total, "attempt": self.attempts[job.id], "replica": replica})
-            return job.id, job.request, job.total
+            first = self.pending.popleft()
+            taken = [first]
+            key = batch_key(self.jobs[first].request)
+            if key is not None:
+                for job_id in list(self.pending):
+                    if len(taken) >= max_batch:
+                        break
+                    if batch_key(self.jobs[job_id].request) == key:
+                        self.pending.remove(job_id)
+                        taken.append(job_id)
+            for job_id in taken:
+                job = self.jobs[job_id]
+                job.state = "running"
+                self.running[job_id] = replica
+                self.attempts[job_id] = self.attempts.get(job_id, 0) + 1
+                self._event(job, {"type": "started", "total": job.total, "attempt": self.attempts[job_id], "replica": replica, "batch": len(taken)})
+            return [(job_id, self.jobs[job_id].request) for job_id in taken]
 
-    def progress(self, job_id: str, replica: str, event: dict) -> bool:
-        """Record a step; returns whether the job should stop (cancelled)."""
+    def progress(self, job_ids: list[str], replica: str, event: dict) -> list[bool]:
+        """Record a step of a batch; returns, per job, whether it is still wanted. A job cancelled
+        in a shared batch ends now; the batch runs on for the others."""
         with self.changed:
-            job = self.jobs.get(job_id)
-            if job is None or self.running.get(job_id) != replica:
-                return True  # the job was taken from this replica (it was thought dead): stop
-            job.step = event["step"]
-            self._event(job, event)
-            return job.cancel_requested
+            live = []
+            for job_id in job_ids:
+                job = self.jobs.get(job_id)
+                if job is None or self.running.get(job_id) != replica:
+                    live.append(False)  # taken from this replica (it was thought dead)
+                    continue
+                if job.cancel_requested:
+                    del self.running[job_id]
+                    job.state = "cancelled"
+                    self._event(job, {"type": "cancelled"})
+                    live.append(False)
+                    continue
+                job.step = event["step"]
+                self._event(job, event)
+                live.append(True)
+            return live
 
     def finish(self, job_id: str, replica: str, pngs: list[bytes], seeds: list[int]) -> None:
         with self.changed:
@@ -251,7 +275,7 @@ class Replica:
     """One model replica (a Ray actor): loads the pipeline, then pulls and runs jobs."""
 
     def __init__(self, name: str, model: str | None, dtype: str, device: str | None, job_timeout_s: float, preview_every: int,
-                 model_name: str):
+                 model_name: str, max_batch: int = 1):
         import ray
         import torch
 
@@ -260,6 +284,7 @@ class Replica:
         dt = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         self.pipe = Pipeline.from_pretrained(model, dtype=dt).to(device)
         self.name, self.job_timeout_s, self.preview_every, self.model_name = name, job_timeout_s, preview_every, model_name
+        self.max_batch, self.current, self.current_batch = max_batch, None, []
         self.registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
         self.stopping = False
         threading.Thread(target=self._loop, name="unfog-replica", daemon=True).start()
@@ -273,41 +298,70 @@ class Replica:
         return os.getpid()
 
     def running_job(self) -> str | None:
-        return getattr(self, "current", None)
+        return self.current
+
+    def running_batch(self) -> list[str]:
+        return list(self.current_batch)
 
     def _loop(self) -> None:
+        import dataclasses
+
         import ray
 
+        from ..pipeline import Interrupted
+
         while not self.stopping:
-            claimed = ray.get(self.registry.claim.remote(self.name, 1.0))
+            claimed = ray.get(self.registry.claim.remote(self.name, 1.0, self.max_batch))
             if claimed is None:
                 continue
-            job_id, request, total = claimed
-            self.current = job_id
-            start, stop = time.time(), [False]
+            ids = [job_id for job_id, _ in claimed]
+            requests = [r for _, r in claimed]
+            request = requests[0] if len(requests) == 1 else dataclasses.replace(
+                requests[0], prompts=[p for r in requests for p in r.prompts], negative_prompts=[p for r in requests for p in r.negative_prompts],
+                seeds=[x for r in requests for x in r.seeds],
+                prompts_2=None if requests[0].prompts_2 is None else [p for r in requests for p in r.prompts_2],
+                negative_prompts_2=None if requests[0].negative_prompts_2 is None else [p for r in requests for p in r.negative_prompts_2])
+            self.current = ids[0]
+            self.current_batch = ids
+            start, live = time.time(), [True] * len(ids)
 
             def should_stop() -> bool:
-                return stop[0] or time.time() - start > self.job_timeout_s
+                return not any(live) or time.time() - start > self.job_timeout_s
 
             def progress(i, x0) -> None:
-                event = progress_event(self.pipe, i, x0, total, self.preview_every)
-                stop[0] = ray.get(self.registry.progress.remote(job_id, self.name, event))
-                if stop[0]:
+                event = progress_event(self.pipe, i, x0, requests[0].num_inference_steps, self.preview_every)
+                live[:] = ray.get(self.registry.progress.remote(ids, self.name, event))
+                if not any(live):
                     raise JobStopped("cancelled")
                 if time.time() - start > self.job_timeout_s:
                     raise JobStopped(f"timed out after {self.job_timeout_s:.0f} s")
 
             try:
                 pngs = run_job(self.pipe, request, self.model_name, progress, should_stop)
-                ray.get(self.registry.finish.remote(job_id, self.name, pngs, request.seeds))
+                k = 0
+                for job_id, r in zip(ids, requests):  # each job its own images, in order
+                    ray.get(self.registry.finish.remote(job_id, self.name, pngs[k : k + r.batch], r.seeds))
+                    k += r.batch
             except Exception as e:  # noqa: BLE001  (one job's failure must not stop the replica)
-                from ..pipeline import Interrupted
-
-                cancelled = stop[0] or (isinstance(e, JobStopped) and str(e) == "cancelled")
+                cancelled = not any(live) or (isinstance(e, JobStopped) and str(e) == "cancelled")
                 error = str(e) if isinstance(e, JobStopped) else ("timed out" if isinstance(e, Interrupted) else f"{type(e).__name__}: {e}")
-                ray.get(self.registry.fail.remote(job_id, self.name, error, cancelled))
+                for job_id in ids:
+                    ray.get(self.registry.fail.remote(job_id, self.name, error, cancelled))
             finally:
-                self.current = None
+                self.current, self.current_batch = None, []
+
+
+def batch_key(request) -> tuple | None:
+    """Requests with equal keys can run as one batch (their prompts, negative prompts and seeds
+    concatenated: each image keeps its own generator, so its picture is the one it gets alone).
+    None for what is never batched: LoRA tags, images, caller-given latents or generators."""
+    r = request
+    if r.loras or r.image is not None or r.mask_image is not None or r.latents is not None or r.generators is not None:
+        return None
+    return (r.height, r.width, r.num_inference_steps, r.guidance_scale, r.sampler, r.sigma_schedule, repr(sorted(r.sampler_options.items())),
+            r.long_prompts, r.prompt_syntax, r.zero_negative, r.prompts_2 is None, r.negative_prompts_2 is None, repr(r.time_ids),
+            repr(r.negative_time_ids), r.cfg_truncation, r.deep_cache, r.denoising_start, r.denoising_end, r.output_type, r.round_timesteps,
+            r.match_diffusers, r.strength)
 
 
 class RemoteJobs:
@@ -386,14 +440,14 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 def start(model: str | None, settings, *, replicas: int, ingresses: int = 1, address: str | None = None, dtype: str = "float32",
           device: str | None = None, replica_cpus: float = 1.0, replica_gpus: float = 0.0, model_name: str = "unfog-default",
-          num_cpus: int | None = None):
+          num_cpus: int | None = None, max_batch: int = 1):
     """Start (or join) Ray, the registry, `replicas` model replicas and the Serve ingress.
     Returns the registry handle and the replica handles."""
     ray = _ray()
     from ray import serve
 
-    if replicas < 1 or ingresses < 1:
-        raise UnfogError("--replicas and --ingresses must be at least 1")
+    if replicas < 1 or ingresses < 1 or max_batch < 1:
+        raise UnfogError("--replicas, --ingresses and --max-batch must be at least 1")
     if address and address != "auto":
         _check_reachable(address)
     try:
@@ -409,7 +463,7 @@ def start(model: str | None, settings, *, replicas: int, ingresses: int = 1, add
         name = f"replica-{k}"
         h = ray.remote(Replica).options(name=f"unfog-{name}", namespace=NAMESPACE, num_cpus=replica_cpus, num_gpus=replica_gpus,
                                         max_concurrency=4).remote(name, model, dtype, device, settings.job_timeout_s,
-                                                                  settings.preview_every, model_name)
+                                                                  settings.preview_every, model_name, max_batch)
         handles.append(h)
     for k, h in enumerate(handles):
         ray.get(h.ping.remote())  # loaded: a model that cannot load fails here, at start
