@@ -1,6 +1,6 @@
 """Throughput of `unfog serve --ray` on the bundled model: images per second with 1 and with 2
-CPU model replicas (each replica one torch thread), N jobs submitted at once through the HTTP
-API, one run each.
+CPU model replicas (each replica one torch thread), and with 2 replicas batching up to 4 jobs,
+N jobs submitted at once through the HTTP API, one run each.
 
     python bench/ray_throughput.py [--jobs 40] [--steps 30] [--json bench/ray-throughput.json]
 """
@@ -23,14 +23,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(replicas: int, jobs: int, steps: int) -> dict:
+def run(replicas: int, jobs: int, steps: int, max_batch: int = 1) -> dict:
     import ray
 
     from unfog.server import ServerSettings, ray_serve
 
     port = free_port()
     settings = ServerSettings(port=port, max_queue=jobs + 4, preview_every=0)
-    registry, _ = ray_serve.start(None, settings, replicas=replicas, num_cpus=max(2, replicas))
+    registry, _ = ray_serve.start(None, settings, replicas=replicas, num_cpus=max(2, replicas), max_batch=max_batch)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
     while True:
         try:
@@ -53,7 +53,7 @@ def run(replicas: int, jobs: int, steps: int) -> dict:
     client.close()
     ray_serve.stop(registry, timeout=60)
     assert states == ["done"] * jobs, states
-    return {"replicas": replicas, "jobs": jobs, "seconds": seconds, "images_per_s": jobs / seconds}
+    return {"replicas": replicas, "max_batch": max_batch, "jobs": jobs, "seconds": seconds, "images_per_s": jobs / seconds}
 
 
 def main() -> None:
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per replica: the replicas share the cores
-    rows = [run(n, args.jobs, args.steps) for n in (1, 2)]
+    rows = [run(n, args.jobs, args.steps) for n in (1, 2)] + [run(2, args.jobs, args.steps, max_batch=4)]
     result = {"rows": rows, "speed_up": rows[1]["images_per_s"] / rows[0]["images_per_s"], "cores": os.cpu_count(),
               "cpu": platform.processor() or platform.machine(), "steps": args.steps}
     print(json.dumps(result, indent=2))
