@@ -61,6 +61,9 @@ def wait(client, job_id: str, timeout: float = 120) -> dict:
 
 def test_twenty_jobs_none_lost_and_both_replicas_work(server):
     client, registry, replicas = server
+    page = client.get("/")  # the web page, unchanged, from an ingress
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    assert client.get("/v1/health").json()["status"] == "ok"
     ids = [submit(client, seed=k) for k in range(20)]
     done = [wait(client, i) for i in ids]
     assert [d["state"] for d in done] == ["done"] * 20
