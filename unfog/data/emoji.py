@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UnfogError
-from .shapes import MIRROR, MIN_SEPARATION, POSITION_JITTER, POSITION_PHRASES, POSITIONS, RELATIONS, _overlap, _relation_holds
+from .shapes import MIRROR, POSITION_PHRASES, POSITIONS, RELATIONS, WorldStream, place
 
 SIZE = 64
 SPRITES_DIR = Path(__file__).resolve().parent.parent / "assets" / "emoji-sprites"
@@ -127,21 +127,9 @@ def sample_scene(rng: random.Random, prompt: Prompt | None = None) -> Scene:
     objs = [Obj(o.name, size := o.size or rng.choice(list(SIZES)), float(SIZES[size] + rng.randint(-SIZE_JITTER, SIZE_JITTER))) for o in prompt.objects]
     bg = prompt.background or rng.choice(list(BACKGROUNDS))
     if len(objs) == 1:
-        o = objs[0]
-        lo, hi = o.side / 2, SIZE - o.side / 2
-        pos = prompt.position
-        fx, fy = POSITIONS[pos] if pos else (None, None)
-        o.cx = min(max(fx + rng.uniform(-POSITION_JITTER, POSITION_JITTER), lo), hi) if fx is not None else rng.uniform(lo, hi)
-        o.cy = min(max(fy + rng.uniform(-POSITION_JITTER, POSITION_JITTER), lo), hi) if fy is not None else rng.uniform(lo, hi)
-        return Scene(objs, bg, position=pos, style=prompt.style)
-    a, b = objs
-    relation = prompt.relation or rng.choice(RELATIONS)
-    for _ in range(10_000):
-        for o in (a, b):
-            o.cx, o.cy = rng.uniform(o.side / 2, SIZE - o.side / 2), rng.uniform(o.side / 2, SIZE - o.side / 2)
-        if _relation_holds(a, b, relation, MIN_SEPARATION) and not _overlap(a, b):
-            return Scene(objs, bg, relation=relation, style=prompt.style)
-    raise RuntimeError("could not place two objects; this is a bug in the emoji-scenes sampler")
+        place(objs, prompt.position, None, rng)
+        return Scene(objs, bg, position=prompt.position, style=prompt.style)
+    return Scene(objs, bg, relation=place(objs, None, prompt.relation, rng), style=prompt.style)
 
 
 @lru_cache(maxsize=8192)
@@ -234,67 +222,16 @@ def write_dataset(out_dir: str | Path, count: int, seed: int = 0, *, progress: b
     return write(out_dir, count, seed, progress=progress, world=sys.modules[__name__])
 
 
-def _render_range(args: tuple[int, int, int]) -> np.ndarray:
-    seed, lo, hi = args
-    return np.stack([np.asarray(render(scene_for_index(seed, i)), np.uint8) for i in range(lo, hi)])
+def vocabulary_words() -> list[str]:
+    return [*sprites().names, *SIZES, *BACKGROUNDS, *POSITION_PHRASES.values(), *RELATIONS, *STYLES, "a an on in background",
+            *(b for _, b in PARAPHRASES)]
 
 
-class EmojiStream:
-    """The endless in-memory emoji-scenes stream: sample i is rendered from (seed, i) on demand.
-    With `pool`, index i wraps to i % pool (so latents of a finite pool can be cached), and
-    each visit draws a fresh caption for the same image. `prerender(workers)` renders the
-    whole pool up front in parallel processes."""
+class EmojiStream(WorldStream):
+    """The endless emoji-scenes stream (WorldStream: pool, prerender, captions, vocabulary)."""
 
-    def __init__(self, seed: int = 0, pool: int | None = None, p_paraphrase: float = 0.1, resolution: int = SIZE):
+    world = __name__
+
+    def __init__(self, *args, **kwargs):
         sprites()  # fail now, with the fix, if the sprites are missing
-        self.seed, self.pool, self.p_paraphrase, self.resolution = seed, pool, p_paraphrase, resolution
-        self.endless = not pool
-        self._scenes: dict[int, Scene] = {}
-        self._pixels: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return self.pool or 2**62
-
-    def _scene(self, i: int) -> Scene:
-        if not self.pool:
-            return scene_for_index(self.seed, i)
-        j = i % self.pool
-        if j not in self._scenes:
-            self._scenes[j] = scene_for_index(self.seed, j)
-        return self._scenes[j]
-
-    def prerender(self, workers: int = 8, chunk: int = 2000) -> None:
-        if not self.pool:
-            raise UnfogError("prerender needs a finite pool (pool=N)")
-        from concurrent.futures import ProcessPoolExecutor
-
-        ranges = [(self.seed, lo, min(lo + chunk, self.pool)) for lo in range(0, self.pool, chunk)]
-        with ProcessPoolExecutor(workers) as ex:
-            self._pixels = np.concatenate(list(ex.map(_render_range, ranges)))
-
-    def images(self, indices: list[int]) -> "torch.Tensor":
-        """uint8 images (B, 3, H, W)."""
-        import torch
-
-        if self._pixels is not None:
-            out = self._pixels[[i % self.pool for i in indices]]
-        else:
-            out = np.stack([np.asarray(render(self._scene(i)), np.uint8) for i in indices])
-        if self.resolution != SIZE:
-            out = np.stack([np.asarray(Image.fromarray(a).resize((self.resolution, self.resolution), Image.BOX)) for a in out])
-        return torch.from_numpy(np.ascontiguousarray(out)).permute(0, 3, 1, 2).contiguous()
-
-    def captions(self, indices: list[int], epoch_seed: int = 0) -> list[str]:
-        """A caption per image; pooled images get a fresh one for each `epoch_seed`."""
-        return [
-            caption(training_prompt(self._scene(i), random.Random(f"caption/{self.seed}/{i}/{epoch_seed}"), p_paraphrase=self.p_paraphrase))
-            for i in indices
-        ]
-
-    def vocabulary_captions(self, n: int = 3000) -> list[str]:
-        """Captions covering every word the grammar and its paraphrases use (for the tokenizer)."""
-        rng = random.Random(f"vocab/{self.seed}")
-        texts = [caption(training_prompt(sample_scene(rng), rng, p_paraphrase=0.5)) for _ in range(n)]
-        words = [*sprites().names, *SIZES, *BACKGROUNDS, *POSITION_PHRASES.values(), *RELATIONS, *STYLES, "a an on in background",
-                 *(b for _, b in PARAPHRASES)]
-        return texts + [" ".join(words)]
+        super().__init__(*args, **kwargs)

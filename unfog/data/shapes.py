@@ -109,21 +109,31 @@ def sample_scene(rng: random.Random, prompt: Prompt | None = None) -> Scene:
         objs.append(Obj(o.shape, o.colour, size, float(side)))
     bg = prompt.background or rng.choice([b for b in BACKGROUNDS])
     if len(objs) == 1:
+        place(objs, prompt.position, None, rng)
+        return Scene(objs, bg, position=prompt.position)
+    return Scene(objs, bg, relation=place(objs, None, prompt.relation, rng))
+
+
+def place(objs: list, position: str | None, relation: str | None, rng: random.Random) -> str | None:
+    """Set the centres (cx, cy) of one or two objects whose `side` is set: one at `position`
+    (jittered, kept inside the canvas) or anywhere; two so that `relation` (drawn if None)
+    holds by MIN_SEPARATION and their boxes stay apart. Returns the relation (two objects).
+    Shared by every procedural world (shapes-v1, emoji-scenes)."""
+    if len(objs) == 1:
         o = objs[0]
         lo, hi = o.side / 2, SIZE - o.side / 2
-        pos = prompt.position
-        fx, fy = POSITIONS[pos] if pos else (None, None)
+        fx, fy = POSITIONS[position] if position else (None, None)
         o.cx = min(max(fx + rng.uniform(-POSITION_JITTER, POSITION_JITTER), lo), hi) if fx is not None else rng.uniform(lo, hi)
         o.cy = min(max(fy + rng.uniform(-POSITION_JITTER, POSITION_JITTER), lo), hi) if fy is not None else rng.uniform(lo, hi)
-        return Scene(objs, bg, position=pos)
+        return None
     a, b = objs
-    relation = prompt.relation or rng.choice(RELATIONS)
+    relation = relation or rng.choice(RELATIONS)
     for _ in range(10_000):
         for o in (a, b):
             o.cx, o.cy = rng.uniform(o.side / 2, SIZE - o.side / 2), rng.uniform(o.side / 2, SIZE - o.side / 2)
         if _relation_holds(a, b, relation, MIN_SEPARATION) and not _overlap(a, b):
-            return Scene(objs, bg, relation=relation)
-    raise RuntimeError("could not place two objects; this is a bug in the shapes-v1 sampler")
+            return relation
+    raise RuntimeError("could not place two objects; this is a bug in the scene sampler")
 
 
 def render(scene: Scene, background: tuple[int, int, int] | None = None) -> Image.Image:
@@ -212,49 +222,88 @@ __all__ = [
 ]
 
 
-class ShapesStream:
-    """The endless in-memory shapes-v1 stream: sample i is rendered from (seed, i) on demand.
-    With `pool`, index i wraps to i % pool (so latents of a finite pool can be cached), and
-    each visit draws a fresh caption for the same image."""
+def _render_range(args: tuple[str, int, int, int]) -> np.ndarray:
+    """Images lo..hi of a world's stream (a worker process of WorldStream.prerender)."""
+    import importlib
+
+    world, seed, lo, hi = args
+    w = importlib.import_module(world)
+    return np.stack([np.asarray(w.render(w.scene_for_index(seed, i)), np.uint8) for i in range(lo, hi)])
+
+
+class WorldStream:
+    """The endless in-memory stream of a procedural world (the module `world`, which has
+    scene_for_index, render, caption, training_prompt and vocabulary_words): sample i is
+    rendered from (seed, i) on demand. With `pool`, index i wraps to i % pool (so latents of a
+    finite pool can be cached), and each visit draws a fresh caption for the same image;
+    `prerender(workers)` renders the whole pool up front in parallel processes."""
+
+    world = __name__
 
     def __init__(self, seed: int = 0, pool: int | None = None, p_paraphrase: float = 0.1, resolution: int = SIZE):
+        import importlib
+
+        self.w = importlib.import_module(self.world)
         self.seed, self.pool, self.p_paraphrase, self.resolution = seed, pool, p_paraphrase, resolution
         self.endless = not pool  # every index a new scene: nothing worth caching
         self._scenes: dict[int, Scene] = {}
+        self._pixels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.pool or 2**62
 
-    def _scene(self, i: int) -> Scene:
+    def _scene(self, i: int):
         if not self.pool:
-            return scene_for_index(self.seed, i)
+            return self.w.scene_for_index(self.seed, i)
         j = i % self.pool
         if j not in self._scenes:
-            self._scenes[j] = scene_for_index(self.seed, j)
+            self._scenes[j] = self.w.scene_for_index(self.seed, j)
         return self._scenes[j]
+
+    def prerender(self, workers: int = 8, chunk: int = 2000) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+
+        from ..errors import UnfogError
+
+        if not self.pool:
+            raise UnfogError("prerender needs a finite pool (pool=N)")
+        ranges = [(self.world, self.seed, lo, min(lo + chunk, self.pool)) for lo in range(0, self.pool, chunk)]
+        with ProcessPoolExecutor(workers) as ex:
+            self._pixels = np.concatenate(list(ex.map(_render_range, ranges)))
 
     def images(self, indices: list[int]) -> "torch.Tensor":
         """uint8 images (B, 3, H, W)."""
         import torch
 
-        out = []
-        for i in indices:
-            image = render(self._scene(i))
-            if self.resolution != SIZE:
-                image = image.resize((self.resolution, self.resolution), Image.BOX)
-            out.append(np.asarray(image, dtype=np.uint8))
-        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+        if self._pixels is not None:
+            out = self._pixels[[i % self.pool for i in indices]]
+        else:
+            out = np.stack([np.asarray(self.w.render(self._scene(i)), np.uint8) for i in indices])
+        if self.resolution != SIZE:
+            out = np.stack([np.asarray(Image.fromarray(a).resize((self.resolution, self.resolution), Image.BOX)) for a in out])
+        return torch.from_numpy(np.ascontiguousarray(out)).permute(0, 3, 1, 2).contiguous()
 
     def captions(self, indices: list[int], epoch_seed: int = 0) -> list[str]:
         """A caption per image; pooled images get a fresh one for each `epoch_seed`."""
+        w = self.w
         return [
-            caption(training_prompt(self._scene(i), random.Random(f"caption/{self.seed}/{i}/{epoch_seed}"), p_paraphrase=self.p_paraphrase))
+            w.caption(w.training_prompt(self._scene(i), random.Random(f"caption/{self.seed}/{i}/{epoch_seed}"), p_paraphrase=self.p_paraphrase))
             for i in indices
         ]
 
     def vocabulary_captions(self, n: int = 3000) -> list[str]:
         """Captions covering every word the grammar and its paraphrases use (for the tokenizer)."""
+        w = self.w
         rng = random.Random(f"vocab/{self.seed}")
-        texts = [caption(training_prompt(sample_scene(rng), rng, p_paraphrase=0.5)) for _ in range(n)]
-        words = [*COLOURS, *SHAPES, *SIZES, *BACKGROUNDS, *POSITION_PHRASES.values(), *RELATIONS, "a on background", *(b for _, b in PARAPHRASES)]
-        return texts + [" ".join(words)]
+        texts = [w.caption(w.training_prompt(w.sample_scene(rng), rng, p_paraphrase=0.5)) for _ in range(n)]
+        return texts + [" ".join(w.vocabulary_words())]
+
+
+def vocabulary_words() -> list[str]:
+    return [*COLOURS, *SHAPES, *SIZES, *BACKGROUNDS, *POSITION_PHRASES.values(), *RELATIONS, "a on background", *(b for _, b in PARAPHRASES)]
+
+
+class ShapesStream(WorldStream):
+    """The endless shapes-v1 stream (WorldStream)."""
+
+    world = __name__
