@@ -178,16 +178,9 @@ class JobQueue:
     def _event(self, job: Job, event: dict) -> None:
         """Record an event; callers hold self.lock. A finished job keeps only its last preview
         (the rest were for watching it run), and the oldest finished jobs are forgotten."""
-        job.events.append(event)
+        record_event(self.jobs, job, event, self.keep_jobs)
         for loop, waiter in self.listeners.get(job.id, ()):
             loop.call_soon_threadsafe(waiter.set)
-        if event["type"] in ("done", "failed", "cancelled"):
-            with_preview = [e for e in job.events if "preview" in e]
-            for e in with_preview[:-1]:  # keep only the last preview
-                e.pop("preview")
-            finished = [j for j in self.jobs.values() if j.state not in ("queued", "running")]
-            for old in finished[: max(0, len(finished) - self.keep_jobs)]:
-                self.jobs.pop(old.id, None)
         self.changed.notify_all()
 
     def shutdown(self, timeout: float = 60.0) -> None:
@@ -269,6 +262,19 @@ class JobQueue:
         with self.lock:
             job.step = i + 1
             self._event(job, event)
+
+
+def record_event(jobs: dict[str, Job], job: Job, event: dict, keep_jobs: int) -> None:
+    """Append a job's event. When it finishes, it keeps only its last preview (the rest were for
+    watching it run), and the oldest finished jobs beyond `keep_jobs` are forgotten."""
+    job.events.append(event)
+    if event["type"] in ("done", "failed", "cancelled"):
+        with_preview = [e for e in job.events if "preview" in e]
+        for e in with_preview[:-1]:
+            e.pop("preview")
+        finished = [j for j in jobs.values() if j.state not in ("queued", "running")]
+        for old in finished[: max(0, len(finished) - keep_jobs)]:
+            jobs.pop(old.id, None)
 
 
 def run_job(pipe, request, model_name: str, progress, should_stop) -> list[bytes]:

@@ -24,7 +24,7 @@ import uuid
 from collections import OrderedDict, deque
 
 from ..errors import UnfogError
-from .jobs import Job, JobStopped, progress_event, run_job
+from .jobs import Job, JobStopped, progress_event, record_event, run_job
 
 REGISTRY = "unfog-registry"
 NAMESPACE = "unfog"
@@ -258,16 +258,8 @@ class Registry:
                     self._replica_died(name)
 
     def _event(self, job: Job, event: dict) -> None:
-        """Record an event (callers hold the lock); finished jobs keep only their last preview,
-        and the oldest finished jobs are forgotten."""
-        job.events.append(event)
-        if event["type"] in ("done", "failed", "cancelled"):
-            with_preview = [e for e in job.events if "preview" in e]
-            for e in with_preview[:-1]:
-                e.pop("preview")
-            finished = [j for j in self.jobs.values() if j.state not in ("queued", "running")]
-            for old in finished[: max(0, len(finished) - self.keep_jobs)]:
-                self.jobs.pop(old.id, None)
+        """Record an event (callers hold the lock) and wake the waiters."""
+        record_event(self.jobs, job, event, self.keep_jobs)
         self.changed.notify_all()
 
 
