@@ -350,7 +350,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def _serve_ray(args: argparse.Namespace, settings) -> None:
     """`unfog serve --ray`: start (or join) Ray, the replicas and the ingress; drain on SIGTERM."""
-    import signal
     import threading
 
     from .server import ray_serve
@@ -359,14 +358,13 @@ def _serve_ray(args: argparse.Namespace, settings) -> None:
         raise UnfogError("--lora, --embedding, --lora-dir and --optimize are not available with --ray yet")
     gpus = 1.0 if (args.device or "").startswith("cuda") else 0.0
     name = Path(args.model).name if args.model else "unfog-default"
+    stop = threading.Event()
     registry, _ = ray_serve.start(args.model, settings, replicas=args.replicas, ingresses=args.ingresses, address=args.ray_address,
                                   dtype=args.dtype, device=args.device, replica_gpus=gpus, model_name=name,
-                                  max_batch=args.max_batch or (4 if gpus else 1))
+                                  max_batch=args.max_batch or (4 if gpus else 1), stop_event=stop)
     print(f"unfog serving on http://{args.host}:{args.port}/ with {args.replicas} model replica(s) on Ray", flush=True)
-    stop = threading.Event()
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(1.0):  # a timed wait, so the signal handler runs promptly
+        pass
     print("draining: no new jobs; finishing the queued and running ones", flush=True)
     ray_serve.stop(registry, timeout=settings.job_timeout_s)
 

@@ -432,9 +432,11 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 def start(model: str | None, settings, *, replicas: int, ingresses: int = 1, address: str | None = None, dtype: str = "float32",
           device: str | None = None, replica_cpus: float = 1.0, replica_gpus: float = 0.0, model_name: str = "unfog-default",
-          num_cpus: int | None = None, max_batch: int = 1):
+          num_cpus: int | None = None, max_batch: int = 1, stop_event: threading.Event | None = None):
     """Start (or join) Ray, the registry, `replicas` model replicas and the Serve ingress.
-    Returns the registry handle and the replica handles."""
+    Returns the registry handle and the replica handles. With `stop_event`, SIGINT and SIGTERM
+    set it from the moment Ray is up (ray.init installs its own handlers, which would end the
+    process mid-start)."""
     ray = _ray()
     from ray import serve
 
@@ -449,6 +451,11 @@ def start(model: str | None, settings, *, replicas: int, ingresses: int = 1, add
             ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=False, num_cpus=num_cpus)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UnfogError(f"could not connect to the Ray cluster at {address!r}: {e}") from None
+    if stop_event is not None:
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop_event.set())
     registry = ray.remote(Registry).options(name=REGISTRY, namespace=NAMESPACE, max_concurrency=1000, num_cpus=0).remote(settings.max_queue)
     handles = []
     for k in range(replicas):
@@ -468,8 +475,9 @@ def start(model: str | None, settings, *, replicas: int, ingresses: int = 1, add
     return registry, handles
 
 
-def stop(registry, timeout: float = 600.0) -> None:
-    """Drain (no new jobs, the running and queued ones finish), then stop Serve and Ray."""
+def stop(registry, timeout: float = 600.0, grace_s: float = 3.0) -> None:
+    """Drain (no new jobs, the running and queued ones finish), give clients `grace_s` to read
+    the last results, then stop Serve and Ray."""
     import ray
     from ray import serve
 
@@ -477,5 +485,6 @@ def stop(registry, timeout: float = 600.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and ray.get(registry.busy.remote()):
         time.sleep(0.5)
+    time.sleep(grace_s)
     serve.shutdown()
     ray.shutdown()
