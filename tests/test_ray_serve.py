@@ -91,7 +91,8 @@ def test_jobs_of_one_shape_share_a_batch_and_keep_their_own_pictures(server):
     from PIL import Image
 
     client, _, _ = server
-    ids = [submit(client, seed=100 + k, steps=6) for k in range(8)]
+    long = "a red circle " + "on a white background " * 8  # several text windows: never padded into a short prompt's batch
+    ids = [submit(client, seed=100 + k, steps=6, **({"prompt": long} if k == 6 else {})) for k in range(8)]
     done = [wait(client, i) for i in ids]
     batches = []
     for i in ids:
@@ -99,8 +100,8 @@ def test_jobs_of_one_shape_share_a_batch_and_keep_their_own_pictures(server):
             if line.startswith("data: ") and '"started"' in line:
                 batches.append(json.loads(line[6:])["batch"])
     assert max(batches) > 1, batches  # 8 queued at once: some ran together
-    for k in (0, 5):  # each job's picture is the one its seed gives alone
-        alone = wait(client, submit(client, seed=100 + k, steps=6))
+    for k in (0, 5, 6):  # each job's picture is the one its seed gives alone
+        alone = wait(client, submit(client, seed=100 + k, steps=6, **({"prompt": long} if k == 6 else {})))
         a, b = (np.asarray(Image.open(io.BytesIO(client.get(d["images"][0]).content))).astype(int) for d in (done[k], alone))
         assert np.abs(a - b).max() <= 1
 
@@ -152,6 +153,14 @@ def test_a_replica_killed_mid_job_hands_the_job_on(server):
     assert "event: retry" in events and "stopped" in events
     assert ray.get(registry.replica_count.remote()) == 1
     assert wait(client, submit(client))["state"] == "done"  # the survivor serves on
+    survivor = next(h for h in replicas if h is not victim)
+    ray.kill(survivor)
+    deadline = time.time() + 30
+    while ray.get(registry.replica_count.remote()):
+        assert time.time() < deadline
+        time.sleep(0.2)
+    r = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 4})
+    assert r.status_code == 503 and "no model replica" in r.json()["error"]  # refused, not queued forever
 
 
 def test_an_unreachable_ray_address_fails_at_start_naming_it():

@@ -366,7 +366,7 @@ def _serve_ray(args: argparse.Namespace, settings) -> None:
     while not stop.wait(1.0):  # a timed wait, so the signal handler runs promptly
         pass
     print("draining: no new jobs; finishing the queued and running ones", flush=True)
-    ray_serve.stop(registry, timeout=settings.job_timeout_s)
+    ray_serve.stop(registry, timeout=settings.job_timeout_s, shared=bool(args.ray_address))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

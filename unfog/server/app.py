@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from ..errors import UnfogError
 from ..request import GenerationRequest
 from ..samplers import SAMPLERS
-from .jobs import JobQueue, QueueFull
+from .jobs import JobQueue, QueueFull, Unavailable
 
 STATIC = Path(__file__).parent / "static"
 
@@ -236,9 +236,11 @@ def _add_job_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings) -> No
     async def submit(request: Request):
         gen = validate(await _body_json(request, s), pipe, s)
         try:
-            return jobs.submit(gen, public_params(gen))
+            return await asyncio.to_thread(jobs.submit, gen, public_params(gen))  # a remote registry blocks: not on the event loop
         except QueueFull:
             raise Refused(429, f"the queue is full ({s.max_queue} jobs); retry later", headers={"Retry-After": "5"}) from None
+        except Unavailable as e:
+            raise Refused(503, str(e), headers={"Retry-After": "30"}) from None
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(request: Request):
@@ -263,7 +265,7 @@ def _add_job_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings) -> No
 
     @app.get("/v1/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request):
-        if jobs.status(job_id) is None:
+        if await asyncio.to_thread(jobs.status, job_id) is None:
             raise Refused(404, f"no job {job_id!r}", "id")
         client = request.client.host if request.client else "?"
         if streams.get(client, 0) >= s.max_streams_per_client:
@@ -278,12 +280,12 @@ def _add_job_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings) -> No
         deadline = asyncio.get_running_loop().time() + s.sync_timeout_s
         while not await asyncio.to_thread(jobs.wait_id, job.id, 0.5):
             if await request.is_disconnected() or asyncio.get_running_loop().time() > deadline:
-                jobs.cancel_job(job.id)  # nobody will read the result
+                await asyncio.to_thread(jobs.cancel_job, job.id)  # nobody will read the result
                 raise Refused(504, f"the job did not finish within {s.sync_timeout_s:.0f} s")
-        status = jobs.status(job.id)
+        status = await asyncio.to_thread(jobs.status, job.id)
         if status["state"] != "done":
             raise Refused(500 if status["state"] == "failed" else 409, f"job {status['state']}: {status['error']}")
-        data = jobs.image(status["images"][0].rsplit("/", 1)[-1])
+        data = await asyncio.to_thread(jobs.image, status["images"][0].rsplit("/", 1)[-1])
         return Response(data, media_type="image/png", headers={"X-Seeds": ",".join(map(str, status["seeds"]))})
 
 

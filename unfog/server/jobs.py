@@ -29,6 +29,10 @@ class QueueFull(Exception):
     pass
 
 
+class Unavailable(Exception):
+    """No job can be taken now (draining, or no model replica left); the message says why."""
+
+
 @dataclass
 class Job:
     id: str

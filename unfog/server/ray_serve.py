@@ -49,6 +49,7 @@ class Registry:
         self.images: OrderedDict[str, bytes] = OrderedDict()
         self.running: dict[str, str] = {}  # job id → replica name
         self.attempts: dict[str, int] = {}
+        self.keys: dict[str, tuple | None] = {}  # job id → batch key (None: runs alone)
         self.replicas: dict[str, object] = {}  # name → actor handle (alive ones)
         self.draining = False
         self.changed = threading.Condition()
@@ -57,12 +58,19 @@ class Registry:
 
     # ---- the ingress side -----------------------------------------------------------------
 
-    def submit(self, request, params: dict) -> tuple[str, int] | None:
-        """(job id, queue position), or None when the queue is full or the server is draining."""
+    def submit(self, request, params: dict, windows: tuple | None = None) -> tuple[str, int] | str:
+        """(job id, queue position), or why not: "full", or a sentence (draining, no replica).
+        `windows` (the prompts' text-window counts, from the ingress) joins the batch key."""
         with self.changed:
-            if self.draining or len(self.pending) >= self.max_queue:
-                return None
+            if self.draining:
+                return "the server is shutting down and takes no new jobs"
+            if not self.replicas:
+                return "no model replica is running; the operator must restart unfog serve --ray"
+            if len(self.pending) >= self.max_queue:
+                return "full"
             job = Job(id=uuid.uuid4().hex, params=params, request=request, total=params["steps"])
+            key = batch_key(request)
+            self.keys[job.id] = None if key is None or windows is None else key + tuple(windows)
             self.jobs[job.id] = job
             self.pending.append(job.id)
             self.changed.notify_all()
@@ -147,19 +155,19 @@ class Registry:
         can share its batch (batch_key): [(id, request)], or None after `timeout`."""
         deadline = time.time() + timeout
         with self.changed:
-            while not self.pending:
+            while not self.pending or replica not in self.replicas:  # a replica not (or no longer) registered takes nothing
                 left = deadline - time.time()
-                if left <= 0 or replica not in self.replicas:
+                if left <= 0:
                     return None
                 self.changed.wait(left)
             first = self.pending.popleft()
             taken = [first]
-            key = batch_key(self.jobs[first].request)
-            if key is not None:
+            key = self.keys.get(first)
+            if key is not None and not self.attempts.get(first):  # a retried job runs alone
                 for job_id in list(self.pending):
                     if len(taken) >= max_batch:
                         break
-                    if batch_key(self.jobs[job_id].request) == key:
+                    if self.keys.get(job_id) == key and not self.attempts.get(job_id):
                         self.pending.remove(job_id)
                         taken.append(job_id)
             for job_id in taken:
@@ -170,12 +178,13 @@ class Registry:
                 self._event(job, {"type": "started", "total": job.total, "attempt": self.attempts[job_id], "replica": replica, "batch": len(taken)})
             return [(job_id, self.jobs[job_id].request) for job_id in taken]
 
-    def progress(self, job_ids: list[str], replica: str, event: dict) -> list[bool]:
-        """Record a step of a batch; returns, per job, whether it is still wanted. A job cancelled
-        in a shared batch ends now; the batch runs on for the others."""
+    def progress(self, job_ids: list[str], replica: str, events: list[dict]) -> list[bool]:
+        """Record a step of a batch (one event per job, each with its own preview); returns, per
+        job, whether it is still wanted. A job cancelled in a shared batch ends now; the batch
+        runs on for the others."""
         with self.changed:
             live = []
-            for job_id in job_ids:
+            for job_id, event in zip(job_ids, events):
                 job = self.jobs.get(job_id)
                 if job is None or self.running.get(job_id) != replica:
                     live.append(False)  # taken from this replica (it was thought dead)
@@ -260,6 +269,9 @@ class Registry:
     def _event(self, job: Job, event: dict) -> None:
         """Record an event (callers hold the lock) and wake the waiters."""
         record_event(self.jobs, job, event, self.keep_jobs)
+        if event["type"] in ("done", "failed", "cancelled"):
+            self.attempts.pop(job.id, None)
+            self.keys.pop(job.id, None)
         self.changed.notify_all()
 
 
@@ -279,9 +291,12 @@ class Replica:
         self.max_batch, self.current, self.current_batch = max_batch, None, []
         self.registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
         self.stopping = False
-        threading.Thread(target=self._loop, name="unfog-replica", daemon=True).start()
+        self.thread = threading.Thread(target=self._loop, name="unfog-replica", daemon=True)
+        self.thread.start()
 
     def ping(self) -> bool:
+        if not self.thread.is_alive():
+            raise RuntimeError(f"{self.name}: its job loop has stopped")
         return True
 
     def pid(self) -> int:
@@ -296,51 +311,80 @@ class Replica:
         return list(self.current_batch)
 
     def _loop(self) -> None:
+        import ray
+
+        while not self.stopping:
+            try:
+                claimed = ray.get(self.registry.claim.remote(self.name, 1.0, self.max_batch))
+            except Exception:  # noqa: BLE001  (the registry briefly unreachable: try again, do not end the loop)
+                time.sleep(1.0)
+                continue
+            if claimed is None:
+                continue
+            try:
+                self._run_batch(claimed)
+            except Exception:  # noqa: BLE001  (reporting failed; the registry's watcher sees to the jobs)
+                time.sleep(1.0)
+
+    def _run_batch(self, claimed) -> None:
         import dataclasses
 
         import ray
 
         from ..pipeline import Interrupted
 
-        while not self.stopping:
-            claimed = ray.get(self.registry.claim.remote(self.name, 1.0, self.max_batch))
-            if claimed is None:
-                continue
-            ids = [job_id for job_id, _ in claimed]
-            requests = [r for _, r in claimed]
-            request = requests[0] if len(requests) == 1 else dataclasses.replace(
-                requests[0], prompts=[p for r in requests for p in r.prompts], negative_prompts=[p for r in requests for p in r.negative_prompts],
-                seeds=[x for r in requests for x in r.seeds],
-                prompts_2=None if requests[0].prompts_2 is None else [p for r in requests for p in r.prompts_2],
-                negative_prompts_2=None if requests[0].negative_prompts_2 is None else [p for r in requests for p in r.negative_prompts_2])
-            self.current = ids[0]
-            self.current_batch = ids
-            start, live = time.time(), [True] * len(ids)
+        ids = [job_id for job_id, _ in claimed]
+        requests = [r for _, r in claimed]
+        request = requests[0] if len(requests) == 1 else dataclasses.replace(
+            requests[0], prompts=[p for r in requests for p in r.prompts], negative_prompts=[p for r in requests for p in r.negative_prompts],
+            seeds=[x for r in requests for x in r.seeds],
+            prompts_2=None if requests[0].prompts_2 is None else [p for r in requests for p in r.prompts_2],
+            negative_prompts_2=None if requests[0].negative_prompts_2 is None else [p for r in requests for p in r.negative_prompts_2])
+        self.current = ids[0]
+        self.current_batch = ids
+        start, live = time.time(), [True] * len(ids)
+        limit = self.job_timeout_s * len(ids)  # a batch of n has n jobs' time
+        offsets = [sum(r.batch for r in requests[:k]) for k in range(len(requests))]
 
-            def should_stop() -> bool:
-                return not any(live) or time.time() - start > self.job_timeout_s
+        def should_stop() -> bool:  # cancels are seen at step boundaries (the registry's answer to progress)
+            return not any(live) or time.time() - start > limit
 
-            def progress(i, x0) -> None:
-                event = progress_event(self.pipe, i, x0, requests[0].num_inference_steps, self.preview_every)
-                live[:] = ray.get(self.registry.progress.remote(ids, self.name, event))
-                if not any(live):
-                    raise JobStopped("cancelled")
-                if time.time() - start > self.job_timeout_s:
-                    raise JobStopped(f"timed out after {self.job_timeout_s:.0f} s")
+        def progress(i, x0) -> None:
+            total = requests[0].num_inference_steps
+            events = [progress_event(self.pipe, i, x0[o : o + 1], total, self.preview_every) for o in offsets]  # each job its own preview
+            live[:] = ray.get(self.registry.progress.remote(ids, self.name, events))
+            if not any(live):
+                raise JobStopped("cancelled")
+            if time.time() - start > limit:
+                raise JobStopped(f"timed out after {limit:.0f} s")
 
-            try:
-                pngs = run_job(self.pipe, request, self.model_name, progress, should_stop)
-                k = 0
-                for job_id, r in zip(ids, requests):  # each job its own images, in order
-                    ray.get(self.registry.finish.remote(job_id, self.name, pngs[k : k + r.batch], r.seeds))
-                    k += r.batch
-            except Exception as e:  # noqa: BLE001  (one job's failure must not stop the replica)
-                cancelled = not any(live) or (isinstance(e, JobStopped) and str(e) == "cancelled")
-                error = str(e) if isinstance(e, JobStopped) else ("timed out" if isinstance(e, Interrupted) else f"{type(e).__name__}: {e}")
-                for job_id in ids:
-                    ray.get(self.registry.fail.remote(job_id, self.name, error, cancelled))
-            finally:
-                self.current, self.current_batch = None, []
+        try:
+            pngs = run_job(self.pipe, request, self.model_name, progress, should_stop)
+            k = 0
+            for job_id, r in zip(ids, requests):  # each job its own images, in order
+                ray.get(self.registry.finish.remote(job_id, self.name, pngs[k : k + r.batch], r.seeds))
+                k += r.batch
+        except Exception as e:  # noqa: BLE001  (one job's failure must not stop the replica)
+            cancelled = not any(live) or (isinstance(e, JobStopped) and str(e) == "cancelled")
+            error = str(e) if isinstance(e, JobStopped) else ("timed out" if isinstance(e, Interrupted) else f"{type(e).__name__}: {e}")
+            for job_id in ids:
+                ray.get(self.registry.fail.remote(job_id, self.name, error, cancelled))
+        finally:
+            self.current, self.current_batch = None, []
+
+
+def text_windows(pipe, request) -> tuple[int, int]:
+    """How many text windows the prompts and the negative prompts take: a batch pads every
+    prompt to its longest, so only requests with equal counts share one."""
+    from ..text import frame
+
+    def count(texts, texts_2):
+        encoders = [(pipe.tokenizer, list(texts))]
+        if pipe.tokenizer_2 is not None:
+            encoders.append((pipe.tokenizer_2, list(texts_2 or texts)))
+        return frame(encoders, request.long_prompts, request.prompt_syntax)[0][0].shape[1]
+
+    return count(request.prompts, request.prompts_2), count(request.negative_prompts, request.negative_prompts_2)
 
 
 def batch_key(request) -> tuple | None:
@@ -363,8 +407,8 @@ class RemoteJobs:
         def __init__(self, job_id: str):
             self.id, self.state = job_id, "queued"
 
-    def __init__(self, registry):
-        self.registry = registry
+    def __init__(self, registry, pipe=None):
+        self.registry, self.pipe = registry, pipe
 
     def _get(self, ref):
         import ray
@@ -374,9 +418,13 @@ class RemoteJobs:
     def submit(self, request, params: dict):
         from .jobs import QueueFull
 
-        got = self._get(self.registry.submit.remote(request, params))
-        if got is None:
+        from .jobs import Unavailable
+
+        got = self._get(self.registry.submit.remote(request, params, text_windows(self.pipe, request) if self.pipe is not None else None))
+        if got == "full":
             raise QueueFull()
+        if isinstance(got, str):
+            raise Unavailable(got)
         return self._Submitted(got[0]), got[1]
 
     def status(self, job_id: str):
@@ -412,7 +460,7 @@ def build_ingress_app(model: str | None, settings, model_name: str):
 
     pipe = Pipeline.from_pretrained(model)
     registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
-    return create_app(pipe, settings, model_name=model_name, jobs=RemoteJobs(registry))
+    return create_app(pipe, settings, model_name=model_name, jobs=RemoteJobs(registry, pipe))
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -448,7 +496,8 @@ def start(model: str | None, settings, *, replicas: int, ingresses: int = 1, add
         if address:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         else:
-            ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=False, num_cpus=num_cpus)
+            # A local Ray listens on loopback only: its ports take no token.
+            ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=False, num_cpus=num_cpus, _node_ip_address="127.0.0.1")
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UnfogError(f"could not connect to the Ray cluster at {address!r}: {e}") from None
     if stop_event is not None:
@@ -475,7 +524,7 @@ def start(model: str | None, settings, *, replicas: int, ingresses: int = 1, add
     return registry, handles
 
 
-def stop(registry, timeout: float = 600.0, grace_s: float = 3.0) -> None:
+def stop(registry, timeout: float = 600.0, grace_s: float = 3.0, shared: bool = False) -> None:
     """Drain (no new jobs, the running and queued ones finish), give clients `grace_s` to read
     the last results, then stop Serve and Ray."""
     import ray
@@ -486,5 +535,8 @@ def stop(registry, timeout: float = 600.0, grace_s: float = 3.0) -> None:
     while time.time() < deadline and ray.get(registry.busy.remote()):
         time.sleep(0.5)
     time.sleep(grace_s)
-    serve.shutdown()
+    if shared:  # a cluster we joined: remove only our application
+        serve.delete("unfog")
+    else:
+        serve.shutdown()
     ray.shutdown()

@@ -75,7 +75,8 @@ def save_sharded(run_dir: Path, step: int, model, ema, optimizer, state: dict, k
     rank = dist.get_rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".tmp-*"):  # left by a kill mid-write; one run writes here at a time
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
     dcp.save(_states(model, ema, optimizer), checkpoint_id=str(tmp / DCP))
@@ -84,9 +85,14 @@ def save_sharded(run_dir: Path, step: int, model, ema, optimizer, state: dict, k
         save_file(ema_full, str(tmp / "ema.safetensors"))
         full = dict(state, step=step, fsdp=True, processes=dist.get_world_size(), python_random=_py_state())
         (tmp / "state.json").write_text(json.dumps(full, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # re-saving a step: set the old copy aside, never leave the step missing
+            aside = root / f".old-{final.name}"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
