@@ -25,7 +25,7 @@ ALLOWED = {
     "pipeline": {"diffusion", "samplers", "nn", "formats", "graphs", "request", "adapters", "embeddings", "text", "prompts", "threads"},
     "eval": {"data", "pipeline"},
     "train": {"diffusion", "samplers", "nn", "formats", "data", "graphs", "request", "pipeline", "eval", "adapters", "embeddings", "text", "prompts"},
-    "server": {"diffusion", "samplers", "request", "pipeline"},
+    "server": {"diffusion", "samplers", "request", "pipeline", "text"},
     "cli": {"diffusion", "samplers", "nn", "formats", "data", "graphs", "request", "pipeline", "eval", "train", "server", "__init__", "prompts", "text"},
     "__init__": {"pipeline"},
     "__main__": {"cli"},
