@@ -209,3 +209,21 @@ def test_sigterm_drains_the_running_job_then_exits(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_only_requests_that_frame_alike_share_a_batch():
+    """A batch pads every prompt to its longest in text windows, so a long prompt never joins
+    short ones; a retried job runs alone (the registry's own rules, without Ray)."""
+    from unfog import Pipeline
+
+    pipe = Pipeline.from_pretrained()
+    reg = ray_serve.Registry(max_queue=10, ping_every_s=3600)
+    reg.register("r", object())
+    short, long = (pipe.request(t, num_inference_steps=4, prompt_syntax="a1111", seed=0)
+                   for t in ("a red circle", "a red circle " + "on a white background " * 8))
+    assert ray_serve.text_windows(pipe, short) == (1, 1) and ray_serve.text_windows(pipe, long)[0] > 1
+    ids = [reg.submit(r, {"steps": 4}, ray_serve.text_windows(pipe, r))[0] for r in (short, long, short, short)]
+    first = [job_id for job_id, _ in reg.claim("r", 1.0, max_batch=4)]
+    assert first == [ids[0], ids[2], ids[3]]  # the three short ones together
+    assert [job_id for job_id, _ in reg.claim("r", 1.0, max_batch=4)] == [ids[1]]  # the long one alone
+    assert reg.claim("unregistered", 0.1) is None  # a replica the registry does not know takes nothing
