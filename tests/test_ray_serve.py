@@ -122,7 +122,7 @@ def test_queue_bound_holds_across_ingresses(server):
     client, _, _ = server
     ids, refused = [], 0
     for k in range(40):
-        r = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 20, "seed": k})
+        r = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 60, "seed": k})  # long jobs: none ends while the 40 are sent
         if r.status_code == 429:
             refused += 1
             assert r.headers.get("retry-after")
