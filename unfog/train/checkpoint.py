@@ -60,28 +60,37 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, state: dict
         save_file(opt_tensors | {f"rng.{k}": v for k, v in rng.items()}, str(tmp / "optimizer.safetensors"))
         full = dict(state, step=step, optimizer=opt_meta, python_random=_py_state())
         (tmp / "state.json").write_text(json.dumps(full, indent=1))
-        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():  # re-saving a step: move the old copy aside, never leave the step missing
-            aside = root / f".old-{final.name}"
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(final, aside)
-            os.replace(tmp, final)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        dir_fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        publish(tmp, final, keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def publish(tmp: Path, final: Path, keep: int) -> None:
+    """Make a fully written checkpoint folder visible as `final`: its files on disk first, then
+    the rename (a re-saved step's old copy set aside, never leaving the step missing), then
+    all but the newest `keep` checkpoints deleted. Both checkpoint layouts (this module's and
+    FSDP's) go through here."""
+    for f in [f for f in tmp.rglob("*") if f.is_file()]:  # on disk before the rename makes the checkpoint visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    root = final.parent
+    if final.exists():
+        aside = root / f".old-{final.name}"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    dir_fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    for old in list_checkpoints(root.parent)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _py_state():

@@ -17,7 +17,6 @@ weights as ema.safetensors, so `unfog export` reads an FSDP run like any other:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -67,7 +66,7 @@ def save_sharded(run_dir: Path, step: int, model, ema, optimizer, state: dict, k
     state.json and renames the folder into place (a step-* folder is always complete)."""
     import torch.distributed.checkpoint as dcp
 
-    from .checkpoint import PREFIX, _py_state, list_checkpoints
+    from .checkpoint import PREFIX, _py_state, publish
 
     root = Path(run_dir) / "checkpoints"
     final = root / f"{PREFIX}{step:07d}"
@@ -85,16 +84,7 @@ def save_sharded(run_dir: Path, step: int, model, ema, optimizer, state: dict, k
         save_file(ema_full, str(tmp / "ema.safetensors"))
         full = dict(state, step=step, fsdp=True, processes=dist.get_world_size(), python_random=_py_state())
         (tmp / "state.json").write_text(json.dumps(full, indent=1))
-        if final.exists():  # re-saving a step: set the old copy aside, never leave the step missing
-            aside = root / f".old-{final.name}"
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(final, aside)
-            os.replace(tmp, final)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, final, keep)
     dist.barrier()
     return final
 
