@@ -107,12 +107,10 @@ def main() -> None:
         else:
             from unfog.data.emoji import caption
             from unfog.eval.emoji import eval_prompts
+            from unfog.eval.shapes import generate
 
             texts = [caption(p) for p in eval_prompts(args.eval_prompts, seed)]
-            images = []
-            for start in range(0, len(texts), 50):
-                chunk = texts[start : start + 50]
-                images += pipe(chunk, seed=[seed + start + k for k in range(len(chunk))]).images
+            images = generate(pipe, texts, seed, batch_size=50, progress=False)
             np.savez_compressed(out / f"eval-seed{seed}.npz", images=np.stack([np.asarray(im) for im in images]), prompts=np.array(texts))
             result = {"images": images}
         grid(result["images"][:64], 8).save(out / f"eval-seed{seed}.png")

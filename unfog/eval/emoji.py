@@ -28,6 +28,7 @@ from ..data.emoji import (
 )
 from ..data.shapes import MIRROR, POSITION_PHRASES, RELATIONS
 from ..errors import UnfogError
+from .shapes import generate
 
 FOREGROUND_DISTANCE = 40  # RGB distance from the background above which a pixel is an object's
 MERGE_GAP = 2  # parts with at most this many empty pixels between them are one object
@@ -512,8 +513,6 @@ def is_emoji_model(pipe) -> bool:
 def evaluate(pipe, n: int = 500, seed: int = 0, batch_size: int = 25, progress: bool = True, **generate_kwargs) -> dict:
     """Generate one image per evaluation prompt (image k seeded with seed + k) and score them.
     Refuses a model whose tokenizer does not know the emoji-scenes words."""
-    from tqdm.auto import tqdm
-
     missing = unknown_words(pipe)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
@@ -522,10 +521,7 @@ def evaluate(pipe, n: int = 500, seed: int = 0, batch_size: int = 25, progress: 
     load_classifier()  # fail before generating, if the classifier is missing
     prompts = eval_prompts(n, seed)
     texts = [caption(p) for p in prompts]
-    images = []
-    for start in tqdm(range(0, n, batch_size), desc="evaluating", disable=not progress):
-        chunk = texts[start : start + batch_size]
-        images += pipe(chunk, seed=[seed + start + k for k in range(len(chunk))], **generate_kwargs).images
+    images = generate(pipe, texts, seed, batch_size, progress, **generate_kwargs)
     return {"scores": score(images, prompts), "images": images, "prompts": texts}
 
 

@@ -125,12 +125,19 @@ def format_table(scores: dict[str, dict[str, float]]) -> str:
 
 def evaluate(pipe, n: int = 500, seed: int = 0, batch_size: int = 25, progress: bool = True, **generate_kwargs) -> dict:
     """Generate one image per evaluation prompt (image k seeded with seed + k) and score them."""
-    from tqdm.auto import tqdm
-
     prompts = eval_prompts(n, seed)
     texts = [caption(p) for p in prompts]
+    images = generate(pipe, texts, seed, batch_size, progress, **generate_kwargs)
+    return {"scores": score(images, prompts), "images": images, "prompts": texts}
+
+
+def generate(pipe, texts: list[str], seed: int, batch_size: int = 25, progress: bool = True, **generate_kwargs) -> list:
+    """One image per evaluation caption, image k seeded with seed + k, in batches (every
+    world's evaluation generates through here)."""
+    from tqdm.auto import tqdm
+
     images = []
-    for start in tqdm(range(0, n, batch_size), desc="evaluating", disable=not progress):
+    for start in tqdm(range(0, len(texts), batch_size), desc="evaluating", disable=not progress):
         chunk = texts[start : start + batch_size]
         images += pipe(chunk, seed=[seed + start + k for k in range(len(chunk))], **generate_kwargs).images
-    return {"scores": score(images, prompts), "images": images, "prompts": texts}
+    return images
