@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UnfogError
-from .shapes import MIRROR, POSITION_PHRASES, POSITIONS, RELATIONS, WorldStream, place
+from .shapes import MIRROR, POSITION_PHRASES, POSITIONS, RELATIONS, WorldStream, compose_caption, place
 
 SIZE = 64
 SPRITES_DIR = Path(__file__).resolve().parent.parent / "assets" / "emoji-sprites"
@@ -178,20 +178,9 @@ def _object_phrase(o: Obj) -> str:
 
 def caption(prompt: Prompt) -> str:
     """The canonical caption of a prompt (docs/specs/emoji-scenes.md, Captions)."""
-    if len(prompt.objects) == 1:
-        text = _object_phrase(prompt.objects[0])
-        if prompt.position:
-            text += " " + POSITION_PHRASES[prompt.position]
-    else:
-        text = f"{_object_phrase(prompt.objects[0])} {prompt.relation} {_object_phrase(prompt.objects[1])}"
-    if prompt.background:
-        text += f" on {_article(prompt.background)} {prompt.background} background"
-    if prompt.style:
-        text += f" in {prompt.style}"
-    if prompt.paraphrase:
-        for a, b in PARAPHRASES:
-            text = text.replace(a, b)
-    return text
+    tail = f" on {_article(prompt.background)} {prompt.background} background" if prompt.background else ""
+    tail += f" in {prompt.style}" if prompt.style else ""
+    return compose_caption(prompt, _object_phrase, tail, PARAPHRASES)
 
 
 def training_prompt(scene: Scene, rng: random.Random, p_state: float = 0.6, p_paraphrase: float = 0.1) -> Prompt:

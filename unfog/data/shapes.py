@@ -161,16 +161,22 @@ def _object_phrase(o: Obj) -> str:
 
 def caption(prompt: Prompt) -> str:
     """The canonical caption of a prompt (specs/shapes-v1.md, Captions)."""
+    return compose_caption(prompt, _object_phrase, f" on a {prompt.background} background" if prompt.background else "", PARAPHRASES)
+
+
+def compose_caption(prompt, object_phrase, tail: str, paraphrases) -> str:
+    """One object with its position phrase, or two with their relation, then `tail`
+    (background, style), paraphrased if the prompt says so: the grammar every procedural
+    world shares, with the world's own object phrase."""
     if len(prompt.objects) == 1:
-        text = _object_phrase(prompt.objects[0])
+        text = object_phrase(prompt.objects[0])
         if prompt.position:
             text += " " + POSITION_PHRASES[prompt.position]
     else:
-        text = f"{_object_phrase(prompt.objects[0])} {prompt.relation} {_object_phrase(prompt.objects[1])}"
-    if prompt.background:
-        text += f" on a {prompt.background} background"
+        text = f"{object_phrase(prompt.objects[0])} {prompt.relation} {object_phrase(prompt.objects[1])}"
+    text += tail
     if prompt.paraphrase:
-        for a, b in PARAPHRASES:
+        for a, b in paraphrases:
             text = text.replace(a, b)
     return text
 
