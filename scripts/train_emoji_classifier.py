@@ -35,7 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from unfog.data.emoji import SIZE, _overlap, render, sample_scene, sprite_box, sprites  # noqa: E402
-from unfog.eval.emoji import CLASSIFIER_PATH, CROP_SIZE, crop, degrade, segment  # noqa: E402
+from unfog.eval.emoji import CLASSIFIER_PATH, CROP_SIZE, crop, segment  # noqa: E402
+from unfog.eval.emoji_validation import degrade  # noqa: E402
 
 WIDTHS = (32, 64, 128, 256)
 DEGRADE = {"clean": None, "validate": dict(blur=0.6, noise=4.0), "train": dict(blur=1.0, noise=8.0, jitter=0.3, jpeg=0.3)}

@@ -13,6 +13,7 @@ from unfog.data.emoji import BACKGROUNDS, EmojiStream, Obj, Scene, caption, rand
 from unfog.diffusion import SchedulerConfig
 from unfog.errors import UnfogError
 from unfog.eval import emoji as E
+from unfog.eval import emoji_validation as V
 from unfog.nn import TextEncoder, TextEncoderConfig, Tokenizer, UNet, UNetConfig
 
 
@@ -145,18 +146,18 @@ def test_check_splits_two_sprites_the_segmentation_joined():
 
 
 def test_validate_accepts_ground_truth_and_rejects_wrong_renders():
-    v = E.validate(200, seed=11)
+    v = V.validate(200, seed=11)
     assert v["ground_truth"]["n"] == 200 and v["wrong"]["n"] == 200
     assert v["ground_truth"]["followed"] >= 0.98, v["failures"]
     assert v["wrong"]["rejected"] >= 0.95, v["accepted_wrong"]
-    assert set(v["wrong"]["by_kind"]) == set(E.MUTATIONS)
+    assert set(v["wrong"]["by_kind"]) == set(V.MUTATIONS)
 
 
 def test_mutate_changes_exactly_one_stated_attribute():
     rng = random.Random(4)
     for _ in range(200):
         p = random_prompt(rng)
-        kind, q = E.mutate(p, rng)
+        kind, q = V.mutate(p, rng)
         diffs = [o.name != r.name or o.size != r.size for o, r in zip(p.objects, q.objects)]
         diffs += [p.position != q.position, p.relation != q.relation, p.background != q.background, p.style != q.style]
         assert sum(diffs) == 1 and caption(p) != caption(q)
