@@ -81,6 +81,10 @@ def optimize_unet(unet: UNet, dtype: torch.dtype | None, channels_last: bool, co
         unet.to(dtype=dtype)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
+    if not compile and dtype in (torch.bfloat16, torch.float16) and not next(unet.parameters()).is_cuda:
+        from .nn.packed import prepack
+
+        prepack(unet)  # oneDNN's weight reorder once per layer, not once per call
     if next(unet.parameters()).is_cuda:
         # Let cuDNN time its convolution algorithms once per shape and keep the fastest.
         torch.backends.cudnn.benchmark = True
@@ -225,7 +229,10 @@ class Pipeline(LoraMixin, EmbeddingMixin):
         default there) the guided denoiser (CFG batch, U-Net, blend) captured as a CUDA graph on
         the first generation of each shape and replayed by every sampler's every call after. On
         a CPU with bf16 units (AVX512-BF16 or AMX): the U-Net, which does nearly all the work, in
-        bfloat16 and channels_last; the text encoder and autoencoder stay float32. Elsewhere it
+        bfloat16 and channels_last, with its weights packed once in oneDNN's layout (unfog.nn.packed:
+        no reorder per call, wide convolutions as matmuls, GEGLU fused; about 1.4× the plain bfloat16
+        U-Net, at the cost of the U-Net's weights held twice); the text encoder and autoencoder
+        stay float32. Elsewhere it
         changes nothing else; the q/k/v projections of self-attention are fused into one matmul
         everywhere. Sampler state and guidance stay float32 throughout. `compile=True` also runs
         the U-Net through torch.compile (in place, so saving still works): it pays for long-lived

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from . import packed
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0, max_period: float = 10000.0) -> torch.Tensor:
@@ -112,7 +113,7 @@ class Attention(nn.Module):
         # The fused copy is the plain weights: not while an unfused LoRA adapter changes q, k or v.
         if context is None and getattr(self, "qkv_weight", None) is not None and not any(getattr(p, "active", False) for p in (self.to_q, self.to_k, self.to_v)):
             inner = self.to_q.out_features
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(b, -1, 3, self.heads, inner // self.heads)
+            qkv = packed.linear(self, "_packed_qkv", x, self.qkv_weight, self.qkv_bias).view(b, -1, 3, self.heads, inner // self.heads)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q, k, v = (
@@ -133,6 +134,9 @@ class GEGLU(nn.Module):
         self.out = nn.Linear(inner, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = packed.geglu(self, x, self.proj)  # after optimize() on a CPU
+        if fused is not None:
+            return self.out(fused)
         h, gate = self.proj(x).chunk(2, dim=-1)
         return self.out(h * F.gelu(gate))
 

@@ -1,0 +1,110 @@
+"""optimize()'s CPU fast path: weights packed once in oneDNN's layout (unfog.nn.packed)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unfog import Pipeline
+from unfog.nn import packed
+from unfog.nn.layers import GEGLU
+
+pytestmark = pytest.mark.skipif(not packed.available(), reason="this torch has no oneDNN")
+
+bf16 = torch.bfloat16
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def conv_pair(cin, cout, k, **kw):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(cin, cout, k, **kw).to(bf16)
+    fast = nn.Conv2d(cin, cout, k, **kw).to(bf16)
+    fast.load_state_dict(plain.state_dict())
+    assert packed.prepack(fast) == 1
+    return plain, fast
+
+
+@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
+def test_packed_convolution_gives_the_plain_convolution(k, stride, pad):
+    plain, fast = conv_pair(64, 96, k, stride=stride, padding=pad)
+    assert isinstance(fast, nn.Conv2d) and type(fast) is packed.PackedConv2d
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    with torch.inference_mode():
+        for shape in [(2, 64, 16, 16), (1, 64, 9, 12)]:  # one packed weight serves every input shape
+            x = torch.randn(*shape).to(bf16).contiguous(memory_format=torch.channels_last)
+            assert torch.equal(fast(x), plain(x))
+        assert "_packed" in fast.__dict__
+
+
+def test_wide_convolutions_run_as_matmuls_within_bf16_rounding():
+    for k, pad in [(3, 1), (1, 0)]:
+        plain, fast = conv_pair(packed.MATMUL_MIN_CHANNELS, 32, k, padding=pad)
+        assert fast._as_matmul()
+        x = torch.randn(2, packed.MATMUL_MIN_CHANNELS, 4, 5).to(bf16).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            got, want = fast(x), plain(x)
+            exact = F.conv2d(x.float(), plain.weight.float(), plain.bias.float(), padding=pad)
+        assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+        assert rel(got, exact) < 1e-2 and rel(got, exact) < 2 * rel(want, exact) + 1e-3
+
+
+def test_packed_weights_follow_changes_to_the_weights():
+    plain, fast = conv_pair(32, 32, 3, padding=1)
+    lin = nn.Linear(32, 48).to(bf16)
+    ref = nn.Linear(32, 48).to(bf16)
+    ref.load_state_dict(lin.state_dict())
+    packed.prepack(lin)
+    x = torch.randn(2, 32, 8, 8).to(bf16)
+    t = torch.randn(5, 32).to(bf16)
+    with torch.inference_mode():
+        fast(x), lin(t)  # packed now
+    with torch.no_grad():  # as load_state_dict and a fused LoRA change them: in place
+        for m in (plain, fast, lin, ref):
+            m.weight.mul_(-2)
+    with torch.inference_mode():
+        assert torch.equal(fast(x), plain(x))
+        assert rel(lin(t), ref(t)) < 1e-2
+        assert rel(lin(t), -ref(t)) > 1  # not the stale weights
+
+
+def test_packing_stays_out_of_training_and_float32():
+    plain, fast = conv_pair(16, 16, 3, padding=1)
+    x = torch.randn(1, 16, 8, 8).to(bf16)
+    fast(x).sum().backward()  # with autograd: the ordinary convolution, gradients flow
+    assert fast.weight.grad is not None and "_packed" not in fast.__dict__
+    fast32 = nn.Conv2d(16, 16, 3, padding=1)
+    packed.prepack(fast32)
+    with torch.inference_mode():
+        fast32(torch.randn(1, 16, 8, 8))
+    assert "_packed" not in fast32.__dict__
+
+
+def test_fused_geglu_matches_the_plain_one():
+    torch.manual_seed(0)
+    plain = GEGLU(64).to(bf16)
+    fast = GEGLU(64).to(bf16)
+    fast.load_state_dict(plain.state_dict())
+    packed.prepack(fast)
+    x = torch.randn(2, 50, 64).to(bf16)
+    exact = GEGLU(64)
+    exact.load_state_dict(plain.state_dict())
+    with torch.inference_mode():
+        got, want, ref = fast(x), plain(x), exact(x.float())
+    assert "_packed_geglu" in fast.__dict__
+    assert rel(got, ref) < 1e-2 and rel(got, want) < 1e-2
+
+
+def test_optimized_pipeline_on_cpu_packs_and_keeps_the_picture(tiny_model_dir):
+    plain = Pipeline.from_pretrained(tiny_model_dir)
+    fast = Pipeline.from_pretrained(tiny_model_dir).optimize(dtype=bf16)
+    assert type(fast.unet.conv_in) is packed.PackedConv2d
+    assert not any(isinstance(m, packed.PackedLinear) for m in fast.text_encoder.modules())  # only the U-Net
+    a = np.asarray(plain("a red circle", seed=2).images[0], dtype=np.float32)
+    b = np.asarray(fast("a red circle", seed=2).images[0], dtype=np.float32)
+    assert "_packed" in fast.unet.conv_in.__dict__
+    assert np.abs(a - b).mean() < 6  # bf16 rounding, not a different picture
+    assert set(fast.unet.state_dict()) == set(plain.unet.state_dict())

@@ -1,0 +1,155 @@
+"""Convolution and linear weights kept in oneDNN's own blocked layout for CPU inference.
+
+A plain `F.conv2d` / `F.linear` on a CPU hands oneDNN a weight in PyTorch's layout, and oneDNN
+reorders it into its blocked layout on every call; for bfloat16 that reorder is a third of a
+convolution's time at Stable Diffusion's smaller feature maps. `prepack(module)` turns every
+`nn.Conv2d` and `nn.Linear` inside into a `PackedConv2d` / `PackedLinear` (same parameters, same
+state dict, still instances of the torch classes), whose forward reorders the weight once and
+reuses it. A packed convolution's output is bit-identical to the plain call's (the same oneDNN
+kernel; tested); a packed linear layer, a wide convolution run as a matmul (MATMUL_MIN_CHANNELS)
+and the fused GEGLU (`geglu`) accumulate in another order and differ by bfloat16 rounding. The
+packed copy is used only when it applies:
+
+- inference (no autograd), on a CPU, input and weight of the same low-precision dtype
+  (bfloat16/float16: in float32 packing gained nothing measurable for linear layers and 8 % for
+  convolutions, measured in bench/speed.py's notes), not while torch.compile traces;
+- the weight unchanged since it was packed: the cache is keyed by the weight's storage and version
+  counter, so `load_state_dict`, a fused LoRA or `.to()` repacks on the next call.
+
+Everything else takes the ordinary path. The packed copy costs the memory of the weights once more.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def available() -> bool:
+    """Whether this torch build has oneDNN's packed convolution and linear ops."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def _key(weight: torch.Tensor):
+    try:
+        return (weakref.ref(weight), weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+    except RuntimeError:  # an inference tensor has no version counter: never cache what may change unseen
+        return None
+
+
+def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in _LOW_PRECISION
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _cached(owner: nn.Module, slot: str, weight: torch.Tensor, pack):
+    """The packed copy of `weight` held on `owner` under `slot`, made by pack() when missing or stale."""
+    key = _key(weight)
+    if key is None:
+        return None
+    entry = owner.__dict__.get(slot)
+    if entry is None or entry[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            entry = (key, pack())
+        owner.__dict__[slot] = entry  # a plain attribute: not a buffer, so never saved or moved
+    return entry[1]
+
+
+def linear(owner: nn.Module, slot: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through a packed copy of weight cached on owner when it applies."""
+    if _usable(x, weight):
+        packed = _cached(owner, slot, weight, lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        if packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def geglu(owner: nn.Module, x: torch.Tensor, proj: nn.Module) -> torch.Tensor | None:
+    """h · GELU(gate) for [h, gate] = proj(x), as two packed matmuls with oneDNN's GELU and product
+    fused into their outputs, so the wide hidden activation is written once, not four times (at a
+    64×64 latent's 4,096 tokens: 49.7 → 23.0 ms per call here). Only for a PackedLinear proj, where
+    it applies; else None and the caller computes it plainly. Rounded once rather than at each
+    step, so it differs from the plain bfloat16 result by bfloat16 rounding."""
+    w = proj.weight
+    if type(proj) is not PackedLinear or not _usable(x, w):
+        return None
+    inner = w.shape[0] // 2
+
+    def pack():
+        b = proj.bias if proj.bias is not None else torch.zeros(2 * inner, dtype=w.dtype)
+        return (torch.ops.mkldnn._reorder_linear_weight(w.detach()[:inner].contiguous(), None), b.detach()[:inner].contiguous(),
+                torch.ops.mkldnn._reorder_linear_weight(w.detach()[inner:].contiguous(), None), b.detach()[inner:].contiguous())
+
+    packed = _cached(owner, "_packed_geglu", w, pack)
+    if packed is None:
+        return None
+    wh, bh, wg, bg = packed
+    gate = torch.ops.mkldnn._linear_pointwise(x, wg, bg, "gelu", [], "none")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, gate, wh, bh, "mul")
+
+
+class PackedLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(self, "_packed", x, self.weight, self.bias)
+
+
+# A 3×3 or 1×1 convolution with at least this many input channels runs as one matmul over the
+# image's patches (im2col): its weight (29 MB and up in bfloat16 for 1280 channels) is read from
+# memory once either way, and oneDNN's matmul streams it faster than its convolution at the few
+# pixels of a U-Net's deep levels. Measured on this 2-core AMX machine, cold caches, batch 2:
+# 1280→1280 3×3 at 4×4 7.8 → 4.6 ms, at 8×8 11.3 → 9.0 ms, at 16×16 27.7 → 24.0 ms; 640 channels
+# at 16×16 were slower as a matmul (6.1 → 14.1 ms), so they stay convolutions.
+MATMUL_MIN_CHANNELS = 1280
+
+
+class PackedConv2d(nn.Conv2d):
+    def _as_matmul(self) -> bool:
+        return (
+            self.groups == 1 and self.in_channels >= MATMUL_MIN_CHANNELS and self.stride == (1, 1) and self.dilation == (1, 1)
+            and self.kernel_size in ((1, 1), (3, 3)) and self.padding == tuple(k // 2 for k in self.kernel_size)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.padding_mode == "zeros" and isinstance(self.padding, tuple) and x.dim() == 4 and _usable(x, w):
+            if self._as_matmul():
+                # weight as [out, kh·kw·in], patches as [pixels, kh·kw·in], both in (kh, kw, in) order
+                packed = _cached(self, "_packed", w, lambda: torch.ops.mkldnn._reorder_linear_weight(w.detach().permute(0, 2, 3, 1).reshape(w.shape[0], -1), None))
+                if packed is not None:
+                    n, _, h, wd = x.shape
+                    xh = x.permute(0, 2, 3, 1)  # NHWC: free for a channels_last input
+                    if self.kernel_size == (3, 3):
+                        xh = F.pad(xh, (0, 0, 1, 1, 1, 1)).unfold(1, 3, 1).unfold(2, 3, 1).permute(0, 1, 2, 4, 5, 3)
+                    y = torch.ops.mkldnn._linear_pointwise(xh.reshape(n * h * wd, -1), packed, self.bias, "none", [], "")
+                    return y.view(n, h, wd, -1).permute(0, 3, 1, 2)  # channels_last, as the convolution gives
+            else:
+                args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+                packed = _cached(self, "_packed", w, lambda: torch.ops.mkldnn._reorder_convolution_weight(w.detach(), *args, list(x.shape)))
+                if packed is not None:
+                    return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, *args, "none", [], "")
+        return super().forward(x)
+
+
+def prepack(module: nn.Module) -> int:
+    """Make every plain nn.Conv2d and nn.Linear in module pack its weight on first use (see the
+    module docstring). Returns how many layers were changed; a no-op without oneDNN."""
+    if not available():
+        return 0
+    n = 0
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = PackedLinear
+        elif type(m) is nn.Conv2d:
+            m.__class__ = PackedConv2d
+        else:
+            continue
+        n += 1
+    return n
