@@ -108,3 +108,24 @@ def test_optimized_pipeline_on_cpu_packs_and_keeps_the_picture(tiny_model_dir):
     assert "_packed" in fast.unet.conv_in.__dict__
     assert np.abs(a - b).mean() < 6  # bf16 rounding, not a different picture
     assert set(fast.unet.state_dict()) == set(plain.unet.state_dict())
+
+
+def test_weights_made_under_inference_mode_are_packed_and_forgotten_on_request():
+    with torch.inference_mode():
+        plain, fast = conv_pair(32, 32, 3, padding=1)
+        x = torch.randn(2, 32, 8, 8).to(bf16)
+        assert fast.weight.is_inference()
+        assert torch.equal(fast(x), plain(x)) and "_packed" in fast.__dict__
+        for m in (plain, fast):
+            m.weight.mul_(-2)  # no version counter to see this: unfog's own in-place changes call forget
+        packed.forget(fast)
+        assert torch.equal(fast(x), plain(x))
+
+
+def test_pipeline_loaded_under_inference_mode_generates(tiny_model_dir):
+    """Once crashed the process: asking an inference tensor for its version raised inside the
+    sampler's greenlet."""
+    with torch.inference_mode():
+        fast = Pipeline.from_pretrained(tiny_model_dir).optimize(dtype=bf16)
+        image = fast("a red circle", seed=2, num_inference_steps=3).images[0]
+    assert image.size == (fast.defaults.width, fast.defaults.height) and "_packed" in fast.unet.conv_in.__dict__

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import UnfogError
+from .nn import packed
 from .nn.layers import Attention
 from .nn.lora import Adapted
 
@@ -194,6 +195,7 @@ class LoraMixin:
         for module in self._components().values():
             if module is None:
                 continue
+            packed.forget(module)  # optimize()'s packed copies of weights that may have changed in place
             for m in module.modules():
                 if isinstance(m, Attention) and getattr(m, "qkv_weight", None) is not None:
                     m.fuse_projections()  # the fused copy of optimize() follows the (un)fused weights

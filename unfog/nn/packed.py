@@ -14,7 +14,8 @@ packed copy is used only when it applies:
   (bfloat16/float16: in float32 packing gained nothing measurable for linear layers and 8 % for
   convolutions, measured in bench/speed.py's notes), not while torch.compile traces;
 - the weight unchanged since it was packed: the cache is keyed by the weight's storage and version
-  counter, so `load_state_dict`, a fused LoRA or `.to()` repacks on the next call.
+  counter, so `load_state_dict`, a fused LoRA or `.to()` repacks on the next call (weights made
+  under inference mode have no version counter: see `_key`).
 
 Everything else takes the ordinary path. The packed copy costs the memory of the weights once more.
 """
@@ -36,10 +37,20 @@ def available() -> bool:
 
 
 def _key(weight: torch.Tensor):
-    try:
-        return (weakref.ref(weight), weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-    except RuntimeError:  # an inference tensor has no version counter: never cache what may change unseen
-        return None
+    """What identifies the weight's current values: the tensor, its storage and its version counter.
+    A tensor made under torch.inference_mode has no version counter (and asking raises, which is
+    checked first: a C++ exception inside the sampler's greenlet crashed a whole-image run), so it
+    is keyed without one: such weights can only change in place under inference mode, and unfog's
+    own in-place changes (fusing a LoRA) call `forget`."""
+    ref = (weakref.ref(weight), weight.data_ptr(), weight.dtype, tuple(weight.shape))
+    return ref if weight.is_inference() else (*ref, weight._version)
+
+
+def forget(module: nn.Module) -> None:
+    """Drop the packed copies held in module and its children (after changing weights in place)."""
+    for m in module.modules():
+        for slot in [k for k in m.__dict__ if k.startswith("_packed")]:
+            del m.__dict__[slot]
 
 
 def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -53,8 +64,6 @@ def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def _cached(owner: nn.Module, slot: str, weight: torch.Tensor, pack):
     """The packed copy of `weight` held on `owner` under `slot`, made by pack() when missing or stale."""
     key = _key(weight)
-    if key is None:
-        return None
     entry = owner.__dict__.get(slot)
     if entry is None or entry[0] != key:
         with torch.inference_mode(False), torch.no_grad():
