@@ -1,8 +1,8 @@
 """Convolution and linear weights kept in oneDNN's own blocked layout for CPU inference.
 
 A plain `F.conv2d` / `F.linear` on a CPU hands oneDNN a weight in PyTorch's layout, and oneDNN
-reorders it into its blocked layout on every call; for bfloat16 that reorder is a tenth of a
-convolution's time at 32×32 feature maps and half of it at 4×4. `prepack(module)` turns every
+reorders it into its blocked layout on every call; for bfloat16 that reorder is a small part of
+a convolution's time at 32×32 feature maps and half of it at 4×4 (bench/packed_layers.py). `prepack(module)` turns every
 `nn.Conv2d` and `nn.Linear` inside into a `PackedConv2d` / `PackedLinear` (same parameters, same
 state dict, still instances of the torch classes), whose forward reorders the weight once and
 reuses it. A packed convolution's output is bit-identical to the plain call's (the same oneDNN
@@ -11,8 +11,7 @@ and the fused GEGLU (`geglu`) accumulate in another order and differ by bfloat16
 packed copy is used only when it applies:
 
 - inference (no autograd), on a CPU, input and weight of the same low-precision dtype
-  (bfloat16/float16: in float32 packing gained nothing measurable for linear layers and 8 % for
-  convolutions when timed layer by layer on this machine), not while torch.compile traces;
+  (bfloat16/float16: float32 gained little when tried by hand), not while torch.compile traces;
 - the weight unchanged since it was packed: the cache is keyed by the weight's storage and version
   counter, so `load_state_dict`, a fused LoRA or `.to()` repacks on the next call (weights made
   under inference mode have no version counter: see `_key`).
@@ -84,7 +83,7 @@ def linear(owner: nn.Module, slot: str, x: torch.Tensor, weight: torch.Tensor, b
 def geglu(owner: nn.Module, x: torch.Tensor, proj: nn.Module) -> torch.Tensor | None:
     """h · GELU(gate) for [h, gate] = proj(x), as two packed matmuls with oneDNN's GELU and product
     fused into their outputs, so the wide hidden activation is written once, not four times (at a
-    64×64 latent's 4,096 tokens: 49.7 → 23.0 ms per call here). Only for a PackedLinear proj, where
+    64×64 latent's 4,096 tokens: 20.6 → 12.6 ms per call in one run of bench/packed_layers.py). Only for a PackedLinear proj, where
     it applies; else None and the caller computes it plainly. Rounded once rather than at each
     step, so it differs from the plain bfloat16 result by bfloat16 rounding."""
     w = proj.weight
@@ -113,9 +112,9 @@ class PackedLinear(nn.Linear):
 # A 3×3 or 1×1 convolution with at least this many input channels runs as one matmul over the
 # image's patches (im2col): its weight (29 MB and up in bfloat16 for 1280 channels) is read from
 # memory once either way, and oneDNN's matmul streams it faster than its convolution at the few
-# pixels of a U-Net's deep levels. Measured on this 2-core AMX machine, cold caches, batch 2:
-# 1280→1280 3×3 at 4×4 7.8 → 4.6 ms, at 8×8 11.3 → 9.0 ms, at 16×16 27.7 → 24.0 ms; 640 channels
-# at 16×16 were slower as a matmul (6.1 → 14.1 ms), so they stay convolutions.
+# pixels of a U-Net's deep levels. `python bench/packed_layers.py` times both on this machine:
+# wide layers at 4×4 gain clearly, at 8×8–16×16 it is about even (run to run either way), and
+# 640 channels at 16×16 are much slower as a matmul, so they stay convolutions.
 MATMUL_MIN_CHANNELS = 1280
 
 

@@ -1,0 +1,78 @@
+"""Layer by layer: what unfog/nn/packed.py's choices gain on this CPU, in bfloat16, batch 2.
+
+    python bench/packed_layers.py
+
+Prints, per case, the median milliseconds of: a plain eager convolution against the same
+convolution with its weight packed once (cold caches: 512 MB touched before each call, as inside
+a full U-Net whose weights do not fit in cache); a packed convolution against the same layer as
+one packed matmul over image patches (what PackedConv2d does from MATMUL_MIN_CHANNELS input
+channels); GEGLU plain against fused (unfog.nn.packed.geglu); and this machine's bf16 matmul
+rate at 2048³, the ceiling the U-Net's matmuls and convolutions run against.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from unfog.nn import packed
+from unfog.nn.layers import GEGLU
+
+bf16 = torch.bfloat16
+junk = torch.ones(2**28, dtype=bf16)
+
+
+def ms(fn, cold: bool, n: int = 10) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(n):
+        if cold:
+            junk.add_(1)  # evict the caches
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def conv(cin, cout, k, size, as_matmul):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(cin, cout, k, padding=k // 2).to(bf16).to(memory_format=torch.channels_last)
+    fast = nn.Conv2d(cin, cout, k, padding=k // 2).to(bf16).to(memory_format=torch.channels_last)
+    fast.load_state_dict(plain.state_dict())
+    packed.prepack(fast)
+    if not as_matmul:
+        fast._as_matmul = lambda: False
+    x = torch.randn(2, cin, size, size).to(bf16).contiguous(memory_format=torch.channels_last)
+    return plain, fast, x
+
+
+def main() -> None:
+    with torch.inference_mode():
+        print("convolution, bf16, batch 2, cold caches: plain | packed | packed as matmul (ms)")
+        for cin, cout, k, size in [(320, 320, 3, 32), (640, 640, 3, 16), (1280, 1280, 3, 16), (1280, 1280, 3, 8), (1280, 1280, 3, 4),
+                                   (2560, 1280, 3, 4), (1280, 1280, 1, 4)]:
+            plain, fast, x = conv(cin, cout, k, size, as_matmul=False)
+            _, wide, _ = conv(cin, cout, k, size, as_matmul=True)
+            wide._as_matmul = lambda: wide.groups == 1 and wide.kernel_size in ((1, 1), (3, 3))
+            print(f"  {cin}→{cout} {k}×{k} at {size}×{size}: {ms(lambda: plain(x), True):.2f} | {ms(lambda: fast(x), True):.2f} | "
+                  f"{ms(lambda: wide(x), True):.2f}")
+        print("GEGLU, bf16, batch 2: plain | fused (ms)")
+        for tokens, dim in [(1024, 320), (4096, 320), (256, 640)]:
+            torch.manual_seed(0)
+            plain = GEGLU(dim).to(bf16)
+            fast = GEGLU(dim).to(bf16)
+            fast.load_state_dict(plain.state_dict())
+            packed.prepack(fast)
+            x = torch.randn(2, tokens, dim).to(bf16)
+            print(f"  {tokens} tokens × {dim}: {ms(lambda: plain(x), False):.2f} | {ms(lambda: fast(x), False):.2f}")
+        a, b = torch.randn(2048, 2048).to(bf16), torch.randn(2048, 2048).to(bf16)
+        t = ms(lambda: a @ b, False, 20)
+        print(f"bf16 matmul 2048³: {2 * 2048**3 / t / 1e9:.2f} TFLOP/s with {torch.get_num_threads()} threads")
+
+
+if __name__ == "__main__":
+    main()
