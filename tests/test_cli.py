@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -8,7 +9,9 @@ from unfog.cli import main
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "unfog", *args], capture_output=True, text=True, timeout=300)
+    # Buffered streams, as for a user (PYTHONUNBUFFERED would hide output lost at exit).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.run([sys.executable, "-m", "unfog", *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_generate_writes_a_png(tiny_model_dir, tmp_path):
@@ -162,3 +165,31 @@ def test_out_of_range_seed_and_invalid_utf8_prompt_are_one_line_errors(tiny_mode
     r = subprocess.run([sys.executable.encode(), b"-m", b"unfog", b"generate", b"a \xff circle", *[a.encode() for a in common]],
                        capture_output=True, timeout=300)
     assert r.returncode == 2 and b"not valid Unicode text" in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_the_command_exits_quickly_only_when_nothing_else_runs(monkeypatch):
+    """`unfog` skips interpreter teardown (os._exit) after a command, but exits normally while
+    another thread still runs, so that thread's work is not cut off."""
+    import threading
+
+    import unfog.cli as cli
+
+    exits = []
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(cli.os, "_exit", lambda code: exits.append(code))
+    cli.run()
+    assert exits == [3]
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    try:
+        try:
+            cli.run()
+        except SystemExit as e:
+            assert e.code == 3
+        else:
+            raise AssertionError("run() should exit normally while a thread runs")
+        assert exits == [3]
+    finally:
+        stop.set()
+        worker.join()

@@ -152,3 +152,29 @@ def test_fused_qkv_projection_equals_separate_ones():
     cross = Attention(32, 4, 8, context_dim=16)
     cross.fuse_projections()
     assert getattr(cross, "qkv_weight", None) is None
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_convolution_as_matmul_equals_the_convolution(bias):
+    """A float32 1×1 convolution on a CPU runs as a matmul (no oneDNN call), with the
+    convolution's result, and gradients still flow; other inputs take the layer's own forward."""
+    from torch import nn
+
+    from unfog.nn.layers import pointwise
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 7, 1, bias=bias)
+    x = torch.randn(3, 12, 5, 9, requires_grad=True)
+    expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias)
+    conv.forward = lambda _: pytest.fail("the float32 CPU path should not call the convolution")
+    out = pointwise(conv, x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+    del conv.forward
+    for other in (x.detach().to(torch.bfloat16), x.detach().contiguous(memory_format=torch.channels_last)):
+        calls = []
+        conv.forward = lambda inp, c=conv: calls.append(1) or nn.Conv2d.forward(c, inp)
+        pointwise(conv.to(other.dtype), other)
+        assert calls, "a bfloat16 or channels_last input takes the layer's forward"
+        conv.float()

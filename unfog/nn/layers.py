@@ -22,6 +22,21 @@ def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = Tru
     return emb
 
 
+def pointwise(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) for a 1×1 convolution. On a CPU in float32 with a contiguous (NCHW) input it is
+    computed as the matmul it is, weight @ pixels: oneDNN's convolution pays about 0.15 ms of
+    setup per call, which at the bundled model's small feature maps was 4–6× the arithmetic
+    (0.16–0.25 → 0.03–0.08 ms per layer). Anything else (a LoRA-adapted or packed layer, other
+    dtypes or devices) takes the layer's own forward."""
+    if (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
+            and x.device.type == "cpu" and x.dtype == conv.weight.dtype == torch.float32 and x.dim() == 4 and x.is_contiguous()):
+        n, c, h, w = x.shape
+        weight = conv.weight.view(conv.out_channels, c)
+        y = torch.matmul(weight, x.view(n, c, h * w)) if conv.bias is None else torch.baddbmm(conv.bias[:, None].expand(n, -1, h * w), weight.expand(n, -1, -1), x.view(n, c, h * w))
+        return y.view(n, conv.out_channels, h, w)
+    return conv(x)
+
+
 class TimestepMLP(nn.Module):
     """Linear → SiLU → Linear on the sinusoidal embedding."""
 
@@ -53,7 +68,7 @@ class ResBlock(nn.Module):
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+        return (x if self.conv_shortcut is None else pointwise(self.conv_shortcut, x)) + h
 
 
 class Downsample(nn.Module):
@@ -176,7 +191,7 @@ class SpatialTransformer(nn.Module):
         b, _, h, w = x.shape
         y = self.norm(x)
         if not self.linear_proj:
-            y = self.proj_in(y)
+            y = pointwise(self.proj_in, y)
         y = y.flatten(2).transpose(1, 2)
         if self.linear_proj:
             y = self.proj_in(y)
@@ -186,5 +201,5 @@ class SpatialTransformer(nn.Module):
             y = self.proj_out(y)
         y = y.transpose(1, 2).reshape(b, -1, h, w)
         if not self.linear_proj:
-            y = self.proj_out(y)
+            y = pointwise(self.proj_out, y)
         return x + y
