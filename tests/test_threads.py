@@ -50,3 +50,21 @@ def test_the_users_choice_is_left_alone(fake_machine, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setenv("UNFOG_THREADS", "fixed")
     assert threads.fit_threads() == 2
+
+
+def test_a_compiled_unet_keeps_its_thread_count(fake_machine, tiny_model_dir):
+    """A generation fits the thread count to the machine's load, except with a torch.compile'd
+    U-Net, where a new count would recompile it (tens of seconds per shape)."""
+    from unfog import Pipeline
+
+    pipe = Pipeline.from_pretrained(tiny_model_dir)
+    fake_machine(1.0, others=1.0, mine=0.0)  # another process keeps one core busy
+    pipe("a red circle", num_inference_steps=2, seed=0)
+    assert torch.get_num_threads() == 1
+    fake_machine(1.0, others=0.0, mine=0.0)
+    pipe.unet._compiled_call_impl = pipe.unet._call_impl  # as nn.Module.compile() marks it, without compiling
+    pipe("a red circle", num_inference_steps=2, seed=0)
+    assert torch.get_num_threads() == 1
+    pipe.unet._compiled_call_impl = None
+    pipe("a red circle", num_inference_steps=2, seed=0)
+    assert torch.get_num_threads() == 2

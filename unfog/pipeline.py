@@ -327,15 +327,19 @@ class Pipeline(LoraMixin, EmbeddingMixin):
         `should_stop`, it is also asked before each residual block of the U-Net, and a True raises
         `Interrupted` within one block rather than one step (eager U-Net calls only: under CUDA
         graphs or torch.compile a U-Net call runs whole and the stop comes at the next step)."""
-        if self.device.type == "cpu":
-            fit_threads()  # one thread fewer per core other processes keep busy (unfog.threads)
+        compiled = getattr(self.unet, "_compiled_call_impl", None) is not None
+        # One thread fewer per core other processes keep busy (unfog.threads); not for a compiled
+        # U-Net, which a new thread count recompiles (a first image's compile workers looked like
+        # other load, and the second image then spent 50 s recompiling: bench/compile_cache.py).
+        if self.device.type == "cpu" and not compiled:
+            fit_threads()
         sample = get_sampler(request.sampler)
         if request.deep_cache is not None:  # opt-in, eager: the cached calls compute less than a captured graph would
             self.unet.deep_cache = DeepCache(request.deep_cache)
         denoiser = self._guided_denoiser(request, state)
         hooks = []
         # Not with graphs (a replay runs whole) or torch.compile (new hooks would recompile the U-Net).
-        if should_stop is not None and not self.cuda_graphs and getattr(self.unet, "_compiled_call_impl", None) is None:
+        if should_stop is not None and not self.cuda_graphs and not compiled:
             def check(module, args):
                 if should_stop():
                     raise Interrupted("stopped within a U-Net call")
