@@ -193,3 +193,10 @@ def test_the_command_exits_quickly_only_when_nothing_else_runs(monkeypatch):
     finally:
         stop.set()
         worker.join()
+
+
+def test_serve_warmup_sizes_are_checked(tiny_model_dir, capsys):
+    assert main(["serve", "--model", str(tiny_model_dir), "--warmup", "64x64,big"]) == 2
+    assert "WIDTHxHEIGHT" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tiny_model_dir), "--warmup", "33x64"]) == 2  # the request's own check: a multiple of the model's factor
+    assert "multiple" in capsys.readouterr().err

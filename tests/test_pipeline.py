@@ -282,3 +282,20 @@ def test_deep_cache_runs_the_deep_blocks_every_k_calls(tiny_pipe):
     assert tiny_pipe.unet.deep_cache is None  # nothing left behind on the network
     with pytest.raises(__import__("unfog.errors", fromlist=["UnfogError"]).UnfogError, match="deep_cache"):
         tiny_pipe("a red circle", deep_cache=0)
+
+
+def test_warm_up_runs_the_unet_at_each_size(tiny_model_dir):
+    """warm_up builds what a first call of a shape builds (a compiled U-Net, CUDA graphs): one
+    short guided generation per size, the model's default size when none is given."""
+    from unfog import Pipeline
+
+    pipe = Pipeline.from_pretrained(tiny_model_dir)
+    shapes = []
+    pipe.unet.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    assert len(pipe.warm_up([(32, 48), (16, 16)])) == 2
+    f, c = pipe.vae_factor, pipe.latent_channels
+    assert set(shapes) == {(2, c, 32 // f, 48 // f), (2, c, 16 // f, 16 // f)}  # the CFG batch of 2, at each size's latents
+    shapes.clear()
+    pipe.warm_up()
+    default = pipe.defaults
+    assert set(shapes) == {(2, c, default.height // f, default.width // f)}

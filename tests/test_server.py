@@ -283,7 +283,7 @@ def test_ctrl_c_during_a_job_shuts_down_cleanly(tiny_model_dir):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "unfog", "serve", "--model", str(tiny_model_dir), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "unfog", "serve", "--model", str(tiny_model_dir), "--port", str(port), "--warmup", "48x32"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -306,6 +306,7 @@ def test_ctrl_c_during_a_job_shuts_down_cleanly(tiny_model_dir):
             proc.kill()
     assert proc.returncode == 0, out
     assert "terminate called" not in out and "Traceback" not in out
+    assert out.index("warmed up 48x32 in") < out.index("unfog serving on"), out  # --warmup runs before the server listens
 
 
 def test_a_request_with_too_much_total_work_is_refused(api):

@@ -313,6 +313,17 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"{args.output}  (from {src})")
 
 
+def _sizes(text: str) -> list[tuple[int, int]]:
+    """"512x768,1024x1024" → [(768, 512), (1024, 1024)], as (height, width)."""
+    sizes = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", part)
+        if not m:
+            raise UnfogError(f"--warmup takes sizes as WIDTHxHEIGHT separated by commas (e.g. 512x512,768x512), got {part!r}")
+        sizes.append((int(m.group(2)), int(m.group(1))))
+    return sizes
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
@@ -343,6 +354,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UnfogError(f"--lora-dir {args.lora_dir} is not a folder")
     if args.optimize:
         pipe.optimize(compile=args.compile)
+    sizes = _sizes(args.warmup) if args.warmup else []
+    if sizes or args.compile:  # a compiled U-Net's first call of a shape compiles it: do that before listening
+        for (h, w), s in zip(sizes or [(None, None)], pipe.warm_up(sizes)):
+            print(f"warmed up {f'{w}x{h}' if h else 'the default size'} in {s:.1f} s", file=sys.stderr, flush=True)
     app = create_app(pipe, settings, model_name=Path(args.model).name if args.model else "unfog-default")
     print(f"unfog serving on http://{args.host}:{args.port}/  (API docs at /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -562,7 +577,9 @@ def _serve_parser(sub) -> None:
     v.add_argument("--optimize", action="store_true", help="serve through pipe.optimize()")
     v.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="load the model in this precision (bfloat16 halves the memory; SDXL on a CPU)")
-    v.add_argument("--compile", action="store_true", help="with --optimize: also torch.compile the U-Net (slow first request per size)")
+    v.add_argument("--compile", action="store_true", help="with --optimize: also torch.compile the U-Net (compiled per size: the default size at start-up, see --warmup)")
+    v.add_argument("--warmup", metavar="WxH[,WxH]", help="run one short generation at each size before serving, so the first requests "
+                   "do not pay for compiling (default with --compile: the model's default size)")
     v.add_argument("--ray", action="store_true", help="serve on Ray Serve with --replicas model replicas (pip install 'unfog[ray]')")
     v.add_argument("--replicas", type=int, default=1, help="--ray: model replicas (one per GPU with --device cuda, else CPU workers)")
     v.add_argument("--ingresses", type=int, default=1, help="--ray: HTTP ingress replicas (any of them answers for any job)")

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -401,6 +402,19 @@ class Pipeline(LoraMixin, EmbeddingMixin):
                         callback(step.index, step.x, step.x0)
         images = self.decode(state.x) if request.output_type == "pil" else []
         return PipelineOutput(images=images, seeds=request.seeds, request=request, latents=state.x)
+
+    def warm_up(self, sizes: Sequence[tuple[int, int]] = (), **options) -> list[float]:
+        """One short generation (2 steps, the model's defaults otherwise) at each (height, width),
+        the model's default size when none is given, so that what is built on a first call of
+        each shape (a torch.compile'd U-Net, captured CUDA graphs) is built now rather than in a
+        user's first request; `options` as for a call (e.g. `num_images_per_prompt`, a different
+        batch being a different shape). Returns the seconds each took."""
+        times = []
+        for height, width in sizes or [(None, None)]:
+            t = time.perf_counter()
+            self("", num_inference_steps=2, seed=0, height=height, width=width, **options)
+            times.append(time.perf_counter() - t)
+        return times
 
     def _schedule_part(self, r: GenerationRequest, sigmas: torch.Tensor) -> torch.Tensor:
         """The part of the schedule this request runs. img2img: the last int(steps·strength)
