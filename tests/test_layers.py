@@ -26,7 +26,8 @@ ALLOWED = {
     "eval": {"data", "pipeline"},
     "train": {"diffusion", "samplers", "nn", "formats", "data", "graphs", "request", "pipeline", "eval", "adapters", "embeddings", "text", "prompts"},
     "server": {"diffusion", "samplers", "request", "pipeline", "text"},
-    "cli": {"diffusion", "samplers", "nn", "formats", "data", "graphs", "request", "pipeline", "eval", "train", "server", "__init__", "prompts", "text"},
+    "cli": {"diffusion", "samplers", "nn", "formats", "data", "graphs", "request", "pipeline", "eval", "train", "server", "__init__", "prompts", "text", "cli_args"},
+    "cli_args": {"diffusion", "samplers", "train", "__init__"},  # the command line's parsers
     "__init__": {"pipeline"},
     "__main__": {"cli"},
 }
