@@ -22,7 +22,8 @@ ALLOWED = {
     "adapters": {"nn", "formats"},  # LoRA methods of the pipeline
     "embeddings": {"nn", "formats"},  # textual-inversion methods of the pipeline
     "request": {"diffusion", "samplers", "prompts"},
-    "pipeline": {"diffusion", "samplers", "nn", "formats", "graphs", "request", "adapters", "embeddings", "text", "prompts", "threads"},
+    "offload": {"formats"},  # low-memory mode: networks resting on disk
+    "pipeline": {"diffusion", "samplers", "nn", "formats", "graphs", "request", "adapters", "embeddings", "text", "prompts", "threads", "offload"},
     "eval": {"data", "pipeline"},
     "train": {"diffusion", "samplers", "nn", "formats", "data", "graphs", "request", "pipeline", "eval", "adapters", "embeddings", "text", "prompts"},
     "server": {"diffusion", "samplers", "request", "pipeline", "text"},

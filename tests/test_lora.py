@@ -312,3 +312,18 @@ def test_peft_file_without_metadata_and_bfloat16(sd1, tmp_path):
         assert_close(images(ours, True), images(ref, False))
     finally:
         ref.unload_lora_weights()
+
+
+def test_lora_in_low_memory_mode(sd1, tmp_path):
+    """With the text encoder resting on disk (enable_low_memory), loading, fusing, unfusing and
+    unloading a LoRA that touches it give the images of a pipeline that keeps it resident."""
+    ref, folder = sd1
+    path = kohya_file(ref, tmp_path / "style.safetensors")
+    plain, low = Pipeline.from_pretrained(folder), Pipeline.from_pretrained(folder, low_memory=True)
+    images(low, True)  # encoded once: the text encoder is on disk now
+    steps = [lambda p: p.load_lora_weights(path), lambda p: p.fuse_lora(), lambda p: p.unfuse_lora(), lambda p: p.unload_lora_weights()]
+    for step in steps:
+        for pipe in (plain, low):
+            step(pipe)
+        assert np.array_equal(images(low, True), images(plain, True))
+        assert all(t.is_meta for t in low.text_encoder.state_dict().values())

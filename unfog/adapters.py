@@ -28,6 +28,7 @@ class LoraMixin:
     """The adapter methods of `Pipeline` (kept here so pipeline.py stays about generation)."""
 
     def _components(self) -> dict[str, nn.Module]:
+        self._resident(changing=True)  # low-memory mode: the text encoders back from disk, as adapters change them
         return {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
 
     def _adapted_layers(self):

@@ -63,6 +63,7 @@ class EmbeddingMixin:
         if not isinstance(token, str) or not token.strip() or any(c.isspace() for c in token):
             raise UnfogError(f"token must be a non-empty string without spaces, got {token!r}", "token")
         vectors = read_embedding(path)
+        self._resident(changing=True)  # low-memory mode: the text encoders back from disk, as new vectors change them
         pairs = [(self.tokenizer, self.text_encoder)] + ([(self.tokenizer_2, self.text_encoder_2)] if self.text_encoder_2 is not None else [])
         if len(pairs) == 2:
             if set(vectors) != {"clip_l", "clip_g"}:

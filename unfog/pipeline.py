@@ -34,6 +34,7 @@ from .graphs import DenoiserGraph
 from .images import from_pil, mask_from_pil, resized, to_pil
 from .nn import Autoencoder, TextEncoder, Tokenizer, UNet
 from .nn.unet import DeepCache
+from .offload import DiskRest
 from .request import GenerationRequest, ModelFacts, make_request
 from .samplers import Step, get_sampler, iterate
 from .text import apply_emphasis, frame
@@ -139,6 +140,7 @@ class Pipeline(LoraMixin, EmbeddingMixin):
         # Replay the guided denoiser as a captured CUDA graph (optimize() turns this on for CUDA;
         # on a CPU the same static-buffer call runs without capture). Graphs are cached per shape.
         self.cuda_graphs = False
+        self.disk_rest: DiskRest | None = None  # low-memory mode (enable_low_memory)
         self.max_denoiser_graphs = 4
         self.denoiser_graphs: dict[tuple, DenoiserGraph] = {}
         self.denoiser = DiscreteDenoiser(unet, scheduler.alphas_cumprod(), scheduler.prediction_type)
@@ -178,7 +180,8 @@ class Pipeline(LoraMixin, EmbeddingMixin):
         unfog, and "shapes" or "emoji" a bundled model by name. Options (see `unfog.formats.load_any`): `dtype` (or diffusers' name `torch_dtype`;
         the networks are loaded straight into it, e.g. torch.bfloat16 for SDXL on a CPU),
         `clip_skip`, `prediction_type`, and for single files `config` (a diffusers-layout config
-        folder) and `tokenizer`."""
+        folder) and `tokenizer`; `low_memory=True` calls `enable_low_memory()` on the result."""
+        low_memory = options.pop("low_memory", False)
         if "torch_dtype" in options:
             alias = options.pop("torch_dtype")
             if options.get("dtype") not in (None, alias):
@@ -193,8 +196,8 @@ class Pipeline(LoraMixin, EmbeddingMixin):
             if not (bundled / "model_index.json").is_file():
                 raise UnfogError(f"this install of unfog lacks the bundled model {str(path)!r} ({bundled}); reinstall unfog from a full checkout")
             path = bundled
-        p = load_any(path, **options)
-        return cls.from_parts(p)
+        pipe = cls.from_parts(load_any(path, **options))
+        return pipe.enable_low_memory() if low_memory else pipe
 
     @classmethod
     def from_parts(cls, p: ModelParts) -> "Pipeline":
@@ -207,12 +210,16 @@ class Pipeline(LoraMixin, EmbeddingMixin):
         LoRA adapters are saved only as fused into the weights (`fuse_lora()` first)."""
         if self.get_active_adapters() and not all(layer.fused or not layer.active for _, _, layer in self._adapted_layers()):
             raise UnfogError("LoRA adapters are loaded but not fused: fuse_lora() to save a model with them baked in, or unload_lora_weights()")
+        self._resident(changing=False)
         with self._adapters_set_aside():
             save_model(ModelParts(self.tokenizer, self.text_encoder, self.unet, self.vae, self.scheduler, self.defaults, tokenizer_2=self.tokenizer_2,
                               text_encoder_2=self.text_encoder_2, force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt), directory, dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move the networks to a device and/or cast them to a dtype; returns self."""
+        if self.disk_rest is not None and device is not None and torch.device(device).type != "cpu":
+            raise UnfogError(f"low-memory mode (text encoders resting on disk) is for CPU pipelines; call disable_low_memory() before .to({str(device)!r})")
+        self._resident(changing=dtype is not None)
         for m in (self.text_encoder, self.text_encoder_2, self.unet, self.vae):
             if m is not None:
                 m.to(device=device, dtype=dtype)
@@ -220,6 +227,39 @@ class Pipeline(LoraMixin, EmbeddingMixin):
             self.denoiser.to(device)  # the schedule buffers keep their float64
         self.denoiser_graphs.clear()  # captured graphs point at the old tensors
         return self
+
+    def enable_low_memory(self, directory: str | Path | None = None) -> "Pipeline":
+        """Low-memory mode, for machines with little memory to spare (CPU pipelines): the text
+        encoders rest on disk except while they encode a prompt (unfog.offload), so denoising and
+        the decode, where the largest activations come, run without them resident (SDXL: 1.6 GB
+        less in bfloat16). Their weights are written once to a file in `directory` (default: the
+        system's temporary folder; give one on a disk, not a RAM-backed /tmp) and read back for
+        each encoding. Load in the dtype you run in (`from_pretrained(dtype=...)`), so no copy
+        in another dtype is ever made. Returns self."""
+        if self.device.type != "cpu":
+            raise UnfogError(f"low-memory mode is for CPU pipelines; this one is on {self.device}")
+        if self.disk_rest is None:
+            self.disk_rest = DiskRest(directory)
+        for encoder in (self.text_encoder, self.text_encoder_2):
+            if encoder is not None:
+                self.disk_rest.release(encoder)
+        return self
+
+    def disable_low_memory(self) -> "Pipeline":
+        """The text encoders resident again, and their files on disk removed; returns self."""
+        if self.disk_rest is not None:
+            self._resident(changing=True)
+            self.disk_rest.close()
+            self.disk_rest = None
+        return self
+
+    def _resident(self, *, changing: bool) -> None:
+        """In low-memory mode, bring the text encoders back from disk; `changing`: their weights
+        or structure are about to change (adapters, embeddings, a cast), so their files are stale."""
+        if self.disk_rest is not None:
+            for encoder in (self.text_encoder, self.text_encoder_2):
+                if encoder is not None:
+                    self.disk_rest.restore(encoder, changing=changing)
 
     def optimize(self, dtype: torch.dtype | None = None, channels_last: bool = True, compile: bool = False,
                  cuda_graphs: bool | None = None) -> "Pipeline":
@@ -464,7 +504,11 @@ class Pipeline(LoraMixin, EmbeddingMixin):
         states = []
         for (_, encoder, _), ids in zip(encoders, framed):
             b, windows, length = ids.shape
+            if self.disk_rest is not None:
+                self.disk_rest.restore(encoder, changing=False)
             s, pooled = encoder(ids.reshape(b * windows, length).to(self.device))
+            if self.disk_rest is not None:
+                self.disk_rest.release(encoder)
             if weights is not None:
                 s = apply_emphasis(s, weights.reshape(b * windows, length))
             states.append(s.reshape(b, windows * length, -1))

@@ -1,0 +1,73 @@
+"""Low-memory mode (unfog.offload): the text encoders rest on disk between encodings, the images
+stay bit-identical, nothing is left on disk, and changes to the encoders are never lost."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from unfog import Pipeline
+from unfog.errors import UnfogError
+
+
+def image(pipe, **kw):
+    return np.asarray(pipe("a red circle", num_inference_steps=4, seed=5, **kw).images[0])
+
+
+def resident_bytes(module):
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values() if not t.is_meta)
+
+
+def test_text_encoder_rests_on_disk_and_images_are_unchanged(tiny_model_dir, tmp_path):
+    plain = Pipeline.from_pretrained(tiny_model_dir)
+    low = Pipeline.from_pretrained(tiny_model_dir, low_memory=True)
+    low.disable_low_memory().enable_low_memory(tmp_path)
+    assert resident_bytes(low.text_encoder) == 0 and resident_bytes(plain.text_encoder) > 0
+    for _ in range(2):  # the second time from the file written by the first release
+        assert np.array_equal(image(low), image(plain))
+        assert resident_bytes(low.text_encoder) == 0  # released again after encoding
+    assert np.array_equal(image(low, negative_prompt="blue"), image(plain, negative_prompt="blue"))
+    if os.path.isdir("/proc/self/fd"):
+        assert os.listdir(tmp_path) == []  # unlinked at once, read through the open descriptor
+    low.disable_low_memory()
+    assert resident_bytes(low.text_encoder) == resident_bytes(plain.text_encoder)
+    assert np.array_equal(image(low), image(plain))
+
+
+def test_changed_text_encoder_weights_are_written_again(tiny_model_dir):
+    """Weights changed in place after restoring (as fusing a LoRA does) are what the next
+    encodings use, not the stale copy on disk."""
+    plain = Pipeline.from_pretrained(tiny_model_dir)
+    low = Pipeline.from_pretrained(tiny_model_dir, low_memory=True)
+    image(low)
+    for pipe in (plain, low):
+        pipe._resident(changing=True)
+        with torch.no_grad():
+            pipe.text_encoder.token_embedding.weight.mul_(1.5)
+    first = image(low)
+    assert np.array_equal(first, image(plain))
+    assert np.array_equal(image(low), first)  # released and restored once more
+
+
+def test_saving_and_embeddings_in_low_memory_mode(tiny_model_dir, tmp_path):
+    low = Pipeline.from_pretrained(tiny_model_dir, low_memory=True)
+    image(low)
+    low.save_pretrained(tmp_path / "saved")
+    again = Pipeline.from_pretrained(tmp_path / "saved")
+    assert np.array_equal(image(again), image(low))
+    from safetensors.torch import save_file
+
+    width = again.text_encoder.config.width
+    save_file({"emb_params": torch.randn(2, width, generator=torch.Generator().manual_seed(0))}, str(tmp_path / "sparkle.safetensors"))
+    for pipe in (low, again):
+        pipe.load_textual_inversion(tmp_path / "sparkle.safetensors")
+    assert np.array_equal(image(low, negative_prompt="sparkle"), image(again, negative_prompt="sparkle"))
+
+
+def test_low_memory_mode_is_for_cpu_pipelines(tiny_model_dir, tmp_path):
+    low = Pipeline.from_pretrained(tiny_model_dir, low_memory=True)
+    with pytest.raises(UnfogError, match="disable_low_memory"):
+        low.to("cuda")
+    with pytest.raises(UnfogError, match="does not exist"):
+        Pipeline.from_pretrained(tiny_model_dir).enable_low_memory(tmp_path / "nowhere")
