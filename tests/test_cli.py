@@ -200,3 +200,10 @@ def test_serve_warmup_sizes_are_checked(tiny_model_dir, capsys):
     assert "WIDTHxHEIGHT" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_model_dir), "--warmup", "33x64"]) == 2  # the request's own check: a multiple of the model's factor
     assert "multiple" in capsys.readouterr().err
+
+
+def test_generate_low_memory_gives_the_same_image(tiny_model_dir, tmp_path):
+    common = ["--model", str(tiny_model_dir), "--steps", "3", "--seed", "4", "-q"]
+    assert main(["generate", "a blue square", "-o", str(tmp_path / "a.png"), *common]) == 0
+    assert main(["generate", "a blue square", "-o", str(tmp_path / "b.png"), "--low-memory", *common]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))

@@ -129,6 +129,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _adapters(pipe, args)
     if args.optimize:
         pipe.optimize()
+    if args.low_memory:
+        pipe.enable_low_memory()
     trajectory: list = []
 
     def record(i, x, x0):
@@ -157,6 +159,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         refiner.to(args.device)
         if args.optimize:
             refiner.optimize()
+        if args.low_memory:
+            refiner.enable_low_memory()
         sdxl.update(denoising_end=args.refiner_start, output_type="latent")
     result = pipe(
         prompt,
@@ -354,6 +358,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UnfogError(f"--lora-dir {args.lora_dir} is not a folder")
     if args.optimize:
         pipe.optimize(compile=args.compile)
+    if args.low_memory:
+        pipe.enable_low_memory()
     sizes = _sizes(args.warmup) if args.warmup else []
     if sizes or args.compile:  # a compiled U-Net's first call of a shape compiles it: do that before listening
         for (h, w), s in zip(sizes or [(None, None)], pipe.warm_up(sizes)):
