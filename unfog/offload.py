@@ -15,6 +15,7 @@ descriptor (/proc/self/fd/N), so it disappears when the process ends, however it
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import tempfile
@@ -76,6 +77,16 @@ def _to_meta(module: nn.Module) -> None:
             owner._buffers[attr] = torch.empty_like(owner._buffers[attr], device="meta")
 
 
+def _give_back_freed_memory() -> None:
+    """Return freed memory to the OS. glibc keeps freed blocks under its mmap threshold (which
+    grows to 32 MB) in its heaps for reuse; a released SD 1.5 text encoder gave back only its
+    embedding table (0.16 of 0.49 GB) until `malloc_trim` (measured: bench/low_memory.py)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to trim this way
+        pass
+
+
 class DiskRest:
     """Releases networks to disk and restores them (see the module docstring)."""
 
@@ -105,6 +116,7 @@ class DiskRest:
         with torch.inference_mode(False):
             _to_meta(module)
         self.away.add(key)
+        _give_back_freed_memory()
         return True
 
     def restore(self, module: nn.Module, *, changing: bool) -> None:
