@@ -207,3 +207,12 @@ def test_generate_low_memory_gives_the_same_image(tiny_model_dir, tmp_path):
     assert main(["generate", "a blue square", "-o", str(tmp_path / "a.png"), *common]) == 0
     assert main(["generate", "a blue square", "-o", str(tmp_path / "b.png"), "--low-memory", *common]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+
+
+def test_generate_with_stdout_closed_still_succeeds(tiny_model_dir, tmp_path):
+    """A command run with its stdout closed (`unfog … >&-`) writes its file and exits 0."""
+    out = tmp_path / "o.png"
+    r = subprocess.run([sys.executable, "-m", "unfog", "generate", "a red circle", "-o", str(out), "--model", str(tiny_model_dir), "--steps", "2", "-q"],
+                       stderr=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(1))
+    assert r.returncode == 0, r.stderr
+    assert out.is_file() and "Traceback" not in r.stderr

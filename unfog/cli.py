@@ -455,8 +455,11 @@ def run() -> None:
     others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
     if others or multiprocessing.active_children():
         sys.exit(code)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # closed, missing (None) or a broken pipe: nothing more can be written
+            pass
     os._exit(code)
 
 
