@@ -179,6 +179,16 @@ def test_the_command_exits_quickly_only_when_nothing_else_runs(monkeypatch):
     monkeypatch.setattr(cli.os, "_exit", lambda code: exits.append(code))
     cli.run()
     assert exits == [3]
+    sys.setprofile(lambda *a: None)  # a profiler (python -m cProfile -m unfog …) writes its report at exit
+    try:
+        try:
+            cli.run()
+        except SystemExit as e:
+            assert e.code == 3
+        else:
+            raise AssertionError("run() should exit normally under a profiler")
+    finally:
+        sys.setprofile(None)
     stop = threading.Event()
     worker = threading.Thread(target=stop.wait)
     worker.start()
@@ -202,10 +212,16 @@ def test_serve_warmup_sizes_are_checked(tiny_model_dir, capsys):
     assert "multiple" in capsys.readouterr().err
 
 
-def test_generate_low_memory_gives_the_same_image(tiny_model_dir, tmp_path):
+def test_generate_low_memory_gives_the_same_image(tiny_model_dir, tmp_path, monkeypatch):
+    from unfog import Pipeline
+
     common = ["--model", str(tiny_model_dir), "--steps", "3", "--seed", "4", "-q"]
     assert main(["generate", "a blue square", "-o", str(tmp_path / "a.png"), *common]) == 0
+    modes = []
+    enable = Pipeline.enable_low_memory
+    monkeypatch.setattr(Pipeline, "enable_low_memory", lambda self, *a, **k: modes.append(1) or enable(self, *a, **k))
     assert main(["generate", "a blue square", "-o", str(tmp_path / "b.png"), "--low-memory", *common]) == 0
+    assert modes, "--low-memory turns low-memory mode on"
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
 
 

@@ -314,12 +314,14 @@ def test_peft_file_without_metadata_and_bfloat16(sd1, tmp_path):
         ref.unload_lora_weights()
 
 
-def test_lora_in_low_memory_mode(sd1, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_in_low_memory_mode(sd1, tmp_path, dtype):
     """With the text encoder resting on disk (enable_low_memory), loading, fusing, unfusing and
-    unloading a LoRA that touches it give the images of a pipeline that keeps it resident."""
+    unloading a LoRA that touches it give the images of a pipeline that keeps it resident; in
+    bfloat16 too, where the adapters' float32 factors sit beside bfloat16 weights."""
     ref, folder = sd1
     path = kohya_file(ref, tmp_path / "style.safetensors")
-    plain, low = Pipeline.from_pretrained(folder), Pipeline.from_pretrained(folder, low_memory=True)
+    plain, low = Pipeline.from_pretrained(folder, dtype=dtype), Pipeline.from_pretrained(folder, dtype=dtype, low_memory=True)
     images(low, True)  # encoded once: the text encoder is on disk now
     steps = [lambda p: p.load_lora_weights(path), lambda p: p.fuse_lora(), lambda p: p.unfuse_lora(), lambda p: p.unload_lora_weights()]
     for step in steps:

@@ -155,9 +155,10 @@ def test_fused_qkv_projection_equals_separate_ones():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_pointwise_convolution_as_matmul_equals_the_convolution(bias):
-    """A float32 1×1 convolution on a CPU runs as a matmul (no oneDNN call), with the
-    convolution's result, and gradients still flow; other inputs take the layer's own forward."""
+def test_pointwise_convolution_as_matmul_equals_the_convolution(bias, monkeypatch):
+    """A float32 1×1 convolution on a CPU runs as a matmul (no convolution call), with the
+    convolution's result, and gradients still flow; other inputs, and a layer with hooks, take
+    the layer's own forward."""
     from torch import nn
 
     from unfog.nn.layers import pointwise
@@ -166,15 +167,33 @@ def test_pointwise_convolution_as_matmul_equals_the_convolution(bias):
     conv = nn.Conv2d(12, 7, 1, bias=bias)
     x = torch.randn(3, 12, 5, 9, requires_grad=True)
     expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias)
-    conv.forward = lambda _: pytest.fail("the float32 CPU path should not call the convolution")
+    calls = []
+    real = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
     out = pointwise(conv, x)
+    assert not calls, "the float32 CPU path should not call the convolution"
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     out.sum().backward()
     assert x.grad is not None and conv.weight.grad is not None
-    del conv.forward
-    for other in (x.detach().to(torch.bfloat16), x.detach().contiguous(memory_format=torch.channels_last)):
-        calls = []
-        conv.forward = lambda inp, c=conv: calls.append(1) or nn.Conv2d.forward(c, inp)
-        pointwise(conv.to(other.dtype), other)
-        assert calls, "a bfloat16 or channels_last input takes the layer's forward"
-        conv.float()
+    hooked = nn.Conv2d(12, 7, 1, bias=bias)
+    hooked.register_forward_hook(lambda m, i, o: None)
+    half = nn.Conv2d(12, 7, 1, bias=bias).to(torch.bfloat16)
+    for layer, inp in ((half, x.detach().to(torch.bfloat16)), (conv, x.detach().contiguous(memory_format=torch.channels_last)), (hooked, x.detach())):
+        calls.clear()
+        pointwise(layer, inp)
+        assert calls, "bfloat16, channels_last and hooked layers take the layer's forward"
+
+
+def test_the_unet_runs_its_pointwise_convolutions_as_matmuls(monkeypatch):
+    """In float32 on a CPU no 1×1 convolution of the U-Net (transformer projections, shortcuts)
+    reaches the convolution kernel."""
+    cfg = UNetConfig(in_channels=4, out_channels=4, block_channels=[16, 32], layers_per_block=1, attention_levels=[True, True], num_heads=2,
+                     context_dim=24, norm_groups=8)
+    net = UNet(cfg).eval()
+    assert any(m.kernel_size == (1, 1) for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    kernels = []
+    real = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda x, w, *a, **k: kernels.append(tuple(w.shape[2:])) or real(x, w, *a, **k))
+    with torch.no_grad():
+        net(torch.randn(2, 4, 8, 8), torch.tensor([3.0, 500.0]), torch.randn(2, 5, 24))
+    assert kernels and (1, 1) not in kernels

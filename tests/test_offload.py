@@ -71,3 +71,51 @@ def test_low_memory_mode_is_for_cpu_pipelines(tiny_model_dir, tmp_path):
         low.to("cuda")
     with pytest.raises(UnfogError, match="does not exist"):
         Pipeline.from_pretrained(tiny_model_dir).enable_low_memory(tmp_path / "nowhere")
+
+
+def test_a_failed_write_is_an_error_and_leaves_the_pipeline_usable(tiny_model_dir, tmp_path, monkeypatch):
+    import unfog.offload as offload
+
+    def no_room(state, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(offload, "save_file", no_room)
+    pipe = Pipeline.from_pretrained(tiny_model_dir)
+    with pytest.raises(UnfogError, match="No space left.*directory"):
+        pipe.enable_low_memory(tmp_path)
+    assert pipe.disk_rest is None and resident_bytes(pipe.text_encoder) > 0
+    assert os.listdir(tmp_path) == []  # the partial file removed
+    assert np.array_equal(image(pipe), image(Pipeline.from_pretrained(tiny_model_dir)))
+    with pytest.raises(UnfogError, match="folder path"):
+        pipe.enable_low_memory(123)
+
+
+def test_casting_and_threads_in_low_memory_mode(tiny_model_dir):
+    """A cast writes the encoders again in the new dtype; several threads may share the pipeline."""
+    import copy
+    import threading
+
+    plain = Pipeline.from_pretrained(tiny_model_dir).to(dtype=torch.bfloat16)
+    low = Pipeline.from_pretrained(tiny_model_dir, low_memory=True).to(dtype=torch.bfloat16)
+    assert resident_bytes(low.text_encoder) == 0
+    expected = image(plain)
+    assert np.array_equal(image(low), expected)
+    errors, results = [], []
+
+    def worker():
+        try:
+            for _ in range(3):
+                results.append(image(low))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 9 and all(np.array_equal(r, expected) for r in results)
+    with pytest.raises(UnfogError, match="cannot be copied"):
+        copy.deepcopy(low)

@@ -446,20 +446,28 @@ def run() -> None:
     teardown after `import torch` takes about 0.4 s on a 2-core CPU, a tenth of the time to a
     first image, and does nothing a finished command needs: its files are written and closed.
     So once main() returns, with no other non-daemon thread (which a normal exit would wait for)
-    or child process still running, the streams are flushed and the process ends with os._exit;
-    otherwise it exits normally."""
+    or child process still running and no profiler, tracer or coverage waiting to write its
+    report at exit, the streams are flushed and the process ends with os._exit; otherwise it
+    exits normally."""
     code = main()
     import multiprocessing
     import threading
 
     others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
-    if others or multiprocessing.active_children():
+    observed = sys.getprofile() is not None or sys.gettrace() is not None or "coverage" in sys.modules  # their reports are written at exit
+    if others or observed or multiprocessing.active_children():
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (AttributeError, OSError, ValueError):  # closed, missing (None) or a broken pipe: nothing more can be written
             pass
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)  # C-level stdio too (native libraries' own output)
+    except (OSError, AttributeError, TypeError):
+        pass
     os._exit(code)
 
 

@@ -5,12 +5,15 @@ The text encoders are used once, at the start of a generation, yet stay resident
 denoising and the decode, where the largest activations come: SDXL's two hold 1.6 GB in
 bfloat16, SD 1.5's 0.5 GB in float32. `DiskRest.release` writes a network's weights once to a
 safetensors file and frees them (its parameters and persistent buffers go to the meta device);
-`restore` reads them back through the checked loader (unfog.formats.load_checked) before the
-next use. The file is kept while the weights are unchanged, so each later release costs nothing
-and each restore is one read (from the OS's page cache when memory allows).
+`restore` reads them back, each tensor in the dtype it had, through the checked loader
+(unfog.formats.load_checked) before the next use. The file is kept while the weights are
+unchanged, so each later release costs nothing and each restore is one read (from the OS's page
+cache when memory allows). A lock keeps one thread's release from freeing weights another
+thread is encoding with.
 
 On Linux the file is unlinked as soon as it is written and read through this process's open
-descriptor (/proc/self/fd/N), so it disappears when the process ends, however it ends.
+descriptor (/proc/self/fd/N), so it disappears when the process ends, however it ends; a write
+that fails or is interrupted removes it. Elsewhere it is removed when its copy is dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import ctypes
 import os
 import sys
 import tempfile
+import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -29,37 +34,43 @@ from .errors import UnfogError
 from .formats import load_checked
 from .formats.weights import SafetensorsFile
 
+_PROC_FD = sys.platform.startswith("linux") and os.path.isdir("/proc/self/fd")
+
 
 class _Copy:
     """One network's weights on disk: the path to read, and what keeps the file alive."""
 
     def __init__(self, module: nn.Module, directory: str | None):
+        self.fd: int | None = None
+        self.path: str | None = None
         state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-        dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-        if len(dtypes) != 1:
-            raise ValueError("mixed floating dtypes")
-        self.dtype = dtypes.pop()
-        fd, path = tempfile.mkstemp(prefix="unfog-offload-", suffix=".safetensors", dir=directory)
-        os.close(fd)
         try:
-            save_file(state, path)
-        except Exception as e:
-            os.unlink(path)
-            raise UnfogError(f"low-memory mode could not write the text encoder's weights to {path} ({e}); "
-                             "pass a folder with room for them: enable_low_memory(directory=...)") from None
-        self.fd = None
+            fd, path = tempfile.mkstemp(prefix="unfog-offload-", suffix=".safetensors", dir=directory)
+        except OSError as e:
+            raise UnfogError(f"low-memory mode could not create a file in {directory or tempfile.gettempdir()} ({e}); "
+                             "pass a writable folder: enable_low_memory(directory=...)", "directory") from None
+        os.close(fd)
         self.path = path
-        if sys.platform.startswith("linux") and Path(f"/proc/self/fd").is_dir():
+        try:
+            save_file(state, path)  # (safetensors writes a sibling and renames it, so not through a descriptor)
+        except BaseException as e:
+            self.close()
+            if not isinstance(e, Exception):
+                raise
+            raise UnfogError(f"low-memory mode could not write the text encoder's weights ({e}); "
+                             "pass a folder with room for them: enable_low_memory(directory=...)", "directory") from None
+        if _PROC_FD:
             self.fd = os.open(path, os.O_RDONLY)
-            os.unlink(path)
+            os.unlink(path)  # from here on the file has no name: it lives as long as the descriptor
             self.path = f"/proc/self/fd/{self.fd}"
 
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        elif os.path.exists(self.path):
+        elif self.path is not None and os.path.exists(self.path):
             os.unlink(self.path)
+        self.path = None
 
     __del__ = close
 
@@ -91,47 +102,55 @@ class DiskRest:
     """Releases networks to disk and restores them (see the module docstring)."""
 
     def __init__(self, directory: str | Path | None = None):
-        if directory is not None and not Path(directory).is_dir():
-            raise UnfogError(f"low-memory mode's folder {directory} does not exist", "directory")
-        self.directory = None if directory is None else str(directory)
-        self.copies: dict[int, _Copy] = {}  # id(module) → its weights on disk, while they are current
-        self.away: set[int] = set()  # modules whose weights are on disk only
+        self.lock = threading.RLock()  # held by a caller from restore through its use to release
+        self.directory: str | None = None
+        self.set_directory(directory)
+        self.copies: weakref.WeakKeyDictionary[nn.Module, _Copy] = weakref.WeakKeyDictionary()  # each module's weights on disk, while current
+        self.away: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules whose weights are on disk only
+
+    def set_directory(self, directory: str | Path | None) -> None:
+        """Where the next files go (None: the system's temporary folder)."""
+        if directory is not None:
+            if not isinstance(directory, (str, os.PathLike)):
+                raise UnfogError(f"directory must be a folder path, got {type(directory).__name__}", "directory")
+            if not Path(directory).is_dir():
+                raise UnfogError(f"low-memory mode's folder {directory} does not exist", "directory")
+            directory = str(directory)
+        self.directory = directory
+
+    def __deepcopy__(self, memo):
+        raise UnfogError("a pipeline in low-memory mode cannot be copied (its text encoders' weights are on disk): disable_low_memory() first")
 
     def is_away(self, module: nn.Module) -> bool:
-        return id(module) in self.away
+        return module in self.away
 
-    def release(self, module: nn.Module) -> bool:
-        """Free module's weights, writing them first unless the file already holds them.
-        Returns False (and keeps them) for a network on a GPU or with mixed floating dtypes."""
-        key = id(module)
-        if key in self.away:
-            return True
-        if any(t.device.type != "cpu" for t in module.state_dict().values()):
-            return False
-        if key not in self.copies:
-            try:
-                self.copies[key] = _Copy(module, self.directory)
-            except ValueError:
-                return False
-        with torch.inference_mode(False):
-            _to_meta(module)
-        self.away.add(key)
+    def release(self, module: nn.Module) -> None:
+        """Free module's weights, writing them first unless the file already holds them. Only
+        for a network whose tensors are all on the CPU (a no-op otherwise)."""
+        with self.lock:
+            if module in self.away or any(t.device.type != "cpu" for t in module.state_dict().values()):
+                return
+            if module not in self.copies:
+                self.copies[module] = _Copy(module, self.directory)
+            with torch.inference_mode(False):
+                _to_meta(module)
+            self.away.add(module)
         _give_back_freed_memory()
-        return True
 
     def restore(self, module: nn.Module, *, changing: bool) -> None:
-        """Bring module's weights back. `changing`: they are about to change (an adapter, an
-        embedding, a cast), so the file is dropped and the next release writes a new one."""
-        key = id(module)
-        if key in self.away:
-            copy = self.copies[key]
-            with torch.inference_mode(False):  # ordinary tensors even when called during a generation, so they can be changed later
-                load_checked(module, SafetensorsFile(copy.path), "low-memory mode's copy of a text encoder", dtype=copy.dtype)
-            self.away.discard(key)
-        if changing and key in self.copies:
-            self.copies.pop(key).close()
+        """Bring module's weights back, each in its own dtype. `changing`: they are about to
+        change (an adapter, an embedding, a cast), so the file is dropped and the next release
+        writes a new one."""
+        with self.lock:
+            if module in self.away:
+                with torch.inference_mode(False):  # ordinary tensors even during a generation, so they can be changed later
+                    load_checked(module, SafetensorsFile(self.copies[module].path), "low-memory mode's copy of a text encoder", dtype=None)
+                self.away.discard(module)
+            if changing and module in self.copies:
+                self.copies.pop(module).close()
 
     def close(self) -> None:
-        for copy in self.copies.values():
-            copy.close()
-        self.copies.clear()
+        with self.lock:
+            for copy in list(self.copies.values()):
+                copy.close()
+            self.copies.clear()

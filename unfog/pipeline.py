@@ -214,6 +214,7 @@ class Pipeline(LoraMixin, EmbeddingMixin):
         with self._adapters_set_aside():
             save_model(ModelParts(self.tokenizer, self.text_encoder, self.unet, self.vae, self.scheduler, self.defaults, tokenizer_2=self.tokenizer_2,
                               text_encoder_2=self.text_encoder_2, force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt), directory, dtype)
+        self._rest()
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move the networks to a device and/or cast them to a dtype; returns self."""
@@ -226,6 +227,7 @@ class Pipeline(LoraMixin, EmbeddingMixin):
         if device is not None:
             self.denoiser.to(device)  # the schedule buffers keep their float64
         self.denoiser_graphs.clear()  # captured graphs point at the old tensors
+        self._rest()
         return self
 
     def enable_low_memory(self, directory: str | Path | None = None) -> "Pipeline":
@@ -240,9 +242,13 @@ class Pipeline(LoraMixin, EmbeddingMixin):
             raise UnfogError(f"low-memory mode is for CPU pipelines; this one is on {self.device}")
         if self.disk_rest is None:
             self.disk_rest = DiskRest(directory)
-        for encoder in (self.text_encoder, self.text_encoder_2):
-            if encoder is not None:
-                self.disk_rest.release(encoder)
+        elif directory is not None:
+            self.disk_rest.set_directory(directory)
+        try:
+            self._rest()
+        except BaseException:  # e.g. no room on disk: leave the pipeline as it was
+            self.disable_low_memory()
+            raise
         return self
 
     def disable_low_memory(self) -> "Pipeline":
@@ -252,6 +258,13 @@ class Pipeline(LoraMixin, EmbeddingMixin):
             self.disk_rest.close()
             self.disk_rest = None
         return self
+
+    def _rest(self) -> None:
+        """In low-memory mode, release the text encoders to disk (writing them if changed)."""
+        if self.disk_rest is not None:
+            for encoder in (self.text_encoder, self.text_encoder_2):
+                if encoder is not None:
+                    self.disk_rest.release(encoder)
 
     def _resident(self, *, changing: bool) -> None:
         """In low-memory mode, bring the text encoders back from disk; `changing`: their weights
@@ -452,7 +465,7 @@ class Pipeline(LoraMixin, EmbeddingMixin):
         times = []
         for height, width in sizes or [(None, None)]:
             t = time.perf_counter()
-            self("", num_inference_steps=2, seed=0, height=height, width=width, **options)
+            self("", **{"num_inference_steps": 2, "seed": 0, **options, "height": height, "width": width})
             times.append(time.perf_counter() - t)
         return times
 
@@ -504,11 +517,14 @@ class Pipeline(LoraMixin, EmbeddingMixin):
         states = []
         for (_, encoder, _), ids in zip(encoders, framed):
             b, windows, length = ids.shape
-            if self.disk_rest is not None:
-                self.disk_rest.restore(encoder, changing=False)
-            s, pooled = encoder(ids.reshape(b * windows, length).to(self.device))
-            if self.disk_rest is not None:
-                self.disk_rest.release(encoder)
+            with self.disk_rest.lock if self.disk_rest is not None else contextlib.nullcontext():
+                if self.disk_rest is not None:
+                    self.disk_rest.restore(encoder, changing=False)  # low-memory mode: from disk for this encoding
+                try:
+                    s, pooled = encoder(ids.reshape(b * windows, length).to(self.device))
+                finally:
+                    if self.disk_rest is not None:
+                        self.disk_rest.release(encoder)
             if weights is not None:
                 s = apply_emphasis(s, weights.reshape(b * windows, length))
             states.append(s.reshape(b, windows * length, -1))

@@ -119,11 +119,12 @@ def _listed(keys: list[str]) -> str:
 
 
 def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor | LazyTensor], source: str, *,
-                 key_map: Callable[[str], str | None] | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+                 key_map: Callable[[str], str | None] | None = None, dtype: torch.dtype | None = torch.float32) -> nn.Module:
     """Load `state` into `module` after renaming each key with `key_map` (None drops a key).
     Every key must have a place in the module, with its shape and kind (floating or integer),
     hold only finite values, and every place must be filled; errors name `source` and the key.
-    Floating tensors are cast to `dtype` (files may be stored in half precision). A value may be
+    Floating tensors are cast to `dtype` (files may be stored in half precision; None keeps each
+    tensor's own floating dtype, for a file this process wrote itself). A value may be
     a LazyTensor, and `state` a SafetensorsFile: tensors are then read, checked and cast one at a
     time, after every name has been checked. A module built on the meta device takes the tensors
     as they are; any other keeps its own storage and device."""
@@ -155,6 +156,6 @@ def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor | LazyTenso
             raise UnfogError(f"{source}: weight {key!r} is stored as {value.dtype} but the network holds {want.dtype} there; the file is not a weight file for this network")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise UnfogError(f"{source}: weight {key!r} holds NaN or infinite values; the file is damaged")
-        mapped[new] = value.to(dtype) if value.is_floating_point() else value.to(want.dtype)
+        mapped[new] = (value if dtype is None else value.to(dtype)) if value.is_floating_point() else value.to(want.dtype)
     module.load_state_dict(mapped, assign=any(t.is_meta for t in expected.values()))
     return module
