@@ -232,3 +232,9 @@ def test_generate_with_stdout_closed_still_succeeds(tiny_model_dir, tmp_path):
                        stderr=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(1))
     assert r.returncode == 0, r.stderr
     assert out.is_file() and "Traceback" not in r.stderr
+
+
+def test_serve_flags_ray_cannot_honour_are_refused(capsys):
+    for flag in (["--low-memory"], ["--warmup", "64x64"], ["--compile"]):
+        assert main(["serve", "--ray", *flag]) == 2
+        assert "not available with --ray" in capsys.readouterr().err

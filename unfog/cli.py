@@ -361,7 +361,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.low_memory:
         pipe.enable_low_memory()
     sizes = _sizes(args.warmup) if args.warmup else []
-    if sizes or args.compile:  # a compiled U-Net's first call of a shape compiles it: do that before listening
+    if sizes or (args.optimize and args.compile):  # a compiled U-Net's first call of a shape compiles it: do that before listening
         for (h, w), s in zip(sizes or [(None, None)], pipe.warm_up(sizes)):
             print(f"warmed up {f'{w}x{h}' if h else 'the default size'} in {s:.1f} s", file=sys.stderr, flush=True)
     app = create_app(pipe, settings, model_name=Path(args.model).name if args.model else "unfog-default")
@@ -375,8 +375,8 @@ def _serve_ray(args: argparse.Namespace, settings) -> None:
 
     from .server import ray_serve
 
-    if args.lora or args.embedding or args.optimize or args.lora_dir:
-        raise UnfogError("--lora, --embedding, --lora-dir and --optimize are not available with --ray yet")
+    if args.lora or args.embedding or args.optimize or args.compile or args.lora_dir or args.low_memory or args.warmup:
+        raise UnfogError("--lora, --embedding, --lora-dir, --optimize, --compile, --low-memory and --warmup are not available with --ray yet")
     gpus = 1.0 if (args.device or "").startswith("cuda") else 0.0
     name = Path(args.model).name if args.model else "unfog-default"
     stop = threading.Event()
