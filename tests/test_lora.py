@@ -329,3 +329,27 @@ def test_lora_in_low_memory_mode(sd1, tmp_path, dtype):
             step(pipe)
         assert np.array_equal(images(low, True), images(plain, True))
         assert all(t.is_meta for t in low.text_encoder.state_dict().values())
+
+
+def test_prompt_lora_tags_in_low_memory_mode_do_not_rewrite_the_encoders(sd1, tmp_path, monkeypatch):
+    """A <lora:name:w> tag for a loaded adapter changes only its weight: the text encoder's file on
+    disk stays valid (no rewrite per request), and the images match a resident pipeline's."""
+    import unfog.offload as offload
+
+    ref, folder = sd1
+    path = kohya_file(ref, tmp_path / "style.safetensors")
+    plain, low = Pipeline.from_pretrained(folder), Pipeline.from_pretrained(folder, low_memory=True)
+    for pipe in (plain, low):
+        pipe.load_lora_weights(path, weight=0.0)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    kw = dict(latents=latents, num_inference_steps=4, guidance_scale=5.0, sampler="euler", prompt_syntax="a1111", lora_dir=tmp_path)
+    low("a photo of a cat", **kw)  # writes the encoder with its adapters once
+    writes = []
+    real = offload._Copy
+    monkeypatch.setattr(offload, "_Copy", lambda *a: writes.append(1) or real(*a))
+    untagged = np.asarray(plain("a photo of a cat", **kw).images[0])
+    for w in (0.5, 1.0):
+        got = np.asarray(low(f"a photo of a cat <lora:style:{w}>", **kw).images[0])
+        assert np.array_equal(got, np.asarray(plain(f"a photo of a cat <lora:style:{w}>", **kw).images[0]))
+        assert not np.array_equal(got, untagged)  # the tag took effect
+    assert writes == []

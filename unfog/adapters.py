@@ -28,7 +28,9 @@ class LoraMixin:
     """The adapter methods of `Pipeline` (kept here so pipeline.py stays about generation)."""
 
     def _components(self) -> dict[str, nn.Module]:
-        self._resident(changing=True)  # low-memory mode: the text encoders back from disk, as adapters change them
+        # (In low-memory mode the text encoders' module trees stay whole on the meta device, so
+        # reading which adapters sit where needs no weights; the methods that change weights or
+        # adapters bring the encoders back first, with _resident(changing=True).)
         return {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
 
     def _adapted_layers(self):
@@ -60,6 +62,8 @@ class LoraMixin:
         defaults to the file's stem and must be new. Everything is read and checked before the
         pipeline is touched: a file that fails leaves the pipeline as it was. Returns the name."""
         from .formats.lora import read_lora
+
+        self._resident(changing=True)
 
         name = adapter_name or Path(path).stem
         if not isinstance(name, str) or not name:
@@ -105,6 +109,7 @@ class LoraMixin:
     def fuse_lora(self, adapter_names: Sequence[str] | None = None, lora_scale: float = 1.0) -> None:
         """Fold the active adapters (or those named) at their weights × lora_scale into the base
         weights, in place, so generation runs at the base model's speed."""
+        self._resident(changing=True)
         for _, _, layer in self._adapted_layers():
             for name in list(layer.adapters):
                 if adapter_names is None or name in adapter_names:
@@ -116,11 +121,13 @@ class LoraMixin:
 
     def unfuse_lora(self) -> None:
         """Take every fused adapter out of the base weights again (restored exactly)."""
+        self._resident(changing=True)
         for _, _, layer in self._adapted_layers():
             layer.unfuse()
         self._adapters_changed()
 
     def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
+        self._resident(changing=True)
         names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
         for _, _, layer in list(self._adapted_layers()):
             if names & set(layer.fused):
@@ -132,6 +139,7 @@ class LoraMixin:
     def unload_lora_weights(self) -> None:
         """Remove every adapter: fused ones are taken out of the weights, and each layer object
         goes back where it was, so outputs are bit-identical to never having loaded any."""
+        self._resident(changing=True)
         for _, _, layer in self._adapted_layers():
             layer.unfuse()
         self._unwrap(lambda layer: True)
