@@ -34,7 +34,7 @@ from .graphs import DenoiserGraph
 from .images import from_pil, mask_from_pil, resized, to_pil
 from .nn import Autoencoder, TextEncoder, Tokenizer, UNet
 from .nn.unet import DeepCache
-from .offload import DiskRest
+from .offload import LowMemoryMixin
 from .request import GenerationRequest, ModelFacts, make_request
 from .samplers import Step, get_sampler, iterate
 from .text import apply_emphasis, frame
@@ -108,7 +108,7 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-class Pipeline(LoraMixin, EmbeddingMixin):
+class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
     """Text-to-image generation with a tokenizer, text encoder, U-Net and optional autoencoder."""
 
     def __init__(self, tokenizer: Tokenizer, text_encoder: TextEncoder, unet: UNet, vae: Autoencoder | None,
@@ -140,7 +140,7 @@ class Pipeline(LoraMixin, EmbeddingMixin):
         # Replay the guided denoiser as a captured CUDA graph (optimize() turns this on for CUDA;
         # on a CPU the same static-buffer call runs without capture). Graphs are cached per shape.
         self.cuda_graphs = False
-        self.disk_rest: DiskRest | None = None  # low-memory mode (enable_low_memory)
+        self.disk_rest = None  # low-memory mode's DiskRest (enable_low_memory)
         self.max_denoiser_graphs = 4
         self.denoiser_graphs: dict[tuple, DenoiserGraph] = {}
         self.denoiser = DiscreteDenoiser(unet, scheduler.alphas_cumprod(), scheduler.prediction_type)
@@ -229,50 +229,6 @@ class Pipeline(LoraMixin, EmbeddingMixin):
         self.denoiser_graphs.clear()  # captured graphs point at the old tensors
         self._rest()
         return self
-
-    def enable_low_memory(self, directory: str | Path | None = None) -> "Pipeline":
-        """Low-memory mode, for machines with little memory to spare (CPU pipelines): the text
-        encoders rest on disk except while they encode a prompt (unfog.offload), so denoising and
-        the decode, where the largest activations come, run without them resident (SDXL: 1.6 GB
-        less in bfloat16). Their weights are written once to a file in `directory` (default: the
-        system's temporary folder; give one on a disk, not a RAM-backed /tmp) and read back for
-        each encoding. Load in the dtype you run in (`from_pretrained(dtype=...)`), so no copy
-        in another dtype is ever made. Returns self."""
-        if self.device.type != "cpu":
-            raise UnfogError(f"low-memory mode is for CPU pipelines; this one is on {self.device}")
-        if self.disk_rest is None:
-            self.disk_rest = DiskRest(directory)
-        elif directory is not None:
-            self.disk_rest.set_directory(directory)
-        try:
-            self._rest()
-        except BaseException:  # e.g. no room on disk: leave the pipeline as it was
-            self.disable_low_memory()
-            raise
-        return self
-
-    def disable_low_memory(self) -> "Pipeline":
-        """The text encoders resident again, and their files on disk removed; returns self."""
-        if self.disk_rest is not None:
-            self._resident(changing=True)
-            self.disk_rest.close()
-            self.disk_rest = None
-        return self
-
-    def _rest(self) -> None:
-        """In low-memory mode, release the text encoders to disk (writing them if changed)."""
-        if self.disk_rest is not None:
-            for encoder in (self.text_encoder, self.text_encoder_2):
-                if encoder is not None:
-                    self.disk_rest.release(encoder)
-
-    def _resident(self, *, changing: bool) -> None:
-        """In low-memory mode, bring the text encoders back from disk; `changing`: their weights
-        or structure are about to change (adapters, embeddings, a cast), so their files are stale."""
-        if self.disk_rest is not None:
-            for encoder in (self.text_encoder, self.text_encoder_2):
-                if encoder is not None:
-                    self.disk_rest.restore(encoder, changing=changing)
 
     def optimize(self, dtype: torch.dtype | None = None, channels_last: bool = True, compile: bool = False,
                  cuda_graphs: bool | None = None) -> "Pipeline":
