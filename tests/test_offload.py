@@ -98,7 +98,7 @@ def test_casting_and_threads_in_low_memory_mode(tiny_model_dir):
     import threading
 
     plain = Pipeline.from_pretrained(tiny_model_dir).to(dtype=torch.bfloat16)
-    low = Pipeline.from_pretrained(tiny_model_dir, low_memory=True).to(dtype=torch.bfloat16)
+    low = Pipeline.from_pretrained(tiny_model_dir, low_memory=True).to("cpu").to(dtype=torch.bfloat16)
     assert resident_bytes(low.text_encoder) == 0
     expected = image(plain)
     assert np.array_equal(image(low), expected)

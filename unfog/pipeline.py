@@ -220,9 +220,10 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         """Move the networks to a device and/or cast them to a dtype; returns self."""
         if self.disk_rest is not None and device is not None and torch.device(device).type != "cpu":
             raise UnfogError(f"low-memory mode (text encoders resting on disk) is for CPU pipelines; call disable_low_memory() before .to({str(device)!r})")
-        self._resident(changing=dtype is not None)
+        if dtype is not None:
+            self._resident(changing=True)  # low-memory mode: cast the encoders, then write them again
         for m in (self.text_encoder, self.text_encoder_2, self.unet, self.vae):
-            if m is not None:
+            if m is not None and not (self.disk_rest is not None and self.disk_rest.is_away(m)):  # (on disk they stay on the CPU)
                 m.to(device=device, dtype=dtype)
         if device is not None:
             self.denoiser.to(device)  # the schedule buffers keep their float64
