@@ -71,6 +71,8 @@ def test_low_memory_mode_is_for_cpu_pipelines(tiny_model_dir, tmp_path):
         low.to("cuda")
     with pytest.raises(UnfogError, match="does not exist"):
         Pipeline.from_pretrained(tiny_model_dir).enable_low_memory(tmp_path / "nowhere")
+    with pytest.raises(UnfogError, match="True or False"):
+        Pipeline.from_pretrained(tiny_model_dir, low_memory="false")
 
 
 def test_a_failed_write_is_an_error_and_leaves_the_pipeline_usable(tiny_model_dir, tmp_path, monkeypatch):
