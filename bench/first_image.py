@@ -5,7 +5,8 @@ process each run), end to end, and where the time goes.
 
 Prints the median wall time of the CLI command over --runs fresh processes, then one fresh
 process's split: import torch, import unfog's CLI, load the bundled model, make the image (text
-encoding, 30 steps, decode), write the PNG.
+encoding, 30 steps, decode), write the PNG; and what the CLI's quick exit saves, the median over
+--runs pairs of `python -c "import torch"` against the same ending in os._exit.
 """
 
 from __future__ import annotations
@@ -49,9 +50,19 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "unfog", "generate", "a big blue square left of a small yellow circle", "-o", str(out), "-q"],
                        check=True, capture_output=True)
         times.append(time.perf_counter() - t)
+    # What the CLI's quick exit (os._exit) saves: interpreter teardown after `import torch`.
+    teardown = []
+    for _ in range(args.runs):
+        pair = []
+        for code in ("import torch", "import os, torch; os._exit(0)"):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            pair.append(time.perf_counter() - t)
+        teardown.append(pair[0] - pair[1])
     split = subprocess.run([sys.executable, "-c", SPLIT.replace("OUT", repr(str(out)))], check=True, capture_output=True, text=True).stdout
     result = {"cli_seconds_median": round(statistics.median(times), 2), "cli_seconds": [round(t, 2) for t in times],
-              "split_seconds": {k: round(v, 2) for k, v in eval(split).items()}}
+              "split_seconds": {k: round(v, 2) for k, v in eval(split).items()},
+              "torch_teardown_seconds_median": round(statistics.median(teardown), 2)}
     print(json.dumps(result, indent=2))
 
 

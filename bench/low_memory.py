@@ -10,7 +10,8 @@ published sizes, built from diffusers' and transformers' configs). Then, for eac
 process loads the folder in that dtype (`from_pretrained(low_memory=...)`), makes one image at
 the model's native size (`--steps` DPM-Solver++(2M) steps, guidance 7.5: the peak does not
 depend on the step count) and reports its peak resident memory (VmHWM, torch included) after
-loading and after the image, the largest network's and all networks' weights, and the seconds.
+loading and after the image, each network's weights, the seconds, and in low-memory mode the
+resident memory just before and after the text encoders are released.
 Prints JSON.
 """
 
@@ -75,25 +76,32 @@ def prepare(which: str, folder: Path) -> None:
     pipe.save_pretrained(folder / which)
 
 
+def rss() -> int:
+    """This process's resident memory now, in bytes (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def measure(folder: Path, dtype: torch.dtype, low_memory: bool, steps: int) -> dict:
     from unfog import Pipeline
 
     base = peak_rss()
     t = time.perf_counter()
-    pipe = Pipeline.from_pretrained(folder, dtype=dtype, low_memory=low_memory)
+    pipe = Pipeline.from_pretrained(folder, dtype=dtype)
     load_s, after_load = time.perf_counter() - t, peak_rss()
     nets = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
-    sizes = {}
-    pipe.disable_low_memory() if low_memory else None  # to count the encoders' sizes
-    for name, m in nets.items():
-        if m is not None:
-            sizes[name] = sum(p.numel() * p.element_size() for p in m.state_dict().values())
-    if low_memory:
+    sizes = {name: sum(t.numel() * t.element_size() for t in m.state_dict().values()) for name, m in nets.items() if m is not None}
+    released = {}
+    if low_memory:  # what from_pretrained(low_memory=True) does after loading
+        released["rss_before_release_bytes"] = rss()
         pipe.enable_low_memory()
+        released["rss_after_release_bytes"] = rss()
     t = time.perf_counter()
     pipe("a photo of an astronaut riding a horse on mars", num_inference_steps=steps, seed=0)
     return {"low_memory": low_memory, "rss_before_load_bytes": base, "peak_after_load_bytes": after_load, "peak_after_image_bytes": peak_rss(),
-            "weights_bytes": sizes, "load_s": round(load_s, 1), "image_s": round(time.perf_counter() - t, 1)}
+            "weights_bytes": sizes, **released, "load_s": round(load_s, 1), "image_s": round(time.perf_counter() - t, 1)}
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from unfog.cli import main
@@ -181,28 +182,21 @@ def test_the_command_exits_quickly_only_when_nothing_else_runs(monkeypatch):
     assert exits == [3]
     sys.setprofile(lambda *a: None)  # a profiler (python -m cProfile -m unfog …) writes its report at exit
     try:
-        try:
+        with pytest.raises(SystemExit) as exited:
             cli.run()
-        except SystemExit as e:
-            assert e.code == 3
-        else:
-            raise AssertionError("run() should exit normally under a profiler")
     finally:
         sys.setprofile(None)
+    assert exited.value.code == 3
     stop = threading.Event()
     worker = threading.Thread(target=stop.wait)
     worker.start()
     try:
-        try:
+        with pytest.raises(SystemExit) as exited:
             cli.run()
-        except SystemExit as e:
-            assert e.code == 3
-        else:
-            raise AssertionError("run() should exit normally while a thread runs")
-        assert exits == [3]
     finally:
         stop.set()
         worker.join()
+    assert exited.value.code == 3 and exits == [3]
 
 
 def test_serve_warmup_sizes_are_checked(tiny_model_dir, capsys):

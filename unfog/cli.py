@@ -443,8 +443,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The `unfog` command (and `python -m unfog`): main(), then a quick exit. Interpreter
-    teardown after `import torch` takes about 0.4 s on a 2-core CPU, a tenth of the time to a
-    first image, and does nothing a finished command needs: its files are written and closed.
+    teardown after `import torch` takes about half a second on a 2-core CPU (bench/first_image.py),
+    a sixth of the time to a first image, and does nothing a finished command needs: its files
+    are written and closed.
     So once main() returns, with no other non-daemon thread (which a normal exit would wait for)
     or child process still running and no profiler, tracer or coverage waiting to write its
     report at exit, the streams are flushed and the process ends with os._exit; otherwise it

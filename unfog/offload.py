@@ -18,6 +18,7 @@ that fails or is interrupted removes it. Elsewhere it is removed when its copy i
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -90,8 +91,9 @@ def _to_meta(module: nn.Module) -> None:
 
 def _give_back_freed_memory() -> None:
     """Return freed memory to the OS. glibc keeps freed blocks under its mmap threshold (which
-    grows to 32 MB) in its heaps for reuse; a released SD 1.5 text encoder gave back only its
-    embedding table (0.16 of 0.49 GB) until `malloc_trim` (measured: bench/low_memory.py)."""
+    grows to 32 MB) in its heaps for reuse, so without `malloc_trim` a released text encoder gave
+    back little more than its embedding table (`bench/low_memory.py` reports the resident memory
+    just before and after the release)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError, TypeError):  # not glibc: nothing to trim this way
@@ -187,6 +189,20 @@ class LowMemoryMixin:
             self.disk_rest.close()
             self.disk_rest = None
         return self
+
+    @contextlib.contextmanager
+    def _encoding_with(self, encoder: nn.Module):
+        """In low-memory mode, the encoder's weights for the length of the block (back on disk
+        after it, also when it raises); one thread at a time."""
+        if self.disk_rest is None:
+            yield
+            return
+        with self.disk_rest.lock:
+            self.disk_rest.restore(encoder, changing=False)
+            try:
+                yield
+            finally:
+                self.disk_rest.release(encoder)
 
     def _rest(self) -> None:
         """In low-memory mode, release the text encoders to disk (writing them if changed)."""

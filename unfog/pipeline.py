@@ -476,14 +476,8 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         states = []
         for (_, encoder, _), ids in zip(encoders, framed):
             b, windows, length = ids.shape
-            with self.disk_rest.lock if self.disk_rest is not None else contextlib.nullcontext():
-                if self.disk_rest is not None:
-                    self.disk_rest.restore(encoder, changing=False)  # low-memory mode: from disk for this encoding
-                try:
-                    s, pooled = encoder(ids.reshape(b * windows, length).to(self.device))
-                finally:
-                    if self.disk_rest is not None:
-                        self.disk_rest.release(encoder)
+            with self._encoding_with(encoder):  # low-memory mode: from disk for this encoding only
+                s, pooled = encoder(ids.reshape(b * windows, length).to(self.device))
             if weights is not None:
                 s = apply_emphasis(s, weights.reshape(b * windows, length))
             states.append(s.reshape(b, windows * length, -1))

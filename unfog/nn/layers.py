@@ -24,9 +24,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = Tru
 
 def pointwise(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """conv(x) for a 1×1 convolution. On a CPU in float32 with a contiguous (NCHW) input it is
-    computed as the matmul it is, weight @ pixels: oneDNN's convolution pays about 0.15 ms of
-    setup per call, which at the bundled model's small feature maps was 4–6× the arithmetic
-    (0.16–0.25 → 0.03–0.08 ms per layer). Anything else (a LoRA-adapted or packed layer, a layer
+    computed as the matmul it is, weight @ pixels: oneDNN's convolution has a fixed set-up cost
+    per call that outweighs the arithmetic at the bundled model's small feature maps (its whole
+    image: `python bench/pointwise.py`). Anything else (a LoRA-adapted or packed layer, a layer
     with forward hooks, other dtypes or devices) takes the layer's own forward."""
     if (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
             and not (conv._forward_hooks or conv._forward_pre_hooks or "forward" in conv.__dict__)  # hooks and overrides see the call
