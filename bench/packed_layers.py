@@ -4,9 +4,11 @@
 
 Prints, per case, the median milliseconds of: a plain eager convolution against the same
 convolution with its weight packed once (cold caches: 512 MB touched before each call, as inside
-a full U-Net whose weights do not fit in cache); a packed convolution against the same layer as
-one packed matmul over image patches (what PackedConv2d does from MATMUL_MIN_CHANNELS input
-channels); GEGLU plain against fused (unfog.nn.packed.geglu); and this machine's bf16 matmul
+a full U-Net whose weights do not fit in cache); then a packed convolution against the same layer
+as one packed matmul over image patches (what PackedConv2d does from MATMUL_MIN_CHANNELS input
+channels on maps of at most MATMUL_MAX_PIXELS pixels), called alternately 25 times each, with the
+median of the 25 paired ratios (this VM's speed swings 2× within seconds, so only ratios of
+neighbouring calls mean anything) and the rule's choice; GEGLU plain against fused (unfog.nn.packed.geglu); and this machine's bf16 matmul
 rate at 2048³, the ceiling the U-Net's matmuls and convolutions run against.
 """
 
@@ -38,28 +40,47 @@ def ms(fn, cold: bool, n: int = 10) -> float:
     return statistics.median(times)
 
 
+def paired(f, g, n: int = 25) -> tuple[list[float], list[float]]:
+    """f and g called alternately n times each (after two calls each): their times in ms."""
+    for _ in range(2):
+        f(), g()
+    a, b = [], []
+    for _ in range(n):
+        for fn, out in ((f, a), (g, b)):
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1000)
+    return a, b
+
+
 def conv(cin, cout, k, size, as_matmul):
     torch.manual_seed(0)
     plain = nn.Conv2d(cin, cout, k, padding=k // 2).to(bf16).to(memory_format=torch.channels_last)
     fast = nn.Conv2d(cin, cout, k, padding=k // 2).to(bf16).to(memory_format=torch.channels_last)
     fast.load_state_dict(plain.state_dict())
     packed.prepack(fast)
-    if not as_matmul:
-        fast._as_matmul = lambda: False
+    fast._as_matmul = lambda x: as_matmul
     x = torch.randn(2, cin, size, size).to(bf16).contiguous(memory_format=torch.channels_last)
     return plain, fast, x
 
 
 def main() -> None:
     with torch.inference_mode():
-        print("convolution, bf16, batch 2, cold caches: plain | packed | packed as matmul (ms)")
-        for cin, cout, k, size in [(320, 320, 3, 32), (640, 640, 3, 16), (1280, 1280, 3, 16), (1280, 1280, 3, 8), (1280, 1280, 3, 4),
-                                   (2560, 1280, 3, 4), (1280, 1280, 1, 4)]:
+        print("convolution, bf16, batch 2, cold caches: plain | packed (ms)")
+        for cin, cout, k, size in [(320, 320, 3, 32), (640, 640, 3, 16), (1280, 1280, 3, 8), (1280, 1280, 3, 4)]:
             plain, fast, x = conv(cin, cout, k, size, as_matmul=False)
+            print(f"  {cin}→{cout} {k}×{k} at {size}×{size}: {ms(lambda: plain(x), True):.2f} | {ms(lambda: fast(x), True):.2f}")
+        print("packed convolution against packed matmul, bf16, batch 2: ms each (medians), convolution/matmul (median of paired ratios)")
+        for cin, cout, k, size in [(1280, 1280, 3, 4), (1280, 1280, 3, 8), (1920, 640, 3, 8), (1280, 1280, 3, 12), (1920, 640, 3, 12),
+                                   (1280, 640, 3, 16), (1920, 640, 3, 16), (1280, 1280, 3, 16), (2560, 1280, 3, 16),
+                                   (1920, 640, 3, 32), (640, 640, 3, 8), (1280, 1280, 1, 4), (1920, 640, 1, 16)]:
+            _, fast, x = conv(cin, cout, k, size, as_matmul=False)
             _, wide, _ = conv(cin, cout, k, size, as_matmul=True)
-            wide._as_matmul = lambda: wide.groups == 1 and wide.kernel_size in ((1, 1), (3, 3))
-            print(f"  {cin}→{cout} {k}×{k} at {size}×{size}: {ms(lambda: plain(x), True):.2f} | {ms(lambda: fast(x), True):.2f} | "
-                  f"{ms(lambda: wide(x), True):.2f}")
+            wide.load_state_dict(fast.state_dict())
+            rule = packed.PackedConv2d._as_matmul(fast, x)
+            a, b = paired(lambda: fast(x), lambda: wide(x))
+            print(f"  {cin}→{cout} {k}×{k} at {size}×{size}: {statistics.median(a):.2f} | {statistics.median(b):.2f} ms, "
+                  f"ratio {statistics.median(x / y for x, y in zip(a, b)):.2f}; the rule picks {'matmul' if rule else 'convolution'}")
         print("GEGLU, bf16, batch 2: plain | fused (ms)")
         for tokens, dim in [(1024, 320), (4096, 320), (256, 640)]:
             torch.manual_seed(0)

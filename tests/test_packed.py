@@ -28,7 +28,7 @@ def conv_pair(cin, cout, k, **kw):
     return plain, fast
 
 
-@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
+@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (1, 2, 0)])
 def test_packed_convolution_gives_the_plain_convolution(k, stride, pad):
     plain, fast = conv_pair(64, 96, k, stride=stride, padding=pad)
     assert isinstance(fast, nn.Conv2d) and type(fast) is packed.PackedConv2d
@@ -40,16 +40,42 @@ def test_packed_convolution_gives_the_plain_convolution(k, stride, pad):
         assert "_packed" in fast.__dict__
 
 
-def test_wide_convolutions_run_as_matmuls_within_bf16_rounding():
-    for k, pad in [(3, 1), (1, 0)]:
-        plain, fast = conv_pair(packed.MATMUL_MIN_CHANNELS, 32, k, padding=pad)
-        assert fast._as_matmul()
-        x = torch.randn(2, packed.MATMUL_MIN_CHANNELS, 4, 5).to(bf16).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            got, want = fast(x), plain(x)
-            exact = F.conv2d(x.float(), plain.weight.float(), plain.bias.float(), padding=pad)
-        assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("cin,k,size,as_matmul", [
+    (packed.MATMUL_MIN_CHANNELS, 3, (4, 5), True),  # a wide 3×3 layer on a deep level's few pixels
+    (packed.MATMUL_MIN_CHANNELS, 3, (16, 16), False),  # …but on a larger map, where the convolution is faster
+    (packed.MATMUL_MIN_CHANNELS // 2, 3, (4, 4), False),  # a narrower 3×3 layer never
+    (64, 1, (16, 16), True),  # every 1×1 layer
+])
+def test_convolutions_run_as_matmuls_where_that_is_faster_within_bf16_rounding(cin, k, size, as_matmul):
+    plain, fast = conv_pair(cin, 32, k, padding=k // 2)
+    x = torch.randn(2, cin, *size).to(bf16).contiguous(memory_format=torch.channels_last)
+    assert fast._as_matmul(x) is as_matmul
+    with torch.inference_mode():
+        got, want = fast(x), plain(x)
+        exact = F.conv2d(x.float(), plain.weight.float(), plain.bias.float(), padding=k // 2)
+    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert ("_packed_matmul" in fast.__dict__) is as_matmul
+    if as_matmul:
         assert rel(got, exact) < 1e-2 and rel(got, exact) < 2 * rel(want, exact) + 1e-3
+    else:
+        assert torch.equal(got, want)
+
+
+def test_one_layer_serves_both_ways_at_different_sizes():
+    """A wide 3×3 layer meets a 16×16 map at one resolution and an 8×8 map at another: each way
+    keeps its own packed weight (the layouts differ), and both stay right after a change."""
+    cin = packed.MATMUL_MIN_CHANNELS
+    plain, fast = conv_pair(cin, 16, 3, padding=1)
+    small, large = (torch.randn(1, cin, s, s).to(bf16).contiguous(memory_format=torch.channels_last) for s in (8, 16))
+    for _ in range(2):
+        with torch.inference_mode():
+            for x in (small, large, small):
+                exact = F.conv2d(x.float(), plain.weight.float(), plain.bias.float(), padding=1)
+                assert rel(fast(x), exact) < 1e-2
+            assert torch.equal(fast(large), plain(large))
+        with torch.no_grad():
+            for m in (plain, fast):
+                m.weight.mul_(-1)
 
 
 def test_packed_weights_follow_changes_to_the_weights():

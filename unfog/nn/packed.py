@@ -6,7 +6,7 @@ a convolution's time at 32×32 feature maps and half of it at 4×4 (bench/packed
 `nn.Conv2d` and `nn.Linear` inside into a `PackedConv2d` / `PackedLinear` (same parameters, same
 state dict, still instances of the torch classes), whose forward reorders the weight once and
 reuses it. A packed convolution's output is bit-identical to the plain call's (the same oneDNN
-kernel; tested); a packed linear layer, a wide convolution run as a matmul (MATMUL_MIN_CHANNELS)
+kernel; tested); a packed linear layer, a convolution run as a matmul (`PackedConv2d._as_matmul`)
 and the fused GEGLU (`geglu`) accumulate in another order and differ by bfloat16 rounding. The
 packed copy is used only when it applies:
 
@@ -109,28 +109,35 @@ class PackedLinear(nn.Linear):
         return linear(self, "_packed", x, self.weight, self.bias)
 
 
-# A 3×3 or 1×1 convolution with at least this many input channels runs as one matmul over the
-# image's patches (im2col): its weight (29 MB and up in bfloat16 for 1280 channels) is read from
-# memory once either way, and oneDNN's matmul streams it faster than its convolution at the few
-# pixels of a U-Net's deep levels. `python bench/packed_layers.py` times both on this machine:
-# wide layers at 4×4 gain clearly, at 8×8–16×16 it is about even (run to run either way), and
-# 640 channels at 16×16 are much slower as a matmul, so they stay convolutions.
+# Some convolutions run as one packed matmul, which `python bench/packed_layers.py` times against
+# the packed convolution, alternately, on this machine (2-core Sapphire Rapids, bf16, batch 2):
+# - every 1×1 convolution (pixels × channels times the weight, no copy for a channels_last input):
+#   1.06–1.56× faster at every U-Net size tried (320 to 2560 channels, 8×8 to 64×64);
+# - a 3×3 convolution with at least MATMUL_MIN_CHANNELS input channels on maps of at most
+#   MATMUL_MAX_PIXELS pixels, over the image's patches (im2col): its weight (29 MB and up for 1280
+#   channels) is read from memory once either way, and oneDNN's matmul streams it faster than its
+#   convolution at the few pixels of a U-Net's deep levels (1280→1280 1.25× at 4×4 and 8×8, 1.55×
+#   at 12×12). On larger maps the patch copy makes it lose (1920→640 0.45× at 16×16, 0.52× at
+#   32×32), and narrower 3×3 layers gain nothing at any size.
 MATMUL_MIN_CHANNELS = 1280
+MATMUL_MAX_PIXELS = 144
 
 
 class PackedConv2d(nn.Conv2d):
-    def _as_matmul(self) -> bool:
-        return (
-            self.groups == 1 and self.in_channels >= MATMUL_MIN_CHANNELS and self.stride == (1, 1) and self.dilation == (1, 1)
-            and self.kernel_size in ((1, 1), (3, 3)) and self.padding == tuple(k // 2 for k in self.kernel_size)
-        )
+    def _as_matmul(self, x: torch.Tensor) -> bool:
+        if self.groups != 1 or self.stride != (1, 1) or self.dilation != (1, 1):
+            return False
+        if self.kernel_size == (1, 1):
+            return self.padding == (0, 0)
+        return (self.kernel_size == (3, 3) and self.padding == (1, 1) and self.in_channels >= MATMUL_MIN_CHANNELS
+                and x.shape[-2] * x.shape[-1] <= MATMUL_MAX_PIXELS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if self.padding_mode == "zeros" and isinstance(self.padding, tuple) and x.dim() == 4 and _usable(x, w):
-            if self._as_matmul():
+            if self._as_matmul(x):
                 # weight as [out, kh·kw·in], patches as [pixels, kh·kw·in], both in (kh, kw, in) order
-                packed = _cached(self, "_packed", w, lambda: torch.ops.mkldnn._reorder_linear_weight(w.detach().permute(0, 2, 3, 1).reshape(w.shape[0], -1), None))
+                packed = _cached(self, "_packed_matmul", w, lambda: torch.ops.mkldnn._reorder_linear_weight(w.detach().permute(0, 2, 3, 1).reshape(w.shape[0], -1), None))
                 if packed is not None:
                     n, _, h, wd = x.shape
                     xh = x.permute(0, 2, 3, 1)  # NHWC: free for a channels_last input
