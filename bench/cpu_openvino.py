@@ -15,9 +15,10 @@ run interleaved, one call each per round, and the ratios are medians of the per-
 (each from calls a few seconds apart), beside each one's median milliseconds.
 
 Then whole 256² images (20 DPM-Solver++(2M) steps, CFG 7.5, text encoding and decode) from a
-full-size random SD 1.5 pipeline: diffusers in bf16, diffusers with its U-Net replaced by the
-OpenVINO one (text encoder and VAE float32, as unfog's optimize() keeps them), and unfog
-optimize(), interleaved likewise, each with its PSNR against unfog's float32 image.
+full-size random SD 1.5 pipeline: diffusers in bf16, diffusers with its U-Net and VAE decoder
+replaced by OpenVINO ones in bf16 (text encoder float32, as unfog's optimize() keeps it), and
+unfog optimize() (U-Net and autoencoder bf16), interleaved likewise, each with its PSNR against
+unfog's float32 image.
 """
 
 from __future__ import annotations
@@ -42,27 +43,29 @@ from speed import PROMPT, build_sd15, psnr, rel_err, unet_pair  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def openvino_unet(module: torch.nn.Module, example: tuple):
-    """The diffusers U-Net compiled by OpenVINO for this CPU in bf16: a callable (x, t, ctx) -> numpy."""
+def openvino_module(fn, example: tuple):
+    """fn (a function of tensors, returning one tensor) compiled by OpenVINO for this CPU in bf16:
+    a callable taking the same tensors and returning numpy."""
     import openvino as ov
 
     class Plain(torch.nn.Module):  # positional inputs and a tensor output, as convert_model wants
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x, t, ctx):
-            return self.m(x, t, encoder_hidden_states=ctx).sample
+        def forward(self, *args):
+            return fn(*args)
 
     with torch.no_grad():
-        model = ov.convert_model(Plain(module).eval(), example_input=example)
+        model = ov.convert_model(Plain().eval(), example_input=example)
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
     request = compiled.create_infer_request()
 
-    def run(x, t, ctx):
-        return next(iter(request.infer([x.float().numpy(), t.float().numpy(), ctx.float().numpy()]).values()))
+    def run(*args):
+        return next(iter(request.infer([a.float().numpy() for a in args]).values()))
 
     return run
+
+
+def openvino_unet(module: torch.nn.Module, example: tuple):
+    """The diffusers U-Net compiled by OpenVINO for this CPU in bf16: a callable (x, t, ctx) -> numpy."""
+    return openvino_module(lambda x, t, ctx: module(x, t, encoder_hidden_states=ctx).sample, example)
 
 
 def interleave(fns: dict, rounds: int, unit: float = 1000.0) -> dict[str, list[float]]:
@@ -140,6 +143,17 @@ def bench_images(rounds: int, steps: int, size: int, emit) -> None:
             return (torch.from_numpy(ov(sample, t, encoder_hidden_states).copy()).to(sample.dtype),)
 
         ref.unet.forward = ov_forward
+        # …and its VAE decoder, as OpenVINO's Stable Diffusion pipelines convert it too (optimize()
+        # likewise runs unfog's autoencoder in bf16); the text encoder stays float32 on both sides.
+        decoder = openvino_module(lambda z: ref.vae.decode(z).sample, (torch.randn(1, 4, latent, latent),))
+
+        def ov_decode(z, return_dict=True, **kwargs):
+            from diffusers.models.autoencoders.vae import DecoderOutput
+
+            pixels = torch.from_numpy(decoder(z).copy()).to(z.dtype)
+            return DecoderOutput(sample=pixels) if return_dict else (pixels,)
+
+        ref.vae.decode = ov_decode
         with_ov = ref
         fast = Pipeline.from_pretrained(folder).optimize()
         first = {}
@@ -150,13 +164,13 @@ def bench_images(rounds: int, steps: int, size: int, emit) -> None:
         def ours():
             return first.setdefault("unfog", fast(PROMPT, seed=1, sampler="dpmpp_2m", **kw).images[0])
 
-        fns = {"diffusers + OpenVINO U-Net bf16": theirs(with_ov), "diffusers bf16": theirs(bf16), "unfog optimize()": ours}
+        fns = {"diffusers + OpenVINO U-Net and VAE bf16": theirs(with_ov), "diffusers bf16": theirs(bf16), "unfog optimize()": ours}
         for fn in fns.values():
             fn()
         first.clear()
         times = interleave(fns, rounds, unit=1.0)
-        images = {"diffusers + OpenVINO U-Net bf16": first[id(with_ov)], "diffusers bf16": first[id(bf16)], "unfog optimize()": first["unfog"]}
-    summary = summarise(times, "diffusers + OpenVINO U-Net bf16")
+        images = {"diffusers + OpenVINO U-Net and VAE bf16": first[id(with_ov)], "diffusers bf16": first[id(bf16)], "unfog optimize()": first["unfog"]}
+    summary = summarise(times, "diffusers + OpenVINO U-Net and VAE bf16")
     for name in fns:
         emit({"case": f"sd15 image {size}² ({steps} steps DPM-Solver++ 2M, CFG 7.5, text+decode)", "impl": name,
               "s_per_image": summary[name]["median"], "min_s": summary[name]["min"], "speedup_vs_openvino": summary[name]["speedup_vs_openvino"],

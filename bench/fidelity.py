@@ -1,11 +1,17 @@
 """How far reduced-precision images are from float32 ones, for diffusers and unfog.
 
     python bench/fidelity.py [--size 512] [--steps 50] [--device cpu]
+    python bench/fidelity.py --bundled
+
 
 Builds the full-size random SD 1.5 pipeline of bench/speed.py, then generates one image (seed 1,
 DPM-Solver++(2M), guidance 7.5) with diffusers in bf16 and fp32 and with unfog in fp32, plain
 bf16 and optimize(), and prints the PSNR of each against unfog's float32 image (and diffusers'
 bf16 against its own fp32). At 512² and 50 steps this took 21 minutes on 2 CPU cores.
+
+`--bundled`: the same question on trained weights, the bundled models' (which random weights
+cannot answer for the autoencoder): for each of five prompts, the PSNR against the float32 image
+of the same final latents decoded by `optimize()`'s autoencoder, and of `optimize()`'s whole image.
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--bundled", action="store_true", help="the bundled models on this CPU instead (see above)")
     args = ap.parse_args()
+    if args.bundled:
+        return bundled()
     from unfog import Pipeline
 
     kw = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size)
@@ -56,6 +65,24 @@ def main() -> None:
     print(json.dumps(meta))
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "psnr_db": result}, indent=2))
+
+
+BUNDLED_PROMPTS = ["a red circle", "a blue square on the left", "a cat face", "a green tree", "two yellow stars"]
+
+
+def bundled() -> None:
+    from unfog import Pipeline
+    from unfog.pipeline import BUNDLED_MODELS
+
+    for name, folder in BUNDLED_MODELS.items():
+        exact, fast = Pipeline.from_pretrained(folder), Pipeline.from_pretrained(folder).optimize()
+        decode, finals = exact.decode, []
+        exact.decode = lambda z: decode(finals.append(z) or z)  # keep each image's final latents
+        images = [exact(p, seed=i).images[0] for i, p in enumerate(BUNDLED_PROMPTS)]
+        decoded = [psnr(fast.decode(z)[0], im) for z, im in zip(finals, images)]
+        whole = [psnr(fast(p, seed=i).images[0], im) for (i, p), im in zip(enumerate(BUNDLED_PROMPTS), images)]
+        print(f"{name}: optimize()'s autoencoder ({fast.vae.decoder.conv_in.weight.dtype}) decoding float32's latents: "
+              f"{decoded} dB; optimize()'s whole image: {whole} dB")
 
 
 if __name__ == "__main__":

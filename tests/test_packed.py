@@ -109,29 +109,31 @@ def test_packing_stays_out_of_training_and_float32():
     assert "_packed" not in fast32.__dict__
 
 
-def test_fused_geglu_matches_the_plain_one():
+@pytest.mark.parametrize("rows,fused", [(100, False), (packed.GEGLU_MIN_ROWS, True)])
+def test_geglu_fused_from_its_row_count_matches_the_plain_one(rows, fused):
     torch.manual_seed(0)
     plain = GEGLU(64).to(bf16)
     fast = GEGLU(64).to(bf16)
     fast.load_state_dict(plain.state_dict())
     packed.prepack(fast)
-    x = torch.randn(2, 50, 64).to(bf16)
+    x = torch.randn(2, rows // 2, 64).to(bf16)
     exact = GEGLU(64)
     exact.load_state_dict(plain.state_dict())
     with torch.inference_mode():
         got, want, ref = fast(x), plain(x), exact(x.float())
-    assert "_packed_geglu" in fast.__dict__
+    assert ("_packed_geglu" in fast.__dict__) is fused
     assert rel(got, ref) < 1e-2 and rel(got, want) < 1e-2
 
 
 def test_optimized_pipeline_on_cpu_packs_and_keeps_the_picture(tiny_model_dir):
     plain = Pipeline.from_pretrained(tiny_model_dir)
     fast = Pipeline.from_pretrained(tiny_model_dir).optimize(dtype=bf16)
-    assert type(fast.unet.conv_in) is packed.PackedConv2d
-    assert not any(isinstance(m, packed.PackedLinear) for m in fast.text_encoder.modules())  # only the U-Net
+    assert type(fast.unet.conv_in) is packed.PackedConv2d and type(fast.vae.decoder.conv_in) is packed.PackedConv2d
+    assert fast.vae.decoder.conv_in.weight.dtype == bf16
+    assert not any(isinstance(m, packed.PackedLinear) for m in fast.text_encoder.modules())  # the U-Net and the autoencoder only
     a = np.asarray(plain("a red circle", seed=2).images[0], dtype=np.float32)
     b = np.asarray(fast("a red circle", seed=2).images[0], dtype=np.float32)
-    assert "_packed" in fast.unet.conv_in.__dict__
+    assert "_packed" in fast.unet.conv_in.__dict__ and "_packed" in fast.vae.decoder.conv_in.__dict__
     assert np.abs(a - b).mean() < 6  # bf16 rounding, not a different picture
     assert set(fast.unet.state_dict()) == set(plain.unet.state_dict())
 

@@ -80,6 +80,13 @@ def linear(owner: nn.Module, slot: str, x: torch.Tensor, weight: torch.Tensor, b
     return F.linear(x, weight, bias)
 
 
+# Below this many rows (tokens × batch) the fused GEGLU's two half-width matmuls were slower than
+# one full-width packed matmul and a plain GELU and product (0.65–0.81× at 128–1,024 rows, cold
+# caches, `python bench/packed_layers.py`); far above it the fused one is faster (1.3–2.2× at
+# 8,192 rows).
+GEGLU_MIN_ROWS = 4096
+
+
 def geglu(owner: nn.Module, x: torch.Tensor, proj: nn.Module) -> torch.Tensor | None:
     """h · GELU(gate) for [h, gate] = proj(x), as two packed matmuls with oneDNN's GELU and product
     fused into their outputs, so the wide hidden activation is written once, not four times (at a
@@ -87,7 +94,7 @@ def geglu(owner: nn.Module, x: torch.Tensor, proj: nn.Module) -> torch.Tensor | 
     it applies; else None and the caller computes it plainly. Rounded once rather than at each
     step, so it differs from the plain bfloat16 result by bfloat16 rounding."""
     w = proj.weight
-    if type(proj) is not PackedLinear or not _usable(x, w):
+    if type(proj) is not PackedLinear or not _usable(x, w) or x.numel() // x.shape[-1] < GEGLU_MIN_ROWS:
         return None
     inner = w.shape[0] // 2
 
