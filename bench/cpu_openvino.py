@@ -43,14 +43,18 @@ from speed import PROMPT, build_sd15, psnr, rel_err, unet_pair  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def openvino_module(fn, example: tuple):
-    """fn (a function of tensors, returning one tensor) compiled by OpenVINO for this CPU in bf16:
+def openvino_module(module: torch.nn.Module, call, example: tuple):
+    """call(module, *tensors) (returning one tensor) compiled by OpenVINO for this CPU in bf16:
     a callable taking the same tensors and returning numpy."""
     import openvino as ov
 
     class Plain(torch.nn.Module):  # positional inputs and a tensor output, as convert_model wants
+        def __init__(self):
+            super().__init__()
+            self.m = module  # a submodule, so that tracing sees its weights as parameters
+
         def forward(self, *args):
-            return fn(*args)
+            return call(self.m, *args)
 
     with torch.no_grad():
         model = ov.convert_model(Plain().eval(), example_input=example)
@@ -65,7 +69,7 @@ def openvino_module(fn, example: tuple):
 
 def openvino_unet(module: torch.nn.Module, example: tuple):
     """The diffusers U-Net compiled by OpenVINO for this CPU in bf16: a callable (x, t, ctx) -> numpy."""
-    return openvino_module(lambda x, t, ctx: module(x, t, encoder_hidden_states=ctx).sample, example)
+    return openvino_module(module, lambda m, x, t, ctx: m(x, t, encoder_hidden_states=ctx).sample, example)
 
 
 def interleave(fns: dict, rounds: int, unit: float = 1000.0) -> dict[str, list[float]]:
@@ -145,7 +149,7 @@ def bench_images(rounds: int, steps: int, size: int, emit) -> None:
         ref.unet.forward = ov_forward
         # …and its VAE decoder, as OpenVINO's Stable Diffusion pipelines convert it too (optimize()
         # likewise runs unfog's autoencoder in bf16); the text encoder stays float32 on both sides.
-        decoder = openvino_module(lambda z: ref.vae.decode(z).sample, (torch.randn(1, 4, latent, latent),))
+        decoder = openvino_module(ref.vae, lambda vae, z: vae.decode(z).sample, (torch.randn(1, 4, latent, latent),))
 
         def ov_decode(z, return_dict=True, **kwargs):
             from diffusers.models.autoencoders.vae import DecoderOutput
