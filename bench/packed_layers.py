@@ -18,6 +18,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from unfog.nn import packed
@@ -40,13 +41,21 @@ def ms(fn, cold: bool, n: int = 10) -> float:
     return statistics.median(times)
 
 
-def paired(f, g, n: int = 25) -> tuple[list[float], list[float]]:
+def plain_geglu(m: GEGLU, x: torch.Tensor) -> torch.Tensor:
+    """GEGLU through its (packed) projection, then a separate GELU and product, then its output projection: the unfused way."""
+    h, gate = m.proj(x).chunk(2, dim=-1)
+    return m.out(h * F.gelu(gate))
+
+
+def paired(f, g, n: int = 25, cold: bool = False) -> tuple[list[float], list[float]]:
     """f and g called alternately n times each (after two calls each): their times in ms."""
     for _ in range(2):
         f(), g()
     a, b = [], []
     for _ in range(n):
         for fn, out in ((f, a), (g, b)):
+            if cold:
+                junk.add_(1)  # evict the caches
             t = time.perf_counter()
             fn()
             out.append((time.perf_counter() - t) * 1000)
@@ -73,7 +82,8 @@ def main() -> None:
         print("packed convolution against packed matmul, bf16, batch 2: ms each (medians), convolution/matmul (median of paired ratios)")
         for cin, cout, k, size in [(1280, 1280, 3, 4), (1280, 1280, 3, 8), (1920, 640, 3, 8), (1280, 1280, 3, 12), (1920, 640, 3, 12),
                                    (1280, 640, 3, 16), (1920, 640, 3, 16), (1280, 1280, 3, 16), (2560, 1280, 3, 16),
-                                   (1920, 640, 3, 32), (640, 640, 3, 8), (1280, 1280, 1, 4), (1920, 640, 1, 16)]:
+                                   (1920, 640, 3, 32), (640, 640, 3, 8), (1280, 1280, 1, 4), (1920, 640, 1, 16), (320, 320, 1, 32),
+                                   (640, 640, 1, 16), (320, 320, 1, 64), (960, 320, 1, 32)]:
             _, fast, x = conv(cin, cout, k, size, as_matmul=False)
             _, wide, _ = conv(cin, cout, k, size, as_matmul=True)
             wide.load_state_dict(fast.state_dict())
@@ -81,15 +91,17 @@ def main() -> None:
             a, b = paired(lambda: fast(x), lambda: wide(x))
             print(f"  {cin}→{cout} {k}×{k} at {size}×{size}: {statistics.median(a):.2f} | {statistics.median(b):.2f} ms, "
                   f"ratio {statistics.median(x / y for x, y in zip(a, b)):.2f}; the rule picks {'matmul' if rule else 'convolution'}")
-        print("GEGLU, bf16, batch 2: plain | fused (ms)")
-        for tokens, dim in [(1024, 320), (4096, 320), (256, 640)]:
+        print("GEGLU, bf16, batch 2, cold caches: packed matmul + plain GELU and product | fused (ms, medians), ratio (median of paired ratios)")
+        for tokens, dim in [(64, 1280), (256, 640), (1024, 640), (1024, 320), (4096, 320), (4096, 640)]:
             torch.manual_seed(0)
-            plain = GEGLU(dim).to(bf16)
-            fast = GEGLU(dim).to(bf16)
-            fast.load_state_dict(plain.state_dict())
+            unfused, fast = GEGLU(dim).to(bf16), GEGLU(dim).to(bf16)
+            fast.load_state_dict(unfused.state_dict())
             packed.prepack(fast)
+            packed.prepack(unfused)
             x = torch.randn(2, tokens, dim).to(bf16)
-            print(f"  {tokens} tokens × {dim}: {ms(lambda: plain(x), False):.2f} | {ms(lambda: fast(x), False):.2f}")
+            a, b = paired(lambda: plain_geglu(unfused, x), lambda: fast(x), cold=True)
+            print(f"  {2 * tokens} rows × {dim}: {statistics.median(a):.2f} | {statistics.median(b):.2f}, "
+                  f"ratio {statistics.median(x / y for x, y in zip(a, b)):.2f}")
         a, b = torch.randn(2048, 2048).to(bf16), torch.randn(2048, 2048).to(bf16)
         t = ms(lambda: a @ b, False, 20)
         print(f"bf16 matmul 2048³: {2 * 2048**3 / t / 1e9:.2f} TFLOP/s with {torch.get_num_threads()} threads")

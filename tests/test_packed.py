@@ -28,7 +28,7 @@ def conv_pair(cin, cout, k, **kw):
     return plain, fast
 
 
-@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (1, 2, 0)])
+@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
 def test_packed_convolution_gives_the_plain_convolution(k, stride, pad):
     plain, fast = conv_pair(64, 96, k, stride=stride, padding=pad)
     assert isinstance(fast, nn.Conv2d) and type(fast) is packed.PackedConv2d
@@ -44,7 +44,8 @@ def test_packed_convolution_gives_the_plain_convolution(k, stride, pad):
     (packed.MATMUL_MIN_CHANNELS, 3, (4, 5), True),  # a wide 3×3 layer on a deep level's few pixels
     (packed.MATMUL_MIN_CHANNELS, 3, (16, 16), False),  # …but on a larger map, where the convolution is faster
     (packed.MATMUL_MIN_CHANNELS // 2, 3, (4, 4), False),  # a narrower 3×3 layer never
-    (64, 1, (16, 16), True),  # every 1×1 layer
+    (packed.MATMUL_MIN_CHANNELS, 1, (16, 16), True),  # a wide 1×1 layer at any size
+    (64, 1, (4, 4), False),  # a narrow one never
 ])
 def test_convolutions_run_as_matmuls_where_that_is_faster_within_bf16_rounding(cin, k, size, as_matmul):
     plain, fast = conv_pair(cin, 32, k, padding=k // 2)
@@ -109,19 +110,18 @@ def test_packing_stays_out_of_training_and_float32():
     assert "_packed" not in fast32.__dict__
 
 
-@pytest.mark.parametrize("rows,fused", [(100, False), (packed.GEGLU_MIN_ROWS, True)])
-def test_geglu_fused_from_its_row_count_matches_the_plain_one(rows, fused):
+def test_fused_geglu_matches_the_plain_one():
     torch.manual_seed(0)
     plain = GEGLU(64).to(bf16)
     fast = GEGLU(64).to(bf16)
     fast.load_state_dict(plain.state_dict())
     packed.prepack(fast)
-    x = torch.randn(2, rows // 2, 64).to(bf16)
+    x = torch.randn(2, 50, 64).to(bf16)
     exact = GEGLU(64)
     exact.load_state_dict(plain.state_dict())
     with torch.inference_mode():
         got, want, ref = fast(x), plain(x), exact(x.float())
-    assert ("_packed_geglu" in fast.__dict__) is fused
+    assert "_packed_geglu" in fast.__dict__
     assert rel(got, ref) < 1e-2 and rel(got, want) < 1e-2
 
 

@@ -80,21 +80,15 @@ def linear(owner: nn.Module, slot: str, x: torch.Tensor, weight: torch.Tensor, b
     return F.linear(x, weight, bias)
 
 
-# Below this many rows (tokens × batch) the fused GEGLU's two half-width matmuls were slower than
-# one full-width packed matmul and a plain GELU and product (0.65–0.81× at 128–1,024 rows, cold
-# caches, `python bench/packed_layers.py`); far above it the fused one is faster (1.3–2.2× at
-# 8,192 rows).
-GEGLU_MIN_ROWS = 4096
-
-
 def geglu(owner: nn.Module, x: torch.Tensor, proj: nn.Module) -> torch.Tensor | None:
     """h · GELU(gate) for [h, gate] = proj(x), as two packed matmuls with oneDNN's GELU and product
-    fused into their outputs, so the wide hidden activation is written once, not four times (at a
-    64×64 latent's 4,096 tokens: 20.6 → 12.6 ms per call in one run of bench/packed_layers.py). Only for a PackedLinear proj, where
+    fused into their outputs, so the wide hidden activation is written once, not four times (GEGLU
+    with its output projection at a 64×64 latent's 8,192 rows: 62.7 → 43.5 ms in one run of
+    bench/packed_layers.py; about even at a few hundred rows). Only for a PackedLinear proj, where
     it applies; else None and the caller computes it plainly. Rounded once rather than at each
     step, so it differs from the plain bfloat16 result by bfloat16 rounding."""
     w = proj.weight
-    if type(proj) is not PackedLinear or not _usable(x, w) or x.numel() // x.shape[-1] < GEGLU_MIN_ROWS:
+    if type(proj) is not PackedLinear or not _usable(x, w):
         return None
     inner = w.shape[0] // 2
 
@@ -116,28 +110,28 @@ class PackedLinear(nn.Linear):
         return linear(self, "_packed", x, self.weight, self.bias)
 
 
-# Some convolutions run as one packed matmul, which `python bench/packed_layers.py` times against
-# the packed convolution, alternately, on this machine (2-core Sapphire Rapids, bf16, batch 2):
-# - every 1×1 convolution (pixels × channels times the weight, no copy for a channels_last input):
-#   1.06–1.56× faster at every U-Net size tried (320 to 2560 channels, 8×8 to 64×64);
-# - a 3×3 convolution with at least MATMUL_MIN_CHANNELS input channels on maps of at most
-#   MATMUL_MAX_PIXELS pixels, over the image's patches (im2col): its weight (29 MB and up for 1280
-#   channels) is read from memory once either way, and oneDNN's matmul streams it faster than its
-#   convolution at the few pixels of a U-Net's deep levels (1280→1280 1.25× at 4×4 and 8×8, 1.55×
-#   at 12×12). On larger maps the patch copy makes it lose (1920→640 0.45× at 16×16, 0.52× at
-#   32×32), and narrower 3×3 layers gain nothing at any size.
+# A convolution with at least MATMUL_MIN_CHANNELS input channels runs as one packed matmul: a
+# 1×1 one as pixels × channels times the weight (no copy for a channels_last input), a 3×3 one
+# over the image's patches (im2col) on maps of at most MATMUL_MAX_PIXELS pixels. Its weight (29 MB
+# and up in bfloat16 for 1,280 channels) is read from memory once either way, and oneDNN's matmul
+# streams it faster than its convolution at the few pixels of a U-Net's deep levels; on larger
+# maps the patch copy makes the 3×3 matmul lose. `python bench/packed_layers.py` times both,
+# alternately, on this machine (2-core Sapphire Rapids, bf16, batch 2); in three runs 1280→1280
+# 3×3 was 1.17–1.48× faster as a matmul at 4×4 and 8×8, while 1920→640 and 1280→640 3×3 were
+# 0.45–0.60× (slower) at 16×16 and 1920→640 0.52–0.59× at 32×32, where the U-Net used to run
+# them as matmuls. Narrower layers, and 1×1 layers at other sizes, came out either way from run
+# to run, so they keep the convolution.
 MATMUL_MIN_CHANNELS = 1280
 MATMUL_MAX_PIXELS = 144
 
 
 class PackedConv2d(nn.Conv2d):
     def _as_matmul(self, x: torch.Tensor) -> bool:
-        if self.groups != 1 or self.stride != (1, 1) or self.dilation != (1, 1):
+        if self.groups != 1 or self.stride != (1, 1) or self.dilation != (1, 1) or self.in_channels < MATMUL_MIN_CHANNELS:
             return False
         if self.kernel_size == (1, 1):
             return self.padding == (0, 0)
-        return (self.kernel_size == (3, 3) and self.padding == (1, 1) and self.in_channels >= MATMUL_MIN_CHANNELS
-                and x.shape[-2] * x.shape[-1] <= MATMUL_MAX_PIXELS)
+        return self.kernel_size == (3, 3) and self.padding == (1, 1) and x.shape[-2] * x.shape[-1] <= MATMUL_MAX_PIXELS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
