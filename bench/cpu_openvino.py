@@ -43,9 +43,10 @@ from speed import PROMPT, build_sd15, psnr, rel_err, unet_pair  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def openvino_module(module: torch.nn.Module, call, example: tuple):
+def openvino_module(module: torch.nn.Module, call, example: tuple, counters: bool = False):
     """call(module, *tensors) (returning one tensor) compiled by OpenVINO for this CPU in bf16:
-    a callable taking the same tensors and returning numpy."""
+    a callable taking the same tensors and returning numpy. `counters`: OpenVINO's per-layer
+    timing on (PERF_COUNT), read through the callable's `request`."""
     import openvino as ov
 
     class Plain(torch.nn.Module):  # positional inputs and a tensor output, as convert_model wants
@@ -58,12 +59,13 @@ def openvino_module(module: torch.nn.Module, call, example: tuple):
 
     with torch.no_grad():
         model = ov.convert_model(Plain().eval(), example_input=example)
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "PERF_COUNT": counters})
     request = compiled.create_infer_request()
 
     def run(*args):
         return next(iter(request.infer([a.float().numpy() for a in args]).values()))
 
+    run.request = request
     return run
 
 
