@@ -244,9 +244,10 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         a CPU with bf16 units (AVX512-BF16 or AMX): the U-Net, which does nearly all the work, in
         bfloat16 and channels_last, with its weights packed once in oneDNN's layout (unfog.nn.packed:
         no reorder per call, wide convolutions as matmuls, GEGLU fused; about 1.4× the plain bfloat16
-        U-Net, at the cost of the U-Net's weights held twice); the autoencoder likewise (its
-        float32 decode was a quarter of a 20-step 256² SD 1.5 image; bf16 decodes the bundled
-        models' latents at 52–63 dB PSNR against float32); the text encoder stays float32. Elsewhere it
+        U-Net, at the cost of the U-Net's weights held twice); the autoencoder likewise (SD 1.5's
+        decode of a 256² image: 3.5 s in float32, 1.0 s so, in one run of bench/decode_cpu.py; bf16
+        decodes the bundled models' latents at 52–63 dB PSNR against float32); the text encoder
+        stays float32. Elsewhere it
         changes nothing else; the q/k/v projections of self-attention are fused into one matmul
         everywhere. Sampler state and guidance stay float32 throughout. `compile=True` also runs
         the U-Net through torch.compile (in place, so saving still works): it pays for long-lived
@@ -266,7 +267,7 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         if self.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and self.vae is not None:
             from .nn.packed import prepack
 
-            self.vae.to(dtype=dtype, memory_format=torch.channels_last)  # the decode: a quarter of a 20-step 256² image in float32
+            self.vae.to(dtype=dtype, memory_format=torch.channels_last)  # see the docstring
             prepack(self.vae)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.denoiser_graphs.clear()
