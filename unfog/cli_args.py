@@ -61,7 +61,7 @@ def _generate_parser(sub) -> None:
     g.add_argument("--clip-skip", type=int, default=0)
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps …")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--optimize", action="store_true", help="the fast path: pipe.optimize() (bf16 U-Net where the hardware has it; on CUDA also the guided denoiser as one CUDA graph)")
+    g.add_argument("--optimize", action="store_true", help="the fast path: pipe.optimize() (bf16 U-Net and autoencoder where the hardware has it; on CUDA also the guided denoiser as one CUDA graph)")
     g.add_argument("--low-memory", action="store_true", help="CPU: keep the text encoders on disk except while they encode (pipe.enable_low_memory())")
     g.add_argument("--init-image", help="img2img / inpainting: the starting picture")
     g.add_argument("--strength", type=float, help="img2img: how far to re-noise the init image, (0, 1] (default 0.8; 1 with --mask)")
