@@ -69,9 +69,9 @@ def openvino_module(module: torch.nn.Module, call, example: tuple, counters: boo
     return run
 
 
-def openvino_unet(module: torch.nn.Module, example: tuple):
+def openvino_unet(module: torch.nn.Module, example: tuple, counters: bool = False):
     """The diffusers U-Net compiled by OpenVINO for this CPU in bf16: a callable (x, t, ctx) -> numpy."""
-    return openvino_module(module, lambda m, x, t, ctx: m(x, t, encoder_hidden_states=ctx).sample, example)
+    return openvino_module(module, lambda m, x, t, ctx: m(x, t, encoder_hidden_states=ctx).sample, example, counters)
 
 
 def interleave(fns: dict, rounds: int, unit: float = 1000.0) -> dict[str, list[float]]:

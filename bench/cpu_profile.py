@@ -5,9 +5,10 @@
 Needs `pip install openvino==2026.4.0` (bench-only). The SD 1.5 U-Net with random weights, CFG's
 batch of 2, in bf16 on both sides (as bench/cpu_openvino.py builds them). Each round times one
 OpenVINO call with its per-layer counters on (`PERF_COUNT`) and one unfog call under
-torch.profiler, and sums the time by kind of layer: convolutions (unfog's wide convolutions run as
-matmuls are counted here, by their weight's shape), other matmuls ("linear": OpenVINO's
-FullyConnected), attention (OpenVINO's fused Subgraph; unfog's scaled_dot_product_attention),
+torch.profiler, and sums the time by kind of layer: convolutions (unfog's wide 3×3 convolutions
+run as matmuls are counted here, by their weight's shape; its wide 1×1 ones run as matmuls count
+as "linear", where OpenVINO counts them as convolutions, so compare the two kinds' sum), other
+matmuls ("linear": OpenVINO's FullyConnected), attention (OpenVINO's fused Subgraph; unfog's scaled_dot_product_attention),
 normalisation, and everything else. Both profilers add their own overhead to the wall time.
 
 Then a U-Net of the same structure with tiny channels (32, 64, 128, 128) at an 8×8 latent: its
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_openvino import openvino_module  # noqa: E402
+from cpu_openvino import openvino_unet  # noqa: E402
 from speed import unet_pair  # noqa: E402
 
 KINDS = ("conv", "linear", "attention", "norm", "other")
@@ -39,7 +40,7 @@ def unfog_kinds(prof) -> dict[str, float]:
         name, shapes = e.key, str(e.input_shapes)
         if name == "mkldnn::_convolution_pointwise":
             kind = "conv"
-        elif name == "mkldnn::_linear_pointwise":  # a convolution's weight as a matmul is [out, 9·in] or a 1×1's [out, in ≥ 1280] on pixels
+        elif name == "mkldnn::_linear_pointwise":  # a 3×3 convolution's weight as a matmul is [out, 9·in]
             kind = "conv" if any(f", {9 * c}]" in shapes for c in (1280, 1920, 2560)) else "linear"
         elif "scaled_dot_product" in name:
             kind = "attention"
@@ -71,7 +72,7 @@ def main() -> None:
 
     theirs, ours, ctx_dim = unet_pair("sd15")
     example = (torch.randn(2, 4, args.latent, args.latent), torch.full((2,), 500.0), torch.randn(2, 77, ctx_dim))
-    run_ov = openvino_module(theirs, lambda m, x, t, c: m(x, t, encoder_hidden_states=c).sample, example, counters=True)
+    run_ov = openvino_unet(theirs, example, counters=True)
     del theirs
     optimize_unet(ours, torch.bfloat16, True, False)
     x, t, c = example[0].bfloat16().contiguous(memory_format=torch.channels_last), example[1], example[2].bfloat16()

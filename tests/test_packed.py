@@ -138,6 +138,13 @@ def test_optimized_pipeline_on_cpu_packs_and_keeps_the_picture(tiny_model_dir):
     assert set(fast.unet.state_dict()) == set(plain.unet.state_dict())
 
 
+def test_optimize_keeps_the_layout_it_was_asked_for(tiny_model_dir):
+    for channels_last in (True, False):
+        fast = Pipeline.from_pretrained(tiny_model_dir).optimize(dtype=bf16, channels_last=channels_last)
+        for w in (fast.unet.conv_in.weight, fast.vae.decoder.conv_in.weight):
+            assert w.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def test_weights_made_under_inference_mode_are_packed_and_forgotten_on_request():
     with torch.inference_mode():
         plain, fast = conv_pair(32, 32, 3, padding=1)

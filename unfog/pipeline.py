@@ -33,6 +33,7 @@ from .formats import ModelParts, load_any, save_model
 from .graphs import DenoiserGraph
 from .images import from_pil, mask_from_pil, resized, to_pil
 from .nn import Autoencoder, TextEncoder, Tokenizer, UNet
+from .nn.packed import prepack
 from .nn.unet import DeepCache
 from .offload import LowMemoryMixin
 from .request import GenerationRequest, ModelFacts, make_request
@@ -84,8 +85,6 @@ def optimize_unet(unet: UNet, dtype: torch.dtype | None, channels_last: bool, co
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     if not compile and dtype in (torch.bfloat16, torch.float16) and not next(unet.parameters()).is_cuda:
-        from .nn.packed import prepack
-
         prepack(unet)  # oneDNN's weight reorder once per layer, not once per call
     if next(unet.parameters()).is_cuda:
         # Let cuDNN time its convolution algorithms once per shape and keep the fastest.
@@ -264,11 +263,8 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         elif dtype is None:
             dtype = torch.bfloat16
         optimize_unet(self.unet, dtype, channels_last, compile)
-        if self.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and self.vae is not None:
-            from .nn.packed import prepack
-
-            self.vae.to(dtype=dtype, memory_format=torch.channels_last)  # see the docstring
-            prepack(self.vae)
+        if self.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and self.vae is not None:  # see the docstring
+            prepack(self.vae.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.preserve_format))
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.denoiser_graphs.clear()
         return self

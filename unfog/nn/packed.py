@@ -116,9 +116,9 @@ class PackedLinear(nn.Linear):
 # and up in bfloat16 for 1,280 channels) is read from memory once either way, and oneDNN's matmul
 # streams it faster than its convolution at the few pixels of a U-Net's deep levels; on larger
 # maps the patch copy makes the 3×3 matmul lose. `python bench/packed_layers.py` times both,
-# alternately, on this machine (2-core Sapphire Rapids, bf16, batch 2); in three runs 1280→1280
-# 3×3 was 1.17–1.48× faster as a matmul at 4×4 and 8×8, while 1920→640 and 1280→640 3×3 were
-# 0.45–0.68× (slower) at 16×16 and 1920→640 0.52–0.59× at 32×32, where the U-Net used to run
+# alternately, on this machine (2-core Sapphire Rapids, bf16, batch 2); in two runs 1280→1280
+# 3×3 was 1.17–1.42× faster as a matmul at 4×4 and 8×8, while 1920→640 and 1280→640 3×3 were
+# 0.45–0.60× (slower) at 16×16 and 1920→640 0.52–0.59× at 32×32, where the U-Net used to run
 # them as matmuls. Narrower layers, 3×3 or 1×1, came out either way from run to run, so they
 # stay convolutions.
 MATMUL_MIN_CHANNELS = 1280
