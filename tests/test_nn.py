@@ -197,3 +197,52 @@ def test_the_unet_runs_its_pointwise_convolutions_as_matmuls(monkeypatch):
     with torch.no_grad():
         net(torch.randn(2, 4, 8, 8), torch.tensor([3.0, 500.0]), torch.randn(2, 5, 24))
     assert kernels and (1, 1) not in kernels
+
+
+def _kv_net():
+    torch.manual_seed(0)
+    return UNet(UNetConfig(in_channels=4, out_channels=4, block_channels=[16, 32], layers_per_block=1, attention_levels=[True, True], num_heads=2, context_dim=8, norm_groups=8)).eval()
+
+
+def test_cross_attention_keys_and_values_are_kept_for_one_generations_context():
+    """At inference the text context is the same at every step: each cross-attention layer
+    computes its keys and values once and reuses them, giving exactly the uncached output, and
+    computes them afresh when the context's values or the key/value weights change (in place
+    too, under inference mode, where tensors have no version counter)."""
+    import copy
+
+    net = _kv_net()
+    cross = [m for n, m in net.named_modules() if n.endswith("attn2")]
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 10.0])
+    ctx = torch.randn(2, 3, 8)
+
+    def fresh(c):  # a copy holds no kept values (copy.deepcopy drops them)
+        with torch.inference_mode():
+            return copy.deepcopy(net)(x, t, c)
+
+    calls = []
+    for m in cross:
+        m.to_k.register_forward_hook(lambda *a: calls.append(1))
+    with torch.inference_mode():
+        first = net(x, t, ctx)
+        n_first = len(calls)
+        assert n_first == len(cross) and all("_packed_kv" in m.__dict__ for m in cross)
+        again = net(x, t, ctx.clone())  # equal values in another tensor: the same generation
+        assert len(calls) == n_first and torch.equal(again, first)
+        assert torch.equal(first, fresh(ctx))
+        ctx.mul_(-1)  # changed in place: recomputed
+        before = len(calls)
+        changed = net(x, t, ctx)
+        assert len(calls) == before + n_first and torch.equal(changed, fresh(ctx))
+    with torch.no_grad():
+        cross[0].to_v.weight.mul_(2)  # a weight changed (with a version counter)
+    with torch.inference_mode():
+        assert torch.equal(net(x, t, ctx), fresh(ctx))
+
+
+def test_cross_attention_keeps_nothing_when_training():
+    net = _kv_net().train()
+    ctx = torch.randn(2, 3, 8, requires_grad=True)
+    net(torch.randn(2, 4, 8, 8), torch.tensor([10.0, 20.0]), ctx).square().mean().backward()
+    assert ctx.grad is not None and ctx.grad.abs().sum() > 0
+    assert not any("_packed_kv" in m.__dict__ for m in net.modules()) and "_packed_context" not in net.__dict__

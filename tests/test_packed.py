@@ -40,40 +40,48 @@ def test_packed_convolution_gives_the_plain_convolution(k, stride, pad):
         assert "_packed" in fast.__dict__
 
 
-@pytest.mark.parametrize("cin,k,size,as_matmul", [
-    (packed.MATMUL_MIN_CHANNELS, 3, (4, 5), True),  # a wide 3×3 layer on a deep level's few pixels
-    (packed.MATMUL_MIN_CHANNELS, 3, (16, 16), False),  # …but on a larger map, where the convolution is faster
-    (packed.MATMUL_MIN_CHANNELS // 2, 3, (4, 4), False),  # a narrower 3×3 layer never
-    (packed.MATMUL_MIN_CHANNELS, 1, (16, 16), True),  # a wide 1×1 layer at any size
-    (64, 1, (4, 4), False),  # a narrow one never
+WIDE = packed.MATMUL_MIN_CHANNELS
+SLOTS = {"conv": "_packed", "matmul": "_packed_matmul", "taps": "_packed_taps"}
+
+
+@pytest.mark.parametrize("cin,cout,k,size,route", [
+    (WIDE, 32, 3, (4, 4), "matmul"),  # a wide 3×3 layer on a deep level's few pixels: one im2col matmul
+    (WIDE, 32, 3, (4, 5), "taps"),  # …on a few more: one matmul per kernel tap
+    (WIDE, 32, 3, (8, 8), "taps"),
+    (WIDE, WIDE, 3, (16, 16), "taps"),  # as many outputs as inputs: taps up to 16×16
+    (WIDE, 32, 3, (16, 16), "conv"),  # …else oneDNN's convolution on a larger map
+    (WIDE // 2, 32, 3, (4, 4), "conv"),  # a narrower 3×3 layer never
+    (WIDE, 32, 1, (16, 16), "matmul"),  # a wide 1×1 layer at any size
+    (64, 32, 1, (4, 4), "conv"),  # a narrow one never
 ])
-def test_convolutions_run_as_matmuls_where_that_is_faster_within_bf16_rounding(cin, k, size, as_matmul):
-    plain, fast = conv_pair(cin, 32, k, padding=k // 2)
+def test_convolutions_take_the_faster_route_within_bf16_rounding(cin, cout, k, size, route):
+    plain, fast = conv_pair(cin, cout, k, padding=k // 2)
     x = torch.randn(2, cin, *size).to(bf16).contiguous(memory_format=torch.channels_last)
-    assert fast._as_matmul(x) is as_matmul
+    assert fast._route(x) == route
     with torch.inference_mode():
         got, want = fast(x), plain(x)
         exact = F.conv2d(x.float(), plain.weight.float(), plain.bias.float(), padding=k // 2)
     assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
-    assert ("_packed_matmul" in fast.__dict__) is as_matmul
-    if as_matmul:
-        assert rel(got, exact) < 1e-2 and rel(got, exact) < 2 * rel(want, exact) + 1e-3
-    else:
+    assert [slot for slot in SLOTS.values() if slot in fast.__dict__] == [SLOTS[route]]
+    if route == "conv":
         assert torch.equal(got, want)
+    else:  # another order of accumulation (and, for taps, a bf16 sum after each tap)
+        assert rel(got, exact) < 1e-2 and rel(got, exact) < 2 * rel(want, exact) + 1e-3
 
 
-def test_one_layer_serves_both_ways_at_different_sizes():
-    """A wide 3×3 layer meets a 16×16 map at one resolution and an 8×8 map at another: each way
-    keeps its own packed weight (the layouts differ), and both stay right after a change."""
-    cin = packed.MATMUL_MIN_CHANNELS
-    plain, fast = conv_pair(cin, 16, 3, padding=1)
-    small, large = (torch.randn(1, cin, s, s).to(bf16).contiguous(memory_format=torch.channels_last) for s in (8, 16))
+def test_one_layer_serves_every_route_at_different_sizes():
+    """A wide 3×3 layer meets a 16×16 map at one resolution, an 8×8 and a 4×4 one at others: each
+    route keeps its own packed weight (the layouts differ), and all stay right after a change."""
+    plain, fast = conv_pair(WIDE, 16, 3, padding=1)
+    tiny, small, large = (torch.randn(1, WIDE, s, s).to(bf16).contiguous(memory_format=torch.channels_last) for s in (4, 8, 16))
+    assert [fast._route(x) for x in (tiny, small, large)] == ["matmul", "taps", "conv"]
     for _ in range(2):
         with torch.inference_mode():
-            for x in (small, large, small):
+            for x in (small, large, tiny, small):
                 exact = F.conv2d(x.float(), plain.weight.float(), plain.bias.float(), padding=1)
                 assert rel(fast(x), exact) < 1e-2
             assert torch.equal(fast(large), plain(large))
+        assert all(slot in fast.__dict__ for slot in SLOTS.values())
         with torch.no_grad():
             for m in (plain, fast):
                 m.weight.mul_(-1)
@@ -164,3 +172,25 @@ def test_pipeline_loaded_under_inference_mode_generates(tiny_model_dir):
         fast = Pipeline.from_pretrained(tiny_model_dir).optimize(dtype=bf16)
         image = fast("a red circle", seed=2, num_inference_steps=3).images[0]
     assert image.size == (fast.defaults.width, fast.defaults.height) and "_packed" in fast.unet.conv_in.__dict__
+
+
+def test_a_used_packed_module_can_be_copied_and_saved(tmp_path):
+    """oneDNN's packed tensors can be neither copied nor pickled: a copy or a saved module drops
+    them and packs its own weights on first use (it used to raise NotImplementedError)."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 64).to(bf16)
+    packed.prepack(layer)
+    x = torch.randn(3, 64).to(bf16)
+    with torch.inference_mode():
+        want = layer(x)
+        assert "_packed" in layer.__dict__
+    twin = copy.deepcopy(layer)
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    with torch.no_grad():
+        twin.weight.mul_(-1)  # the copy has its own weights: its packed copy must follow them
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), want) and "_packed" in loaded.__dict__
+        assert rel(twin(x), F.linear(x.float(), -layer.weight.float(), layer.bias.float())) < 1e-2

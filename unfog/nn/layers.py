@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,25 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
+# Text contexts whose cross-attention keys and values each layer may keep: the U-Net's own
+# converted copy of one generation's context, which nothing changes in place (UNet._context).
+# Held by id with a weak reference (a WeakSet would compare tensors with ==, elementwise).
+_SHARED_CONTEXTS: dict[int, weakref.ref] = {}
+
+
+def share_context(context: torch.Tensor) -> torch.Tensor:
+    """Mark `context` as fixed for as long as it lives, so that cross-attention layers compute its
+    keys and values once and reuse them on every later call with this same tensor."""
+    i = id(context)
+    _SHARED_CONTEXTS[i] = weakref.ref(context, lambda _: _SHARED_CONTEXTS.pop(i, None))
+    return context
+
+
+def _is_shared(context: torch.Tensor) -> bool:
+    ref = _SHARED_CONTEXTS.get(id(context))
+    return ref is not None and ref() is context
+
+
 class Attention(nn.Module):
     """Multi-head attention on scaled_dot_product_attention; cross-attention when
     `context_dim` is given (keys and values come from the context)."""
@@ -132,12 +152,29 @@ class Attention(nn.Module):
             qkv = packed.linear(self, "_packed_qkv", x, self.qkv_weight, self.qkv_bias).view(b, -1, 3, self.heads, inner // self.heads)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            q, k, v = (
-                p(inp).view(b, -1, self.heads, p.out_features // self.heads).transpose(1, 2)
-                for p, inp in ((self.to_q, x), (self.to_k, ctx), (self.to_v, ctx))
-            )
+            q = self._heads(self.to_q, x)
+            k, v = self._context_kv(context) if context is not None else (self._heads(self.to_k, x), self._heads(self.to_v, x))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, -1, self.to_out.in_features))
+
+
+    def _heads(self, proj: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+        return proj(inp).view(inp.shape[0], -1, self.heads, proj.out_features // self.heads).transpose(1, 2)
+
+    def _context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention's keys and values. For a shared context (`share_context`: the same
+        text at every step of a generation) they are kept on the layer and reused while the
+        context and the key and value weights stay the same, outside autograd and unless an
+        unfused adapter changes the projections; the kept copy is dropped by `packed.forget`."""
+        if (torch.is_grad_enabled() or torch.compiler.is_compiling() or not _is_shared(context)
+                or any(getattr(p, "active", False) for p in (self.to_k, self.to_v))):
+            return self._heads(self.to_k, context), self._heads(self.to_v, context)
+        key = (packed._key(context), packed._key(self.to_k.weight), packed._key(self.to_v.weight))
+        held = self.__dict__.get("_packed_kv")
+        if held is None or held[0] != key:
+            held = packed.Held((key, self._heads(self.to_k, context), self._heads(self.to_v, context)))
+            self.__dict__["_packed_kv"] = held  # a plain attribute, never saved, moved or copied
+        return held[1], held[2]
 
 
 class GEGLU(nn.Module):

@@ -35,14 +35,43 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+class _Same:
+    """A weak reference that equals another only when both point to the same live tensor (a
+    plain weakref.ref compares its referents with ==, which for two tensors is elementwise)."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.ref = weakref.ref(tensor)
+
+    def __eq__(self, other) -> bool:
+        mine = self.ref()
+        return isinstance(other, _Same) and mine is not None and mine is other.ref()
+
+    __hash__ = None
+
+
 def _key(weight: torch.Tensor):
     """What identifies the weight's current values: the tensor, its storage and its version counter.
     A tensor made under torch.inference_mode has no version counter (and asking raises, which is
     checked first: a C++ exception inside the sampler's greenlet crashed a whole-image run), so it
     is keyed without one: such weights can only change in place under inference mode, and unfog's
     own in-place changes (fusing a LoRA) call `forget`."""
-    ref = (weakref.ref(weight), weight.data_ptr(), weight.dtype, tuple(weight.shape))
+    ref = (_Same(weight), weight.data_ptr(), weight.dtype, tuple(weight.shape))
     return ref if weight.is_inference() else (*ref, weight._version)
+
+
+class Held(tuple):
+    """A value derived from a module's weights and kept on it as a plain attribute (a `_packed…`
+    slot): (key, value…). A copy or a pickle of the module drops it (it comes back as None and is
+    made again on use): oneDNN's packed tensors can be neither copied nor saved, and a copy's
+    weights are other tensors anyway."""
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (type(None), ())
 
 
 def forget(module: nn.Module) -> None:
@@ -66,7 +95,7 @@ def _cached(owner: nn.Module, slot: str, weight: torch.Tensor, pack):
     entry = owner.__dict__.get(slot)
     if entry is None or entry[0] != key:
         with torch.inference_mode(False), torch.no_grad():
-            entry = (key, pack())
+            entry = Held((key, pack()))
         owner.__dict__[slot] = entry  # a plain attribute: not a buffer, so never saved or moved
     return entry[1]
 
@@ -110,42 +139,69 @@ class PackedLinear(nn.Linear):
         return linear(self, "_packed", x, self.weight, self.bias)
 
 
-# A convolution with at least MATMUL_MIN_CHANNELS input channels runs as one packed matmul: a
-# 1×1 one as pixels × channels times the weight (no copy for a channels_last input), a 3×3 one
-# over the image's patches (im2col) on maps of at most MATMUL_MAX_PIXELS pixels. Its weight (29 MB
-# and up in bfloat16 for 1,280 channels) is read from memory once either way, and oneDNN's matmul
-# streams it faster than its convolution at the few pixels of a U-Net's deep levels; on larger
-# maps the patch copy makes the 3×3 matmul lose. `python bench/packed_layers.py` times both,
-# alternately, on this machine (2-core Sapphire Rapids, bf16, batch 2); in two runs 1280→1280
-# 3×3 was 1.17–1.42× faster as a matmul at 4×4 and 8×8, while 1920→640 and 1280→640 3×3 were
-# 0.45–0.60× (slower) at 16×16 and 1920→640 0.52–0.59× at 32×32, where the U-Net used to run
-# them as matmuls. Narrower layers, 3×3 or 1×1, came out either way from run to run, so they
-# stay convolutions.
+# A convolution with at least MATMUL_MIN_CHANNELS input channels may run as packed matmuls
+# (`PackedConv2d._route`):
+# - a 1×1 one as one matmul, pixels × channels times the weight (no copy for a channels_last input);
+# - a 3×3 one on a map of at most MATMUL_MAX_PIXELS pixels as one matmul over the image's patches
+#   (im2col, "matmul");
+# - a 3×3 one on a map of at most TAPS_MAX_PIXELS pixels, or of at most TAPS_SQUARE_MAX_PIXELS when
+#   it has as many output channels as input ones, as nine matmuls, one per kernel tap, each adding
+#   into the last one's output inside oneDNN (a sum post-op: "taps"). Each tap reads only the
+#   shifted input (pixels × channels, which stays in the core's cache) and its slice of the weight,
+#   where one im2col matmul rereads a patch matrix nine times wider, and oneDNN's own convolution
+#   picks a slow blocking for 1,280 output channels on such maps.
+# Each route keeps its own packed weight (their layouts differ). `python bench/packed_layers.py`
+# times the routes against each other, alternately, on this machine (2-core Sapphire Rapids, bf16,
+# batch 2); the thresholds are where its winner changed, listed there. Narrower layers, 3×3 or 1×1,
+# came out either way from run to run, so they stay convolutions.
 MATMUL_MIN_CHANNELS = 1280
-MATMUL_MAX_PIXELS = 144
+MATMUL_MAX_PIXELS = 16
+TAPS_MAX_PIXELS = 64
+TAPS_SQUARE_MAX_PIXELS = 256
 
 
 class PackedConv2d(nn.Conv2d):
-    def _as_matmul(self, x: torch.Tensor) -> bool:
+    def _route(self, x: torch.Tensor) -> str:
+        """How this layer runs on x: "conv" (oneDNN's convolution), "matmul" or "taps" (see above)."""
         if self.groups != 1 or self.stride != (1, 1) or self.dilation != (1, 1) or self.in_channels < MATMUL_MIN_CHANNELS:
-            return False
+            return "conv"
         if self.kernel_size == (1, 1):
-            return self.padding == (0, 0)
-        return self.kernel_size == (3, 3) and self.padding == (1, 1) and x.shape[-2] * x.shape[-1] <= MATMUL_MAX_PIXELS
+            return "matmul" if self.padding == (0, 0) else "conv"
+        if self.kernel_size != (3, 3) or self.padding != (1, 1):
+            return "conv"
+        pixels = x.shape[-2] * x.shape[-1]
+        if pixels <= MATMUL_MAX_PIXELS:
+            return "matmul"
+        if pixels <= TAPS_MAX_PIXELS or (pixels <= TAPS_SQUARE_MAX_PIXELS and self.out_channels >= self.in_channels):
+            return "taps"
+        return "conv"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if self.padding_mode == "zeros" and isinstance(self.padding, tuple) and x.dim() == 4 and _usable(x, w):
-            if self._as_matmul(x):
+            route = self._route(x)
+            n, _, h, wd = x.shape
+            if route == "matmul":
                 # weight as [out, kh·kw·in], patches as [pixels, kh·kw·in], both in (kh, kw, in) order
                 packed = _cached(self, "_packed_matmul", w, lambda: torch.ops.mkldnn._reorder_linear_weight(w.detach().permute(0, 2, 3, 1).reshape(w.shape[0], -1), None))
                 if packed is not None:
-                    n, _, h, wd = x.shape
                     xh = x.permute(0, 2, 3, 1)  # NHWC: free for a channels_last input
                     if self.kernel_size == (3, 3):
                         xh = F.pad(xh, (0, 0, 1, 1, 1, 1)).unfold(1, 3, 1).unfold(2, 3, 1).permute(0, 1, 2, 4, 5, 3)
                     y = torch.ops.mkldnn._linear_pointwise(xh.reshape(n * h * wd, -1), packed, self.bias, "none", [], "")
                     return y.view(n, h, wd, -1).permute(0, 3, 1, 2)  # channels_last, as the convolution gives
+            elif route == "taps":
+                packed = _cached(self, "_packed_taps", w, lambda: [torch.ops.mkldnn._reorder_linear_weight(w.detach()[:, :, i, j].contiguous(), None)
+                                                                   for i in range(3) for j in range(3)])
+                if packed is not None:
+                    xh = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # NHWC, zero-padded
+                    y = None
+                    for k, wk in enumerate(packed):
+                        i, j = divmod(k, 3)
+                        tap = xh[:, i:i + h, j:j + wd].reshape(n * h * wd, -1)
+                        y = (torch.ops.mkldnn._linear_pointwise(tap, wk, self.bias, "none", [], "") if y is None
+                             else torch.ops.mkldnn._linear_pointwise.binary(tap, y, wk, None, "add"))
+                    return y.view(n, h, wd, -1).permute(0, 3, 1, 2)
             else:
                 args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
                 packed = _cached(self, "_packed", w, lambda: torch.ops.mkldnn._reorder_convolution_weight(w.detach(), *args, list(x.shape)))

@@ -19,7 +19,8 @@ from torch import nn
 
 from ..errors import UnfogError
 from .checks import check_ints, check_number
-from .layers import Downsample, ResBlock, SpatialTransformer, TimestepMLP, Upsample, timestep_embedding
+from . import packed
+from .layers import Downsample, ResBlock, SpatialTransformer, TimestepMLP, Upsample, share_context, timestep_embedding
 
 
 def _per_level(value, levels: int, name: str) -> list:
@@ -198,7 +199,7 @@ class UNet(nn.Module):
             emb = emb + self.add_embedding(self.added_conditioning(pooled, time_ids).to(x.dtype))
         elif pooled is not None or time_ids is not None:
             raise UnfogError("this U-Net takes no pooled text embedding or micro-conditioning (it is not an SDXL U-Net)")
-        context = context.to(x.dtype)
+        context = self._context(context, x.dtype)
 
         h = self.conv_in(x)
         skips = [h]
@@ -240,6 +241,22 @@ class UNet(nn.Module):
         if cache is not None:
             cache.calls += 1
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _context(self, context: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The text context in the network's dtype. At inference on a CPU, the converted copy is
+        kept and handed out again while the caller passes equal values (every step of one
+        generation), and is shared (layers.share_context): each cross-attention layer computes
+        its keys and values from it once per generation rather than once per step. Equality is
+        checked by value on every call (a few microseconds), so a context changed in place, or
+        another prompt in the same buffer, is converted afresh."""
+        if torch.is_grad_enabled() or context.device.type != "cpu" or torch.compiler.is_compiling():
+            return context.to(dtype)
+        held = self.__dict__.get("_packed_context")
+        if held is not None and held[0].shape == context.shape and held[0].dtype == context.dtype and torch.equal(held[0], context):
+            return held[1]
+        converted = share_context(context.to(dtype, copy=True))
+        self.__dict__["_packed_context"] = packed.Held((context.clone(), converted))  # a plain attribute, never saved, moved or copied
+        return converted
 
     def added_conditioning(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> torch.Tensor:
         """[pooled, sinusoidal embedding of each micro-conditioning number], the add_embedding's input."""
