@@ -6,8 +6,9 @@ Needs `pip install openvino==2026.4.0` (bench-only). The SD 1.5 U-Net with rando
 batch of 2, in bf16 on both sides (as bench/cpu_openvino.py builds them). Each round times one
 OpenVINO call with its per-layer counters on (`PERF_COUNT`) and one unfog call under
 torch.profiler, and sums the time by kind of layer: convolutions (unfog's wide 3×3 convolutions
-run as matmuls are counted here, by their weight's shape; its wide 1×1 ones run as matmuls count
-as "linear", where OpenVINO counts them as convolutions, so compare the two kinds' sum), other
+run as one matmul over image patches are counted here, by their weight's shape; those run as one
+matmul per kernel tap, and its wide 1×1 ones, count as "linear", where OpenVINO counts them as
+convolutions, so compare the two kinds' sum), other
 matmuls ("linear": OpenVINO's FullyConnected), attention (OpenVINO's fused Subgraph; unfog's scaled_dot_product_attention),
 normalisation, and everything else. Both profilers add their own overhead to the wall time.
 
