@@ -157,7 +157,6 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, -1, self.to_out.in_features))
 
-
     def _heads(self, proj: nn.Module, inp: torch.Tensor) -> torch.Tensor:
         return proj(inp).view(inp.shape[0], -1, self.heads, proj.out_features // self.heads).transpose(1, 2)
 
