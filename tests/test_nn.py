@@ -204,11 +204,11 @@ def _kv_net():
     return UNet(UNetConfig(in_channels=4, out_channels=4, block_channels=[16, 32], layers_per_block=1, attention_levels=[True, True], num_heads=2, context_dim=8, norm_groups=8)).eval()
 
 
-def test_cross_attention_keys_and_values_are_kept_for_one_generations_context():
+def test_cross_attention_keys_and_values_are_kept_for_one_generations_context(monkeypatch):
     """At inference the text context is the same at every step: each cross-attention layer
     computes its keys and values once and reuses them, giving exactly the uncached output, and
-    computes them afresh when the context's values or the key/value weights change (in place
-    too, under inference mode, where tensors have no version counter)."""
+    computes them afresh when the context's values (changed in place) or the key/value weights
+    change."""
     import copy
 
     net = _kv_net()
@@ -220,9 +220,17 @@ def test_cross_attention_keys_and_values_are_kept_for_one_generations_context():
         with torch.inference_mode():
             return copy.deepcopy(net)(x, t, c)
 
+    from unfog.nn.layers import Attention
+
     calls = []
-    for m in cross:
-        m.to_k.register_forward_hook(lambda *a: calls.append(1))
+    heads = Attention._heads
+
+    def counted(self, proj, inp):  # counts key projections of cross-attention (a hook would turn keeping off)
+        if self in cross and proj is self.to_k:
+            calls.append(1)
+        return heads(self, proj, inp)
+
+    monkeypatch.setattr(Attention, "_heads", counted)
     with torch.inference_mode():
         first = net(x, t, ctx)
         n_first = len(calls)
@@ -246,3 +254,60 @@ def test_cross_attention_keeps_nothing_when_training():
     net(torch.randn(2, 4, 8, 8), torch.tensor([10.0, 20.0]), ctx).square().mean().backward()
     assert ctx.grad is not None and ctx.grad.abs().sum() > 0
     assert not any("_packed_kv" in m.__dict__ for m in net.modules()) and "_packed_context" not in net.__dict__
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_kept_cross_attention_values_follow_dtype_inference_weights_and_tracing():
+    """What keeps keys and values must not outlive what they were made from: the network's dtype
+    (optimize() after a first image), weights made under inference mode and loaded over in place
+    (no version counter), and a torch.jit trace (which would bake one prompt's values in)."""
+    import copy
+
+    net, other = _kv_net(), _kv_net()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 10.0]), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        net(x, t, ctx)
+        half = copy.deepcopy(net).to(torch.bfloat16)
+        net.to(torch.bfloat16)
+        assert torch.equal(net(x.bfloat16(), t, ctx), half(x.bfloat16(), t, ctx))
+    with torch.inference_mode():
+        made = copy.deepcopy(other)
+        frozen = _kv_net()  # parameters made under inference mode
+        assert frozen.conv_in.weight.is_inference()
+        frozen(x, t, ctx)
+        frozen.load_state_dict(made.state_dict())
+        assert torch.equal(frozen(x, t, ctx), made(x, t, ctx))
+    net = _kv_net()
+    with torch.no_grad():
+        net(x, t, ctx)
+        traced = torch.jit.trace(net, (x, t, ctx), check_trace=False)
+        other_ctx = torch.randn(2, 3, 8)
+        assert torch.equal(traced(x, t, other_ctx), net(x, t, other_ctx))
+
+
+def test_a_generation_leaves_no_kept_cross_attention_values(tiny_pipe, monkeypatch):
+    """Kept for one generation only (SDXL's come to tens of MB), and used during it."""
+    from unfog.nn.layers import Attention
+
+    kept = []
+    keeps = Attention._keeps_kv
+    monkeypatch.setattr(Attention, "_keeps_kv", lambda self, c: kept.append(keeps(self, c)) or kept[-1])
+    tiny_pipe("a red circle", num_inference_steps=2, seed=0)
+    assert kept and all(kept)
+    assert not any("_packed_kv" in m.__dict__ for m in tiny_pipe.unet.modules()) and "_packed_context" not in tiny_pipe.unet.__dict__
+
+
+def test_a_hook_on_a_key_projection_sees_every_call():
+    """Attention-editing tools hook the projections and may change their output per step: with
+    a hook there, keys and values are computed on every call."""
+    net = _kv_net()
+    seen = []
+    next(m for n, m in net.named_modules() if n.endswith("attn2")).to_k.register_forward_hook(lambda *a: seen.append(1))
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 10.0]), torch.randn(2, 3, 8)
+    with torch.inference_mode():
+        net(x, t, ctx)
+        net(x, t, ctx)
+    assert len(seen) == 2

@@ -366,6 +366,7 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
                                          callback=state.keep_known, **request.sampler_options)
         finally:
             self.unet.deep_cache = None
+            self.unet.release_context()  # the text context's kept cross-attention keys and values
             for hook in hooks:
                 hook.remove()
         if not torch.isfinite(state.x).all():  # one check at the end: per step it would stall the GPU every step

@@ -144,7 +144,6 @@ class Attention(nn.Module):
         self.register_buffer("qkv_bias", torch.cat(biases).detach() if biases[0] is not None else None, persistent=False)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        ctx = x if context is None else context
         b = x.shape[0]
         # The fused copy is the plain weights: not while an unfused LoRA adapter changes q, k or v.
         if context is None and getattr(self, "qkv_weight", None) is not None and not any(getattr(p, "active", False) for p in (self.to_q, self.to_k, self.to_v)):
@@ -163,10 +162,9 @@ class Attention(nn.Module):
     def _context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention's keys and values. For a shared context (`share_context`: the same
         text at every step of a generation) they are kept on the layer and reused while the
-        context and the key and value weights stay the same, outside autograd and unless an
-        unfused adapter changes the projections; the kept copy is dropped by `packed.forget`."""
-        if (torch.is_grad_enabled() or torch.compiler.is_compiling() or not _is_shared(context)
-                or any(getattr(p, "active", False) for p in (self.to_k, self.to_v))):
+        context and the key and value weights stay the same (see `_keeps_kv` for when); the
+        kept copy is dropped by `UNet.release_context` and `packed.forget`."""
+        if not self._keeps_kv(context):
             return self._heads(self.to_k, context), self._heads(self.to_v, context)
         key = (packed._key(context), packed._key(self.to_k.weight), packed._key(self.to_v.weight))
         held = self.__dict__.get("_packed_kv")
@@ -174,6 +172,21 @@ class Attention(nn.Module):
             held = packed.Held((key, self._heads(self.to_k, context), self._heads(self.to_v, context)))
             self.__dict__["_packed_kv"] = held  # a plain attribute, never saved, moved or copied
         return held[1], held[2]
+
+    def _keeps_kv(self, context: torch.Tensor) -> bool:
+        """Whether keys and values for `context` may be kept: not under autograd, torch.compile
+        or tracing (a trace would bake them in); not while an unfused adapter or a hook can change
+        what to_k or to_v give; and not for weights made under inference mode (no version counter
+        shows an in-place change) unless optimize() packed them, where `packed.forget` is the
+        contract for in-place changes."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing() or not _is_shared(context):
+            return False
+        for proj in (self.to_k, self.to_v):
+            if getattr(proj, "active", False) or proj._forward_hooks or proj._forward_pre_hooks:
+                return False
+            if proj.weight.is_inference() and type(proj) is not packed.PackedLinear:
+                return False
+        return True
 
 
 class GEGLU(nn.Module):

@@ -6,7 +6,7 @@ a convolution's time at 32×32 feature maps and half of it at 4×4 (bench/packed
 `nn.Conv2d` and `nn.Linear` inside into a `PackedConv2d` / `PackedLinear` (same parameters, same
 state dict, still instances of the torch classes), whose forward reorders the weight once and
 reuses it. A packed convolution's output is bit-identical to the plain call's (the same oneDNN
-kernel; tested); a packed linear layer, a convolution run as a matmul (`PackedConv2d._as_matmul`)
+kernel; tested); a packed linear layer, a convolution run as matmuls (`PackedConv2d._route`)
 and the fused GEGLU (`geglu`) accumulate in another order and differ by bfloat16 rounding. The
 packed copy is used only when it applies:
 
@@ -145,7 +145,7 @@ class PackedLinear(nn.Linear):
 # - a 3×3 one on a map of at most MATMUL_MAX_PIXELS pixels as one matmul over the image's patches
 #   (im2col, "matmul");
 # - a 3×3 one on a map of at most TAPS_MAX_PIXELS pixels, or of at most TAPS_SQUARE_MAX_PIXELS when
-#   it has as many output channels as input ones, as nine matmuls, one per kernel tap, each adding
+#   it has at least as many output channels as input ones, as nine matmuls, one per kernel tap, each adding
 #   into the last one's output inside oneDNN (a sum post-op: "taps"). Each tap reads only the
 #   shifted input (pixels × channels, which stays in the core's cache) and its slice of the weight,
 #   where one im2col matmul rereads a patch matrix nine times wider, and oneDNN's own convolution

@@ -244,19 +244,28 @@ class UNet(nn.Module):
 
     def _context(self, context: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The text context in the network's dtype. At inference on a CPU, the converted copy is
-        kept and handed out again while the caller passes equal values (every step of one
-        generation), and is shared (layers.share_context): each cross-attention layer computes
-        its keys and values from it once per generation rather than once per step. Equality is
-        checked by value on every call (a few microseconds), so a context changed in place, or
-        another prompt in the same buffer, is converted afresh."""
-        if torch.is_grad_enabled() or context.device.type != "cpu" or torch.compiler.is_compiling():
+        kept and handed out again while the caller passes equal values for the same dtype (every
+        step of one generation), and is shared (layers.share_context): each cross-attention layer
+        computes its keys and values from it once per generation rather than once per step.
+        Equality is checked by value on every call (a few microseconds), so a context changed in
+        place, or another prompt in the same buffer, is converted afresh. `release_context` drops
+        what is kept (the pipeline calls it when a generation ends)."""
+        if torch.is_grad_enabled() or context.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return context.to(dtype)
         held = self.__dict__.get("_packed_context")
-        if held is not None and held[0].shape == context.shape and held[0].dtype == context.dtype and torch.equal(held[0], context):
+        if (held is not None and held[1].dtype == dtype and held[0].shape == context.shape and held[0].dtype == context.dtype
+                and torch.equal(held[0], context)):
             return held[1]
         converted = share_context(context.to(dtype, copy=True))
         self.__dict__["_packed_context"] = packed.Held((context.clone(), converted))  # a plain attribute, never saved, moved or copied
         return converted
+
+    def release_context(self) -> None:
+        """Drop the kept text context and every cross-attention layer's keys and values for it
+        (tens of MB for SDXL), e.g. when a generation ends."""
+        for m in self.modules():
+            m.__dict__.pop("_packed_kv", None)
+        self.__dict__.pop("_packed_context", None)
 
     def added_conditioning(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> torch.Tensor:
         """[pooled, sinusoidal embedding of each micro-conditioning number], the add_embedding's input."""
