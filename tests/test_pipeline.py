@@ -197,6 +197,25 @@ def test_half_precision_decode_overflow_falls_back_to_float32(tiny_model_dir):
     assert next(pipe.vae.parameters()).dtype == torch.float16  # the fast dtype is kept for next time
 
 
+def test_a_batch_is_decoded_a_few_images_at_a_time(tiny_model_dir, monkeypatch):
+    """Eight large images decoded as one batch held every image's full-size activations at once;
+    the decode now takes at most DECODE_PIXELS output pixels per autoencoder call."""
+    import unfog.pipeline as pipeline_module
+
+    pipe = Pipeline.from_pretrained(tiny_model_dir)
+    z = torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    whole = [pixels(im) for im in pipe.decode(z)]
+    batches = []
+    hook = pipe.vae.decoder.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    monkeypatch.setattr(pipeline_module, "DECODE_PIXELS", 2 * 32 * 32)  # two 32×32 images per call
+    try:
+        parts = [pixels(im) for im in pipe.decode(z)]
+    finally:
+        hook.remove()
+    assert batches == [2, 2, 1]
+    assert all(np.abs(a - b).max() <= 1 for a, b in zip(whole, parts))
+
+
 def test_tiled_decode_matches_whole_decode(tiny_model_dir):
     pipe = Pipeline.from_pretrained(tiny_model_dir)
     z = torch.randn(1, 4, 40, 56, generator=torch.Generator().manual_seed(1))
@@ -223,10 +242,14 @@ def test_optimize_with_compile_matches_eager(tiny_model_dir):
 def test_should_stop_interrupts_within_one_unet_call(tiny_pipe):
     from unfog.pipeline import Interrupted
 
-    asked = []
+    from unfog.nn.layers import ResBlock, TransformerBlock
+
+    asked, checked = [], []
 
     def should_stop():
         asked.append(1)
+        if len(asked) == 1:
+            checked.extend(bool(m._forward_pre_hooks) for m in tiny_pipe.unet.modules() if isinstance(m, (ResBlock, TransformerBlock)))
         return len(asked) > 2  # a stop request arrives during the first U-Net call
 
     blocks = []
@@ -240,6 +263,9 @@ def test_should_stop_interrupts_within_one_unet_call(tiny_pipe):
     finally:
         hook.remove()
     assert blocks == []  # stopped before the first call reached the middle block
+    # Asked before every transformer block too, not only the residual ones (one attention layer
+    # at 1024² can take seconds on a CPU).
+    assert checked and all(checked)
     assert not tiny_pipe.unet.down_blocks[0].resnets[0]._forward_pre_hooks  # the checks are removed afterwards
     assert tiny_pipe("a red circle", seed=0).images  # and the pipeline still works
 

@@ -45,6 +45,30 @@ def test_lora_tags_are_taken_out():
         extract_loras("<lora:x:abc>")
 
 
+@pytest.mark.parametrize("prompt", ["(a:" + "9" * 400 + ")", "(" * 999 + "a", "(a:-5000)", "x (((b:900)))"])
+def test_emphasis_beyond_the_bound_is_refused_naming_the_field(prompt):
+    """1.1 to the power of 999 brackets, or a 400-digit weight, made the text states infinite and
+    the job ended in NaN latents; now it is refused before anything runs."""
+    with pytest.raises(UnfogError, match="emphasis weight") as e:
+        parse_attention(prompt, "negative_prompt")
+    assert e.value.field == "negative_prompt"
+    assert parse_attention("(a:1000) ((b:-900))") == [("a", 1000.0), (" ", 1.0), ("b", -900 * 1.1)]
+
+
+def test_request_checks_emphasis_and_lora_names_up_front(tiny_pipe, tmp_path):
+    with pytest.raises(UnfogError, match="emphasis weight") as e:
+        tiny_pipe.request("a", negative_prompt="(" * 300 + "b", prompt_syntax="a1111")
+    assert e.value.field == "negative_prompt"
+    with pytest.raises(UnfogError, match="not a number") as e:
+        tiny_pipe.request("a", negative_prompt="<lora:x:abc>", prompt_syntax="a1111")
+    assert e.value.field == "negative_prompt"
+    # A name too long for the filesystem raised OSError (a 500 in the server) from the file check.
+    with pytest.raises(UnfogError, match="….safetensors in") as e:
+        tiny_pipe.request("a <lora:" + "n" * 300 + ":1>", prompt_syntax="a1111", lora_dir=str(tmp_path))
+    assert e.value.field == "prompt" and len(str(e.value)) < 300
+    assert tiny_pipe.request("(a:1.5) [b]", negative_prompt="((c))", prompt_syntax="a1111").prompts == ["(a:1.5) [b]"]
+
+
 @pytest.fixture(scope="module")
 def clip_tok(tmp_path_factory):
     from clip_bytes import write_tiny_clip_vocab

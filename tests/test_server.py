@@ -315,11 +315,11 @@ def test_a_request_with_too_much_total_work_is_refused(api):
     assert api.post("/v1/jobs", json={"prompt": "a", "width": 64, "height": 64, "steps": 50}).status_code == 202
 
 
-def test_event_streams_are_capped_per_client_and_freed_on_close(pipe):
+def test_event_streams_are_capped_per_job_and_freed_on_close(pipe):
     """Raw ASGI, so that a stream can stay open while another is asked for."""
     import asyncio
 
-    app = create_app(pipe, ServerSettings(max_streams_per_client=1), model_name="tiny")
+    app = create_app(pipe, ServerSettings(max_streams_per_job=1), model_name="tiny")
     jobs = app.state.jobs
     job, _ = jobs.submit(pipe.request("a red circle", num_inference_steps=150, seed=0), {"steps": 150})
 
@@ -370,3 +370,130 @@ def test_event_streams_are_capped_per_client_and_freed_on_close(pipe):
     finally:
         jobs.cancel(job.id)
         jobs.wait(job, 30)
+
+
+def test_unknown_paths_and_methods_answer_in_the_api_error_shape(api):
+    r = api.get("/v1/nope")
+    assert r.status_code == 404 and set(r.json()) == {"error", "field", "allowed"}
+    r = api.put("/v1/health")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_an_origin_must_match_scheme_and_host(api):
+    assert api.get("/v1/health", headers={"origin": "evil://127.0.0.1:7860"}).status_code == 403
+    assert api.get("/v1/health", headers={"origin": "https://127.0.0.1:7860"}).status_code == 200
+
+
+def test_a_batch_too_many_pixels_in_all_is_refused(pipe):
+    with client(pipe, max_batch_pixels=3 * 32 * 32) as c:
+        r = c.post("/v1/jobs", json={"prompt": "a", "width": 32, "height": 32, "num_images": 4, "steps": 2})
+        assert r.status_code == 422 and r.json()["field"] == "num_images" and r.json()["allowed"] == {"max_batch_pixels": 3072}
+        assert c.post("/v1/jobs", json={"prompt": "a", "width": 32, "height": 32, "num_images": 3, "steps": 2}).status_code == 202
+
+
+def _raw_post(app, receive):
+    """POST /v1/jobs through the app with a hand-made `receive`: (status, body)."""
+    import asyncio
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/v1/jobs",
+             "raw_path": b"/v1/jobs", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"127.0.0.1:7860"), (b"content-type", b"application/json"), (b"content-length", b"100")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 7860)}
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+def test_a_body_that_stalls_is_refused_after_the_body_timeout(pipe):
+    import asyncio
+
+    app = create_app(pipe, ServerSettings(body_timeout_s=0.5), model_name="tiny")
+    parts = iter([{"type": "http.request", "body": b'{"prompt": ', "more_body": True}])
+
+    async def receive():
+        try:
+            return next(parts)
+        except StopIteration:
+            await asyncio.sleep(3600)  # the rest never comes
+
+    start = time.time()
+    status, body = _raw_post(app, receive)
+    assert status == 408 and "did not arrive within 0.5 s" in body["error"] and time.time() - start < 10
+
+
+def test_a_client_that_leaves_mid_body_gets_a_quiet_400(pipe, caplog):
+    app = create_app(pipe, ServerSettings(), model_name="tiny")
+    parts = iter([{"type": "http.request", "body": b'{"pr', "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(parts)
+
+    status, body = _raw_post(app, receive)
+    assert status == 400 and "disconnected" in body["error"]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_a_preview_decodes_a_small_latent_whatever_the_image_size():
+    """A 2048² job decoded its full-size x0 estimate every two steps just to show a 128-px thumbnail."""
+    import torch
+
+    from unfog.server.jobs import progress_event
+
+    class Pipe:
+        shapes = []
+
+        def decode(self, x):
+            self.shapes.append(tuple(x.shape))
+            return [Image.new("RGB", (x.shape[-1] * 8, x.shape[-2] * 8))]
+
+    pipe = Pipe()
+    event = progress_event(pipe, 1, torch.randn(2, 4, 256, 192), total=10, preview_every=2)
+    assert event["preview"].startswith("data:image/png;base64,")
+    assert pipe.shapes == [(1, 4, 32, 24)]
+    progress_event(pipe, 1, torch.randn(1, 4, 16, 8), total=10, preview_every=2)
+    assert pipe.shapes[-1] == (1, 4, 16, 8)  # small latents are decoded as they are
+
+
+def test_the_server_bounds_request_headers(pipe):
+    """uvicorn's default parser (httptools) took endless headers and grew the server's memory;
+    with server_options it closes such a connection, and keeps serving others."""
+    import socket
+    import urllib.request
+
+    uvicorn = pytest.importorskip("uvicorn")
+    from unfog.server import server_options
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = ServerSettings(port=port)
+    server = uvicorn.Server(uvicorn.Config(create_app(pipe, settings, model_name="tiny"), host="127.0.0.1", port=port, log_level="warning",
+                                           **server_options(settings)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.05)
+        sent = 0
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            try:
+                for i in range(64):  # 64 MB if nothing stops it
+                    s.sendall(b"X-%d: " % i + b"a" * 1_000_000 + b"\r\n")
+                    sent += 1
+                reply = s.recv(100)
+            except OSError:  # closed on us mid-send
+                reply = b""
+        assert sent < 8 and (reply == b"" or reply.startswith(b"HTTP/1.1 4")), (sent, reply)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)

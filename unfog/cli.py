@@ -332,7 +332,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from .server import ServerSettings, create_app
+        from .server import ServerSettings, create_app, server_options
     except ImportError as e:
         raise UnfogError(f"the server needs the serve extra ({e.name} is missing): pip install 'unfog[serve]'") from None
     from .pipeline import Pipeline
@@ -366,7 +366,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             print(f"warmed up {f'{w}x{h}' if h else 'the default size'} in {s:.1f} s", file=sys.stderr, flush=True)
     app = create_app(pipe, settings, model_name=Path(args.model).name if args.model else "unfog-default")
     print(f"unfog serving on http://{args.host}:{args.port}/  (API docs at /docs)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **server_options(settings))
 
 
 def _serve_ray(args: argparse.Namespace, settings) -> None:

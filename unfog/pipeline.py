@@ -33,6 +33,7 @@ from .formats import ModelParts, load_any, save_model
 from .graphs import DenoiserGraph
 from .images import from_pil, mask_from_pil, resized, to_pil
 from .nn import Autoencoder, TextEncoder, Tokenizer, UNet
+from .nn.layers import ResBlock, TransformerBlock
 from .nn.packed import prepack
 from .nn.unet import DeepCache
 from .offload import LowMemoryMixin
@@ -105,6 +106,11 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# The most output pixels one autoencoder call decodes (Pipeline.decode): four 512² images; its
+# activations at full resolution are what grows (about 1 GB per megapixel in float32).
+DECODE_PIXELS = 1 << 20
 
 
 class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
@@ -340,9 +346,10 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         """Step 3: run the request's sampler from `state`, yielding each step (index, state,
         x_0 estimate); when it is exhausted, `state.x` holds the final latents. Stopping the
         iteration early (closing the generator) stops the sampler at its next step. With
-        `should_stop`, it is also asked before each residual block of the U-Net, and a True raises
-        `Interrupted` within one block rather than one step (eager U-Net calls only: under CUDA
-        graphs or torch.compile a U-Net call runs whole and the stop comes at the next step)."""
+        `should_stop`, it is also asked before each residual and transformer block of the U-Net,
+        and a True raises `Interrupted` within one block rather than one step (a step at 1024² on
+        a CPU can take many seconds; eager U-Net calls only: under CUDA graphs or torch.compile a
+        U-Net call runs whole and the stop comes at the next step)."""
         compiled = getattr(self.unet, "_compiled_call_impl", None) is not None
         # One thread fewer per core other processes keep busy (unfog.threads); not for a compiled
         # U-Net, which a new thread count recompiles (a first image's compile workers looked like
@@ -359,8 +366,7 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
             def check(module, args):
                 if should_stop():
                     raise Interrupted("stopped within a U-Net call")
-            blocks = [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
-            hooks = [resnet.register_forward_pre_hook(check) for block in blocks for resnet in block.resnets]
+            hooks = [m.register_forward_pre_hook(check) for m in self.unet.modules() if isinstance(m, (ResBlock, TransformerBlock))]
         try:
             state.x = yield from iterate(sample, denoiser, state.x, state.sigmas, generator=state.generators,
                                          callback=state.keep_known, **request.sampler_options)
@@ -378,15 +384,18 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         """Step 4: latents (sampler space) → PIL images. A decode that overflows in half
         precision is re-run with a float32 copy of the autoencoder (with a warning) instead of
         returning a black image; with `decode_tile` set, large latents are decoded in overlapping
-        tiles to bound memory."""
+        tiles to bound memory. A batch is decoded a few images at a time (at most DECODE_PIXELS
+        output pixels per call), so its memory does not grow with the number of images."""
         if self.vae is None:
             return to_pil(latents)
         c = self.vae.config
         z = (latents / c.scaling_factor + c.shift_factor).to(self.device)
-        pixels = self._decode_tiled(self.vae, z)
+        per_call = max(1, DECODE_PIXELS // (z.shape[-2] * z.shape[-1] * self.vae_factor ** 2))
+        pixels = torch.cat([self._decode_tiled(self.vae, part) for part in z.split(per_call)])
         if not torch.isfinite(pixels).all() and next(self.vae.parameters()).dtype != torch.float32:
             warnings.warn(f"the autoencoder overflowed in {str(next(self.vae.parameters()).dtype).replace('torch.', '')}; decoded again in float32", stacklevel=2)
-            pixels = self._decode_tiled(copy.deepcopy(self.vae).float(), z)
+            vae = copy.deepcopy(self.vae).float()
+            pixels = torch.cat([self._decode_tiled(vae, part) for part in z.split(per_call)])
         return to_pil(pixels)
 
     @torch.inference_mode()

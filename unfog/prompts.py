@@ -33,11 +33,15 @@ BREAK = "BREAK"
 _TOKEN = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _LORA = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
+# The largest emphasis a token may get: past it the weighted text states overflow half precision
+# (and 1.1 to the power of a few hundred nested brackets, or (x:1e400), is no longer a number).
+MAX_WEIGHT = 1000.0
 
 
-def parse_attention(text: str) -> list[tuple[str, float]]:
+def parse_attention(text: str, field: str = "prompt") -> list[tuple[str, float]]:
     """(fragment, weight) pairs of a prompt in A1111's syntax, neighbours of equal weight merged;
-    a BREAK is the pair (BREAK, -1)."""
+    a BREAK is the pair (BREAK, -1). A weight beyond ±MAX_WEIGHT raises an UnfogError naming
+    `field`."""
     out: list[list] = []  # [text, weight], mutable while brackets close
     open_round: list[int] = []
     open_square: list[int] = []
@@ -72,6 +76,10 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         scale_from(start, ROUND)
     for start in open_square:
         scale_from(start, SQUARE)
+    for t, w in out:
+        if t is not BREAK and not abs(w) <= MAX_WEIGHT:  # also catches inf and nan
+            raise UnfogError(f"{field} gives {t.strip()[:40]!r} the emphasis weight {w:g}; weights must be within ±{MAX_WEIGHT:g} "
+                             "(each ( ) multiplies by 1.1, so nest fewer brackets or write (text:1.5))", field)
     merged: list[list] = []
     for item in out or [["", 1.0]]:
         if merged and merged[-1][1] == item[1] and item[1] != -1:
@@ -81,13 +89,14 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     return [(t, w) for t, w in merged]
 
 
-def extract_loras(text: str) -> tuple[str, list[tuple[str, float]]]:
-    """The prompt without its `<lora:NAME:w>` tags, and the (NAME, w) pairs (w defaults to 1)."""
+def extract_loras(text: str, field: str = "prompt") -> tuple[str, list[tuple[str, float]]]:
+    """The prompt without its `<lora:NAME:w>` tags, and the (NAME, w) pairs (w defaults to 1);
+    a weight that is not a number raises an UnfogError naming `field`."""
     found = []
     for m in _LORA.finditer(text):
         name, weight = m.group(1).strip(), m.group(2)
         try:
             found.append((name, 1.0 if weight in (None, "") else float(weight)))
         except ValueError:
-            raise UnfogError(f"<lora:{name}:{weight}> has a weight that is not a number", "prompt") from None
+            raise UnfogError(f"<lora:{name[:60]}:{weight[:40]}> has a weight that is not a number", field) from None
     return _LORA.sub("", text), found

@@ -22,7 +22,7 @@ from PIL import Image
 from .diffusion import SIGMA_SCHEDULES, SamplingDefaults
 from .diffusion.schedules import DIFFUSERS_DEFAULT_SPACING, DIFFUSERS_FIXED_SCHEDULE
 from .errors import UnfogError
-from .prompts import extract_loras
+from .prompts import extract_loras, parse_attention
 from .samplers import OPTION_CHOICES, get_sampler
 
 LONG_PROMPTS = ("chunk", "truncate")
@@ -257,7 +257,10 @@ def make_request(
         raise UnfogError(f"prompt_syntax must be 'plain' or 'a1111', got {prompt_syntax!r}", "prompt_syntax")
     if prompt_syntax == "a1111":
         prompts, loras = _lora_tags(prompts, lora_dir)
-        negatives = [extract_loras(q)[0] for q in negatives]
+        negatives = [extract_loras(q, "negative_prompt")[0] for q in negatives]
+        for field, texts in (("prompt", prompts), ("negative_prompt", negatives)):
+            for text in texts:
+                parse_attention(text, field)  # its emphasis weights, checked now rather than at encoding
     unknown = sorted(set(sdxl) - set(SDXL_OPTIONS))
     if unknown:
         raise UnfogError(f"unknown generation option(s) {unknown}", unknown[0])
@@ -336,6 +339,13 @@ def make_request(
 OUTPUT_TYPES = ("pil", "latent")
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the filesystem, or one it cannot hold
+        return False
+
+
 def _lora_tags(prompts: list[str], lora_dir: Any) -> tuple[list[str], list[tuple[str, float]]]:
     """The prompts without their <lora:NAME:w> tags, and the tags (the same for every prompt of
     the batch, since an adapter applies to the whole batch); each NAME a file in lora_dir."""
@@ -347,8 +357,9 @@ def _lora_tags(prompts: list[str], lora_dir: Any) -> tuple[list[str], list[tuple
             raise UnfogError(f"<lora:{name}:{weight}> needs a finite weight", "prompt")
         if lora_dir is None:
             raise UnfogError(f"the prompt asks for <lora:{name}:…>: pass lora_dir= (--lora-dir) to say where LoRA files are", "prompt")
-        if "/" in name or "\\" in name or name.startswith(".") or not (Path(lora_dir) / f"{name}.safetensors").is_file():
-            raise UnfogError(f"<lora:{name}:…>: no {name}.safetensors in {lora_dir}", "prompt")
+        if len(name) > 200 or "/" in name or "\\" in name or "\0" in name or name.startswith(".") or not _is_file(Path(lora_dir) / f"{name}.safetensors"):
+            short = name[:60] + ("…" if len(name) > 60 else "")
+            raise UnfogError(f"<lora:{short}:…>: no {short}.safetensors in {lora_dir}", "prompt")
     return list(stripped), list(tags[0])
 # SDXL's keywords, with diffusers' names and defaults (None: derived as `_sdxl_conditioning` says).
 SDXL_OPTIONS = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size", "negative_original_size",

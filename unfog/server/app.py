@@ -13,6 +13,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import UnfogError
 from ..request import GenerationRequest
@@ -38,6 +40,12 @@ class ServerSettings:
     max_guidance: float = 30.0
     max_prompt_chars: int = 2000
     max_body_bytes: int = 1024 * 1024
+    body_timeout_s: float = 30.0  # a request body not fully sent by then is refused (408)
+    max_header_bytes: int = 64 * 1024  # a request's line and headers together
+    max_connections: int = 256  # open at once; more get 503 (uvicorn's limit_concurrency)
+    # The U-Net runs a request's images as one batch, and self-attention's cost grows with the
+    # square of the pixels: images × width × height is bounded too (8 × 1024² by default).
+    max_batch_pixels: int = 8 * 1024 * 1024
     sync_timeout_s: float = 600.0
     preview_every: int = 2
     prompt_syntax: str = "a1111"  # prompts are read in A1111's syntax unless a request says "plain"
@@ -45,20 +53,29 @@ class ServerSettings:
     # A request's total work, megapixels × steps × images: one at the size and step limits would
     # hold the only worker for many minutes. 200 is e.g. four 1024² images at 50 steps.
     max_work: float = 200.0
-    max_streams_per_client: int = 8
+    max_streams_per_job: int = 8  # open event streams per job (per job, not per address: clients behind one proxy share one)
 
     def __post_init__(self):
-        positive = ("max_queue", "max_side", "max_pixels", "max_steps", "max_images", "max_prompt_chars", "max_body_bytes", "max_streams_per_client")
+        positive = ("max_queue", "max_side", "max_pixels", "max_steps", "max_images", "max_prompt_chars", "max_body_bytes", "max_streams_per_job",
+                    "max_header_bytes", "max_connections", "max_batch_pixels")
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UnfogError(f"server setting {name} must be a positive integer, got {v!r}")
-        for name in ("job_timeout_s", "sync_timeout_s", "max_guidance", "max_work"):
+        for name in ("job_timeout_s", "sync_timeout_s", "body_timeout_s", "max_guidance", "max_work"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
                 raise UnfogError(f"server setting {name} must be a positive number, got {v!r}")
         if not isinstance(self.preview_every, int) or isinstance(self.preview_every, bool) or self.preview_every < 0:
             raise UnfogError(f"server setting preview_every must be 0 (no previews) or a positive integer, got {self.preview_every!r}")
+
+
+def server_options(s: ServerSettings) -> dict[str, Any]:
+    """uvicorn's settings for these limits: h11, which bounds a request's headers (httptools does
+    not: a client sending endless headers grew the server's memory without end), and a cap on
+    open connections."""
+    return {"http": "h11", "h11_max_incomplete_event_size": s.max_header_bytes, "limit_concurrency": s.max_connections,
+            "timeout_keep_alive": 5}
 
 
 class Refused(Exception):
@@ -133,6 +150,10 @@ def validate(body: Any, pipe, s: ServerSettings) -> GenerationRequest:
             raise Refused(422, str(e), API_NAMES.get(e.field, e.field)) from None
         if request.width * request.height > s.max_pixels:
             raise Refused(422, f"width × height must be at most {s.max_pixels} pixels, got {request.width * request.height}", "width")
+        if request.width * request.height * request.batch > s.max_batch_pixels:
+            raise Refused(422, f"num_images × width × height must be at most {s.max_batch_pixels} pixels, got "
+                               f"{request.width * request.height * request.batch}: fewer images or pixels", "num_images",
+                          {"max_batch_pixels": s.max_batch_pixels})
         work = request.width * request.height / 1e6 * request.num_inference_steps * request.batch
         if work > s.max_work:
             raise Refused(422, f"this request is {work:.0f} megapixel-steps (width × height × steps × images); the server takes at most "
@@ -173,6 +194,10 @@ def create_app(pipe, settings: ServerSettings | None = None, *, model_name: str 
     async def refused(request: Request, r: Refused):
         return JSONResponse(r.body, status_code=r.status, headers=r.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):  # unknown paths, wrong methods: the API's error shape too
+        return JSONResponse({"error": str(e.detail), "field": None, "allowed": None}, status_code=e.status_code, headers=getattr(e, "headers", None))
+
     _add_job_routes(app, jobs, pipe, s)
     _add_info_routes(app, jobs, pipe, s, model_name)
     return app
@@ -193,7 +218,7 @@ def _add_guard(app: FastAPI, s: ServerSettings) -> None:
             return Refused(403, f"Host {host!r} is not this server's; address it as {s.host}")
         # Cross-site requests: a browser's Origin must be this server itself.
         origin = request.headers.get("origin")
-        if origin is not None and origin.split("://", 1)[-1] != host_header:
+        if origin is not None and origin not in (f"http://{host_header}", f"https://{host_header}"):
             return Refused(403, f"cross-origin request from {origin!r} refused")
         if request.url.path.startswith("/v1/") and s.token is not None:
             sent = request.headers.get("authorization", "")
@@ -220,12 +245,22 @@ def _add_guard(app: FastAPI, s: ServerSettings) -> None:
 
 
 async def _body_json(request: Request, s: ServerSettings) -> Any:
-    """The JSON body, read in pieces that stop at the limit (a chunked body has no Content-Length)."""
+    """The JSON body, read in pieces that stop at the limit (a chunked body has no Content-Length)
+    and within body_timeout_s (a client that stalls mid-body is not waited for forever)."""
     raw = bytearray()
-    async for piece in request.stream():
-        raw += piece
-        if len(raw) > s.max_body_bytes:
-            raise Refused(413, f"request body larger than {s.max_body_bytes} bytes", allowed=s.max_body_bytes)
+
+    async def read():
+        async for piece in request.stream():
+            raw.extend(piece)
+            if len(raw) > s.max_body_bytes:
+                raise Refused(413, f"request body larger than {s.max_body_bytes} bytes", allowed=s.max_body_bytes)
+
+    try:
+        await asyncio.wait_for(read(), s.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise Refused(408, f"the request body did not arrive within {s.body_timeout_s:g} s") from None
+    except ClientDisconnect:  # the client left mid-body: nobody reads the answer, and it is no server error
+        raise Refused(400, "the client disconnected before sending the whole body") from None
     try:
         return json.loads(bytes(raw))
     except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting or digit counts
@@ -261,17 +296,16 @@ def _add_job_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings) -> No
             raise Refused(404, f"no job {job_id!r}", "id")
         return status
 
-    streams: dict[str, int] = {}  # open event streams per client address
+    streams: dict[str, int] = {}  # open event streams per job
 
     @app.get("/v1/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request):
         if await asyncio.to_thread(jobs.status, job_id) is None:
             raise Refused(404, f"no job {job_id!r}", "id")
-        client = request.client.host if request.client else "?"
-        if streams.get(client, 0) >= s.max_streams_per_client:
-            raise Refused(429, f"at most {s.max_streams_per_client} open event streams per client; close one", headers={"Retry-After": "5"})
-        streams[client] = streams.get(client, 0) + 1
-        return StreamingResponse(_event_stream(jobs, job_id, request, client, streams), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        if streams.get(job_id, 0) >= s.max_streams_per_job:
+            raise Refused(429, f"at most {s.max_streams_per_job} open event streams per job; close one", headers={"Retry-After": "5"})
+        streams[job_id] = streams.get(job_id, 0) + 1
+        return StreamingResponse(_event_stream(jobs, job_id, request, streams), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/images/generate", responses={200: {"content": {"image/png": {}}}})
     async def generate(request: Request):
@@ -289,7 +323,7 @@ def _add_job_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings) -> No
         return Response(data, media_type="image/png", headers={"X-Seeds": ",".join(map(str, status["seeds"]))})
 
 
-async def _event_stream(jobs, job_id: str, request: Request, client: str, streams: dict[str, int]):
+async def _event_stream(jobs, job_id: str, request: Request, streams: dict[str, int]):
     """A job's events as server-sent events, pushed as they are recorded (a 1 s wake-up only to
     notice a client that has gone)."""
     sent = 0
@@ -302,7 +336,9 @@ async def _event_stream(jobs, job_id: str, request: Request, client: str, stream
             if finished or await request.is_disconnected():
                 return
     finally:
-        streams[client] -= 1
+        streams[job_id] -= 1
+        if not streams[job_id]:
+            del streams[job_id]
 
 
 def _add_info_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings, model_name: str) -> None:
