@@ -66,6 +66,8 @@ def test_request_checks_emphasis_and_lora_names_up_front(tiny_pipe, tmp_path):
     with pytest.raises(UnfogError, match="….safetensors in") as e:
         tiny_pipe.request("a <lora:" + "n" * 300 + ":1>", prompt_syntax="a1111", lora_dir=str(tmp_path))
     assert e.value.field == "prompt" and len(str(e.value)) < 300
+    with pytest.raises(UnfogError, match="safetensors in"):  # 70 characters, 280 bytes: past the filesystem's 255
+        tiny_pipe.request("a <lora:" + "\U0001F600" * 70 + ":1>", prompt_syntax="a1111", lora_dir=str(tmp_path))
     assert tiny_pipe.request("(a:1.5) [b]", negative_prompt="((c))", prompt_syntax="a1111").prompts == ["(a:1.5) [b]"]
 
 
