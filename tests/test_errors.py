@@ -247,3 +247,33 @@ def test_a_nan_scaling_factor_is_refused(tiny_model_dir, tmp_path):
     path.write_text(path.read_text().replace('"scaling_factor": 0.5', '"scaling_factor": NaN'))
     with pytest.raises(UnfogError, match="scaling_factor"):
         Pipeline.from_pretrained(d)
+
+
+def test_a_failed_image_write_leaves_neither_a_truncated_file_nor_a_damaged_old_one(tmp_path, monkeypatch):
+    """A full disk cut the PNG short at the target and destroyed the image it replaced; the write
+    now goes to a sibling that is renamed over the target only once complete."""
+    from PIL import Image
+
+    from unfog.images import save
+
+    target = tmp_path / "out.png"
+    save(Image.new("RGB", (8, 8), "red"), target, {"prompt": "old"})
+    before = target.read_bytes()
+    real_save = Image.Image.save
+
+    def full_disk(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save(Image.new("RGB", (8, 8), "blue"), target, {"prompt": "new"})
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    save(Image.new("RGB", (8, 8), "blue"), target, {"prompt": "new"})
+    with Image.open(target) as im:
+        assert im.getpixel((0, 0)) == (0, 0, 255) and im.text["prompt"] == "new"
+    assert oct(target.stat().st_mode & 0o777) != oct(0o600)  # the usual mode, not a temporary file's
+    save(Image.new("RGB", (8, 8)), tmp_path / "a.jpg")  # the format still follows the extension
+    with Image.open(tmp_path / "a.jpg") as im:
+        assert im.format == "JPEG"

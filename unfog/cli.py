@@ -204,7 +204,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         n = len(trajectory)
         picks = sorted({round(k * (n - 1) / (args.trajectory_frames - 1)) for k in range(args.trajectory_frames)})
         frames = [im for k in picks for im in pipe.decode(trajectory[k])]
-        grid(frames).save(args.trajectory)
+        save(grid(frames), args.trajectory)
         print(f"{args.trajectory}  x0 estimates at {len(frames)} of {n} steps")
 
 
@@ -213,10 +213,12 @@ def cmd_noise(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from .diffusion import SchedulerConfig, q_sample
-    from .images import from_pil, grid, to_pil
+    from .images import from_pil, grid, save, to_pil
 
-    if args.frames < 2:
-        raise UnfogError("--frames must be at least 2")
+    if not 2 <= args.frames <= 100:
+        raise UnfogError(f"--frames must be from 2 to 100, got {args.frames}")
+    if args.size is not None and not 1 <= args.size <= 4096:
+        raise UnfogError(f"--size must be from 1 to 4096 pixels, got {args.size}")
     image = _open_image(args.image, "image").convert("RGB")
     if args.size:
         image = image.resize((args.size, args.size), Image.BICUBIC)
@@ -228,7 +230,7 @@ def cmd_noise(args: argparse.Namespace) -> None:
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
     frames = to_pil(q_sample(x0.expand(len(ts), -1, -1, -1), ts, noise.expand(len(ts), -1, -1, -1), ac))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    grid(frames).save(args.output)
+    save(grid(frames), args.output)
     print(f"{args.output}  x_t at t = {', '.join(str(int(t)) for t in ts)}")
 
 
@@ -395,7 +397,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import importlib
     import json
 
-    from .images import grid
+    from .images import grid, save
     from .pipeline import Pipeline
 
     world = importlib.import_module(f".eval.{args.suite}", __package__)
@@ -413,7 +415,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result["scores"], indent=2) + "\n")
     if args.grid:
-        grid(result["images"][:64], 8).save(args.grid)
+        save(grid(result["images"][:64], 8), args.grid)
 
 
 COMMANDS = {"convert": cmd_convert, "data_world": cmd_data_world, "eval": cmd_eval, "export": cmd_export, "generate": cmd_generate, "noise": cmd_noise, "serve": cmd_serve, "train": cmd_train}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import secrets
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,4 +57,20 @@ def save(image: Image.Image, target, text: dict[str, str] | None = None, format:
         info = PngInfo()
         for key, value in text.items():
             info.add_itxt(key, str(value))  # international text: prompts may hold any Unicode
-    image.save(target, format=format, pnginfo=info) if info is not None else image.save(target, format=format)
+    extra = {"pnginfo": info} if info is not None else {}
+    if not isinstance(target, (str, os.PathLike)):
+        image.save(target, format=format, **extra)
+        return
+    # To a sibling first, then renamed over the target: a write that fails (a full disk) leaves
+    # neither a truncated image nor a damaged earlier file at the target.
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the usual mode, less the umask
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=format or Image.registered_extensions().get(target.suffix.lower()), **extra)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

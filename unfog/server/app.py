@@ -150,14 +150,14 @@ def validate(body: Any, pipe, s: ServerSettings) -> GenerationRequest:
             raise Refused(422, str(e), API_NAMES.get(e.field, e.field)) from None
         if request.width * request.height > s.max_pixels:
             raise Refused(422, f"width × height must be at most {s.max_pixels} pixels, got {request.width * request.height}", "width")
-        if request.width * request.height * request.batch > s.max_batch_pixels:
-            raise Refused(422, f"num_images × width × height must be at most {s.max_batch_pixels} pixels, got "
-                               f"{request.width * request.height * request.batch}: fewer images or pixels", "num_images",
-                          {"max_batch_pixels": s.max_batch_pixels})
         work = request.width * request.height / 1e6 * request.num_inference_steps * request.batch
         if work > s.max_work:
             raise Refused(422, f"this request is {work:.0f} megapixel-steps (width × height × steps × images); the server takes at most "
                                f"{s.max_work:g}: fewer steps, images or pixels", "steps", {"max_work": s.max_work})
+        if request.width * request.height * request.batch > s.max_batch_pixels:
+            raise Refused(422, f"num_images × width × height must be at most {s.max_batch_pixels} pixels, got "
+                               f"{request.width * request.height * request.batch}: fewer images or pixels", "num_images",
+                          {"max_batch_pixels": s.max_batch_pixels})
         return request
     except Refused as r:
         if r.body["field"] in allowed and r.body["allowed"] is None:
