@@ -353,3 +353,89 @@ def test_prompt_lora_tags_in_low_memory_mode_do_not_rewrite_the_encoders(sd1, tm
         assert np.array_equal(got, np.asarray(plain(f"a photo of a cat <lora:style:{w}>", **kw).images[0]))
         assert not np.array_equal(got, untagged)  # the tag took effect
     assert writes == []
+
+
+def test_damaged_adapter_numbers_are_refused_and_nothing_damaged_is_saved(sd1, tmp_path):
+    """A non-finite alpha (or weight, or scale) loaded, fused and saved cleanly, and the saved
+    model then would not load, having replaced the good one; alphas of two values and rank-0
+    LoRAs raised raw errors; fuse_lora("st_v2") also fused "st"."""
+    from safetensors.torch import load_file
+
+    ref, folder = sd1
+    ours = Pipeline.from_pretrained(folder)
+    state = load_file(str(kohya_file(ref, tmp_path / "good.safetensors", seed=7)))
+    alpha_key = next(k for k in state if k.endswith(".alpha"))
+    for bad_alpha, match in ((torch.tensor(float("inf")), "alpha must be one finite number"), (torch.tensor(float("nan")), "alpha must be one finite"),
+                             (torch.tensor([1.0, 2.0]), "alpha must be one finite number, got 2")):
+        save_file({**state, alpha_key: bad_alpha}, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(UnfogError, match=match):
+            ours.load_lora_weights(tmp_path / "bad.safetensors")
+    down_key = next(k for k in state if k.endswith("lora_down.weight") and state[k].ndim == 2)
+    up_key = down_key.replace("lora_down", "lora_up")
+    save_file({**state, down_key: torch.zeros(0, state[down_key].shape[1]), up_key: torch.zeros(state[up_key].shape[0], 0)}, str(tmp_path / "r0.safetensors"))
+    with pytest.raises(UnfogError, match="rank 0"):
+        ours.load_lora_weights(tmp_path / "r0.safetensors")
+    for kw in ({"weight": float("nan")}, {"weight": "1"}):
+        with pytest.raises(UnfogError, match="weight must be a finite number"):
+            ours.load_lora_weights(tmp_path / "good.safetensors", **kw)
+    assert ours.get_list_adapters() == {}
+    ours.load_lora_weights(tmp_path / "good.safetensors", adapter_name="st")
+    ours.load_lora_weights(tmp_path / "good.safetensors", adapter_name="st_v2")
+    with pytest.raises(UnfogError, match="adapter_weights must be one finite number"):
+        ours.set_adapters(["st"], [float("inf")])
+    for scale in (float("nan"), "x"):
+        with pytest.raises(UnfogError, match="lora_scale must be a finite number"):
+            ours.fuse_lora(lora_scale=scale)
+    with pytest.raises(UnfogError, match="no adapter named"):
+        ours.fuse_lora(adapter_names=["missing"])
+    ours.fuse_lora(adapter_names="st_v2")
+    fused = {n for _, _, layer in ours._adapted_layers() for n in layer.fused}
+    assert fused == {"st_v2"}  # the name, not every adapter whose name is a substring of it
+    ours.unload_lora_weights()
+    # A model folder is never replaced by weights the loader would refuse.
+    ours.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "NOTES.md").write_text("mine")
+    with torch.no_grad():
+        ours.unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(UnfogError, match="conv_in.weight.*NaN or infinite.*nothing was saved"):
+        ours.save_pretrained(tmp_path / "model")
+    assert Pipeline.from_pretrained(tmp_path / "model")  # the good one is still there
+    assert (tmp_path / "model" / "NOTES.md").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary folder left
+
+
+def test_saving_over_a_model_folder_keeps_the_users_other_files(sd1, tmp_path):
+    _, folder = sd1
+    ours = Pipeline.from_pretrained(folder)
+    ours.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "NOTES.md").write_text("notes")
+    (tmp_path / "m" / "loras").mkdir()
+    (tmp_path / "m" / "loras" / "ink.safetensors").write_bytes(b"x")
+    ours.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "NOTES.md").read_text() == "notes" and (tmp_path / "m" / "loras" / "ink.safetensors").read_bytes() == b"x"
+    assert Pipeline.from_pretrained(tmp_path / "m")
+
+
+def test_lycoris_factors_are_checked_before_they_are_multiplied_out(sd1, tmp_path):
+    """96 KB of LoHa factors of 6000 × 1 made a 6000 × 6000 matrix (a 40000-wide file about 19 GB)
+    before the shape check refused it."""
+    import resource
+
+    _, folder = sd1
+    ours = Pipeline.from_pretrained(folder)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    n = 40000
+    save_file({f"{name}.hada_w1_a": torch.ones(n, 1), f"{name}.hada_w1_b": torch.ones(1, n), f"{name}.hada_w2_a": torch.ones(n, 1),
+               f"{name}.hada_w2_b": torch.ones(1, n)}, str(tmp_path / "huge.safetensors"))
+    save_file({f"{name}.lokr_w1_a": torch.ones(n, 1), f"{name}.lokr_w1_b": torch.ones(1, n), f"{name}.lokr_w2": torch.ones(2, 2)},
+              str(tmp_path / "kron.safetensors"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for f in ("huge", "kron"):
+        with pytest.raises(UnfogError, match="factors make (1600000000|6400000000) values"):
+            ours.load_lora_weights(tmp_path / f"{f}.safetensors")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KB: nothing near 6.4 GB (float32 of 1.6e9 values) was built
+    save_file({f"{name}.hada_w1_a": torch.ones(32, 2), f"{name}.hada_w1_b": torch.ones(3, 32), f"{name}.hada_w2_a": torch.ones(32, 2),
+               f"{name}.hada_w2_b": torch.ones(2, 32)}, str(tmp_path / "mismatch.safetensors"))
+    with pytest.raises(UnfogError, match="do not combine"):
+        ours.load_lora_weights(tmp_path / "mismatch.safetensors")
+    assert ours.get_list_adapters() == {}

@@ -12,6 +12,7 @@ CUDA graphs (they were recorded without the change) and refreshes the fused q/k/
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +23,12 @@ from .errors import UnfogError
 from .nn import packed
 from .nn.layers import Attention
 from .nn.lora import Adapted
+
+
+def _finite(name: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise UnfogError(f"{name} must be a finite number, got {value!r}", name)
+    return float(value)
 
 
 class LoraMixin:
@@ -64,7 +71,7 @@ class LoraMixin:
         from .formats.lora import read_lora
 
         self._resident(changing=True)
-
+        weight = _finite("weight", weight)
         name = adapter_name or Path(path).stem
         if not isinstance(name, str) or not name:
             raise UnfogError(f"adapter_name must be a non-empty string, got {name!r}", "adapter_name")
@@ -93,8 +100,8 @@ class LoraMixin:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         weights = [1.0] * len(names) if adapter_weights is None else (
             [adapter_weights] * len(names) if isinstance(adapter_weights, (int, float)) else list(adapter_weights))
-        if len(weights) != len(names) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w == w for w in weights):
-            raise UnfogError(f"adapter_weights must be one number or {len(names)} numbers, got {adapter_weights!r}", "adapter_weights")
+        if len(weights) != len(names) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+            raise UnfogError(f"adapter_weights must be one finite number or {len(names)} of them, got {adapter_weights!r}", "adapter_weights")
         loaded = {n for names_ in self.get_list_adapters().values() for n in names_}
         missing = [n for n in names if n not in loaded]
         if missing:
@@ -110,6 +117,13 @@ class LoraMixin:
         """Fold the active adapters (or those named) at their weights × lora_scale into the base
         weights, in place, so generation runs at the base model's speed."""
         self._resident(changing=True)
+        lora_scale = _finite("lora_scale", lora_scale)
+        if adapter_names is not None:
+            adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)  # a name, not its substrings
+            loaded = {n for names_ in self.get_list_adapters().values() for n in names_}
+            missing = [n for n in adapter_names if n not in loaded]
+            if missing:
+                raise UnfogError(f"no adapter named {missing}; loaded: {sorted(loaded)}", "adapter_names")
         for _, _, layer in self._adapted_layers():
             for name in list(layer.adapters):
                 if adapter_names is None or name in adapter_names:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -85,9 +86,15 @@ def load_weights(module: nn.Module, path: Path, dtype: torch.dtype = torch.float
 
 
 def save_weights(module: nn.Module, path: Path, dtype: torch.dtype | None = None) -> None:
-    """Write `module`'s weights, optionally cast to `dtype` (e.g. float16 to halve the size)."""
+    """Write `module`'s weights, optionally cast to `dtype` (e.g. float16 to halve the size).
+    Weights holding NaN or infinite values (a diverged run, a damaged adapter fused in, a cast
+    that overflowed) are refused before anything is written: the loader would refuse the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu().clone() for k, v in module.state_dict().items()}
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise UnfogError(f"weight {k!r} holds NaN or infinite values{' once cast to ' + str(dtype).replace('torch.', '') if dtype else ''}; "
+                             "nothing was saved (a diverged training run, or a LoRA fused with a non-finite weight?)")
     save_file(state, str(path))
 
 
@@ -99,6 +106,7 @@ def save_model(parts: ModelParts, directory: str | Path, dtype: torch.dtype | No
         raise UnfogError(f"{target} exists and is not an unfog model folder; choose an empty or new directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    kept: list[str] = []  # the user's own files in the folder being replaced, carried over
     try:
         index = {
             "format": "unfog",
@@ -120,6 +128,10 @@ def save_model(parts: ModelParts, directory: str | Path, dtype: torch.dtype | No
         for p in [tmp, *tmp.rglob("*")]:  # mkdtemp makes the folder private; a model is for sharing
             p.chmod(0o755 if p.is_dir() else 0o644)
         if target.exists():
+            for p in target.iterdir():
+                if p.name not in MODEL_ENTRIES:
+                    os.replace(p, tmp / p.name)
+                    kept.append(p.name)
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
@@ -132,8 +144,16 @@ def save_model(parts: ModelParts, directory: str | Path, dtype: torch.dtype | No
         else:
             os.replace(tmp, target)
     except BaseException:
+        for name in kept:  # back where they were, if the swap did not happen
+            if (tmp / name).exists() and not (target / name).exists():
+                with contextlib.suppress(OSError):
+                    os.replace(tmp / name, target / name)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# What save_model writes at a model folder's top level; anything else there is the user's and is kept.
+MODEL_ENTRIES = {"model_index.json", "scheduler", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae"}
 
 
 def _is_unfog_folder(directory: Path) -> bool:

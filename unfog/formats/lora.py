@@ -14,6 +14,7 @@ Formats, told apart by their keys:
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,10 @@ def _peft_alpha(meta: dict | None, component: str, path: str, rank: int) -> floa
     for pattern, value in (meta.get(f"{prefix}.alpha_pattern") or {}).items():
         if path == pattern or path.endswith("." + pattern) or re.fullmatch(pattern, path):
             alpha = value
-    return float(alpha)
+    try:
+        return float(alpha)
+    except (TypeError, ValueError):
+        raise UnfogError(f"the PEFT metadata gives {path} the lora_alpha {alpha!r}, which is not a number; the file is damaged") from None
 
 
 def read_lora(path: str | Path, components: dict[str, nn.Module], *, strict: bool = True) -> LoraFile:
@@ -184,14 +188,27 @@ def _adapter(f: SafetensorsFile, parts: dict[str, str], layer: nn.Module, fmt: s
 
     shape = tuple(layer.weight.shape)
     where = f"{f.path}: {next(iter(parts.values())).rsplit('.', 2)[0]}"
-    alpha = t("alpha").item() if "alpha" in parts else None
-    if "hada_w1_a" in parts:
-        adapter = Hadamard(t("hada_w1_a"), t("hada_w1_b"), t("hada_w2_a"), t("hada_w2_b"), alpha, shape)
-    elif any(s.startswith("lokr_") for s in parts):
-        w1 = [t("lokr_w1")] if "lokr_w1" in parts else [t("lokr_w1_a"), t("lokr_w1_b")]
-        w2 = [t("lokr_w2")] if "lokr_w2" in parts else [t("lokr_w2_a"), t("lokr_w2_b")]
-        adapter = Kronecker(w1, w2, alpha, shape)
-    else:
+    alpha = None
+    if "alpha" in parts:
+        a = t("alpha")
+        if a.numel() != 1 or not torch.isfinite(a).all():
+            raise UnfogError(f"{where}: alpha must be one finite number, got {a.numel()} value(s) {a.flatten()[:4].tolist()}; the file is damaged")
+        alpha = a.item()
+    try:
+        if "hada_w1_a" in parts:
+            adapter = Hadamard(t("hada_w1_a"), t("hada_w1_b"), t("hada_w2_a"), t("hada_w2_b"), alpha, shape)
+        elif any(s.startswith("lokr_") for s in parts):
+            w1 = [t("lokr_w1")] if "lokr_w1" in parts else [t("lokr_w1_a"), t("lokr_w1_b")]
+            w2 = [t("lokr_w2")] if "lokr_w2" in parts else [t("lokr_w2_a"), t("lokr_w2_b")]
+            adapter = Kronecker(w1, w2, alpha, shape)
+        else:
+            adapter = None
+        numel = adapter.delta_numel() if adapter is not None else None
+    except (ValueError, IndexError) as e:
+        raise UnfogError(f"{where}: the LyCORIS factors do not combine ({e})") from None
+    if numel is not None and numel != layer.weight.numel():  # checked before delta() builds anything
+        raise UnfogError(f"{where}: the adapter's factors make {numel} values but the layer's weight {shape} has {layer.weight.numel()}")
+    if adapter is None:
         down_key, up_key = ("lora_down.weight", "lora_up.weight") if fmt == "kohya" else ("lora_A.weight", "lora_B.weight")
         if down_key not in parts or up_key not in parts:
             raise UnfogError(f"{where} has {sorted(parts)} but a LoRA needs both {down_key} and {up_key}")
@@ -206,6 +223,8 @@ def _adapter(f: SafetensorsFile, parts: dict[str, str], layer: nn.Module, fmt: s
         if tuple(down.shape) != want_down or tuple(up.shape) != want_up:
             raise UnfogError(f"{where}: LoRA shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not fit the layer's weight {shape} "
                              f"(rank {down.shape[0]} needs down {want_down} and up {want_up}); is it a LoRA for another architecture?")
+        if down.shape[0] < 1:
+            raise UnfogError(f"{where}: a LoRA of rank 0 (down {tuple(down.shape)}); the file is damaged")
         if fmt == "peft":
             alpha = _peft_alpha(header, comp, name, down.shape[0])
         adapter = LowRank(down, up, alpha)
@@ -215,6 +234,6 @@ def _adapter(f: SafetensorsFile, parts: dict[str, str], layer: nn.Module, fmt: s
         raise UnfogError(f"{where}: the LyCORIS factors do not combine ({e})") from None
     if tuple(delta_shape) != shape:
         raise UnfogError(f"{where}: the adapter's update has shape {tuple(delta_shape)} but the layer's weight is {shape}")
-    if not all(torch.isfinite(p).all() for p in adapter.parameters()):
-        raise UnfogError(f"{where}: holds NaN or infinite values; the file is damaged")
+    if not all(torch.isfinite(p).all() for p in adapter.parameters()) or not math.isfinite(adapter.scale):
+        raise UnfogError(f"{where}: holds NaN or infinite values (or an alpha that makes its scale so); the file is damaged")
     return adapter

@@ -25,6 +25,12 @@ class Adapter(nn.Module):
     def delta(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def delta_numel(self) -> int:
+        """How many values delta() has, from the factors' shapes alone (so that a file whose
+        factors would multiply out to a huge matrix is refused before it is built); ValueError
+        when the factors do not combine."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """Δ(x) = x through ΔW with the layer's own stride and padding (no bias)."""
         w = self.delta().to(x.dtype)
@@ -67,7 +73,15 @@ class Hadamard(Adapter):
         super().__init__()
         self.factors = nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in (w1_a, w1_b, w2_a, w2_b)])
         rank = w1_b.shape[0]
+        if rank < 1:
+            raise ValueError("rank 0")
         self.scale, self.shape = (rank if alpha is None else float(alpha)) / rank, tuple(shape)
+
+    def delta_numel(self) -> int:
+        a1, b1, a2, b2 = (tuple(p.shape) for p in self.factors)
+        if not all(len(f) == 2 for f in (a1, b1, a2, b2)) or a1[1] != b1[0] or a2[1] != b2[0] or (a1[0], b1[1]) != (a2[0], b2[1]):
+            raise ValueError(f"factors {a1}, {b1}, {a2}, {b2} do not make (w1_a · w1_b) ⊙ (w2_a · w2_b)")
+        return a1[0] * b1[1]
 
     def delta(self) -> torch.Tensor:
         a1, b1, a2, b2 = (p.float() for p in self.factors)
@@ -83,9 +97,29 @@ class Kronecker(Adapter):
         self.w1 = nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in w1])
         self.w2 = nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in w2])
         low_rank = [pair[1].shape[0] for pair in (w1, w2) if len(pair) == 2]
+        if 0 in low_rank:
+            raise ValueError("rank 0")
         rank = low_rank[-1] if low_rank else None
         self.scale = 1.0 if rank is None or alpha is None else float(alpha) / rank
         self.shape = tuple(shape)
+
+    @staticmethod
+    def _factor_shape(parts) -> tuple[int, ...]:
+        if len(parts) == 1:
+            return tuple(parts[0].shape)
+        a, b = tuple(parts[0].shape), tuple(parts[1].shape)
+        if len(a) != 2 or len(b) != 2 or a[1] != b[0]:
+            raise ValueError(f"low-rank factors {a} and {b} do not multiply")
+        return a[0], b[1]
+
+    def delta_numel(self) -> int:
+        w1, w2 = self._factor_shape(self.w1), self._factor_shape(self.w2)
+        if len(w1) not in (2, 4) or len(w2) not in (2, 4) or (len(w1) == 4 and len(w2) == 2):
+            raise ValueError(f"factors of shapes {w1} and {w2} make no Kronecker product of a layer's weight")
+        n = 1
+        for d in (*w1, *w2):
+            n *= d
+        return n
 
     @staticmethod
     def _factor(parts) -> torch.Tensor:
