@@ -29,6 +29,18 @@ from unfog import Pipeline, UnfogError
         ({"seed": [1, 2]}, "2 seeds for 1 images"),
         ({"negative_prompt": ["a", "b"]}, "one per prompt"),
         ({"sampler": "euler", "sampler_options": {"eta": 1.0}}, "does not take"),
+        # Found by a review: each of these ran, then crashed deep inside a sampler or ran for hours.
+        ({"sampler": "dpmpp_3m_sde", "sampler_options": {"eta": -1.0}}, r"eta'\] must be from 0 to 10"),
+        ({"sampler": "dpmpp_sde", "sampler_options": {"r": 0.0}}, r"'r'\] must be from"),
+        ({"sampler": "dpmpp_sde", "sampler_options": {"r": -1.0}}, r"'r'\] must be from"),
+        ({"sampler": "ddim", "sampler_options": {"eta": 1e308}}, "must be from 0 to 10"),
+        ({"sampler": "euler", "sampler_options": {"s_churn": -5.0}}, "must be from 0"),
+        ({"sampler": "euler_ancestral", "sampler_options": {"s_noise": 1e30}}, "must be from 0 to 10"),
+        ({"sampler": "lms", "sampler_options": {"order": 50}}, "integer from 1 to 4"),
+        ({"width": 100000, "height": 64}, "width is 100000; at most 8192 per side"),
+        ({"num_inference_steps": 10**9, "sigma_schedule": "karras"}, "at most 1000"),
+        ({"latents": torch.full((1, 4, 8, 8), float("nan"))}, "latents holds NaN"),
+        ({"image": torch.full((1, 4, 8, 8), float("inf"))}, "image holds NaN or infinite"),
     ],
 )
 def test_bad_call_arguments(tiny_pipe, kwargs, match):
@@ -277,3 +289,12 @@ def test_a_failed_image_write_leaves_neither_a_truncated_file_nor_a_damaged_old_
     save(Image.new("RGB", (8, 8)), tmp_path / "a.jpg")  # the format still follows the extension
     with Image.open(tmp_path / "a.jpg") as im:
         assert im.format == "JPEG"
+
+
+def test_decode_tile_takes_none_or_a_real_tile_size(tiny_pipe):
+    for bad in (0, -4, 1, 2.5, "16", True):
+        with pytest.raises(UnfogError, match="decode_tile must be None"):
+            tiny_pipe.decode_tile = bad
+    tiny_pipe.decode_tile = 16
+    tiny_pipe.decode_tile = None
+    assert tiny_pipe.decode_tile is None

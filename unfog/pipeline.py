@@ -140,8 +140,8 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         except UnfogError as e:
             raise UnfogError(f"the model's default sampler is not one unfog has: {e}") from None
         self.decode_tile: int | None = None  # latent tile size for decoding large images
-        # Checked before anything is allocated: images per request, and pixels per image.
-        self.max_images, self.max_pixels = 64, 4096 * 4096
+        # Checked before anything is allocated: images per request, pixels per image and per side, steps.
+        self.max_images, self.max_pixels, self.max_side, self.max_steps = 64, 4096 * 4096, 8192, 1000
         # Replay the guided denoiser as a captured CUDA graph (optimize() turns this on for CUDA;
         # on a CPU the same static-buffer call runs without capture). Graphs are cached per shape.
         self.cuda_graphs = False
@@ -298,7 +298,7 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         """Step 1: a validated request for this model; options are those of `__call__`."""
         facts = ModelFacts(self.defaults, self.scheduler.sigma_schedule, self.downsample_factor, self.vae_factor,
                            self.latent_channels, self.is_inpainting_model, self.scheduler.match_diffusers, self.scheduler.spacing_given,
-                           self.max_images, self.max_pixels, self.sdxl, self.force_zeros_for_empty_prompt)
+                           self.max_images, self.max_pixels, self.sdxl, self.force_zeros_for_empty_prompt, self.max_side, self.max_steps)
         return make_request(facts, prompt, **options)
 
     @torch.inference_mode()
@@ -577,6 +577,17 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         while len(self.denoiser_graphs) > self.max_denoiser_graphs:
             self.denoiser_graphs.pop(next(iter(self.denoiser_graphs)))
         return graph
+
+    @property
+    def decode_tile(self) -> int | None:
+        """Latent tile size for decoding large images in overlapping tiles (None: whole)."""
+        return self._decode_tile
+
+    @decode_tile.setter
+    def decode_tile(self, tile: int | None) -> None:
+        if tile is not None and (not isinstance(tile, int) or isinstance(tile, bool) or tile < 8):
+            raise UnfogError(f"decode_tile must be None (decode whole) or a latent tile size of at least 8, got {tile!r}", "decode_tile")
+        self._decode_tile = tile
 
     def _decode_tiled(self, vae: Autoencoder, z: torch.Tensor) -> torch.Tensor:
         tile = self.decode_tile

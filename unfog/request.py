@@ -23,7 +23,7 @@ from .diffusion import SIGMA_SCHEDULES, SamplingDefaults
 from .diffusion.schedules import DIFFUSERS_DEFAULT_SPACING, DIFFUSERS_FIXED_SCHEDULE
 from .errors import UnfogError
 from .prompts import extract_loras, parse_attention
-from .samplers import OPTION_CHOICES, get_sampler
+from .samplers import OPTION_CHOICES, OPTION_RANGES, get_sampler
 
 LONG_PROMPTS = ("chunk", "truncate")
 # Sampler arguments that the pipeline itself passes; the rest of a sampler's keywords are options.
@@ -100,6 +100,8 @@ class ModelFacts:
     max_pixels: int = 16_777_216  # per image, width × height (Pipeline.max_pixels): 4096²
     sdxl: str | None = None  # "base" or "refiner" for an SDXL U-Net (size and crop micro-conditioning; the refiner's aesthetic score)
     force_zeros_for_empty_prompt: bool = False
+    max_side: int = 8192  # per side (Pipeline.max_side)
+    max_steps: int = 1000  # num_inference_steps (Pipeline.max_steps)
 
 
 def _int(name: str, v: Any) -> int:
@@ -182,12 +184,15 @@ def _option(sampler: str, key: str, value: Any, default: Any) -> Any:
         if value == "brownian" and importlib.util.find_spec("torchsde") is None:
             raise UnfogError("noise='brownian' needs torchsde: pip install 'unfog[brownian]' (or pip install torchsde)", "sampler_options")
         return value
+    lo, hi = OPTION_RANGES.get(key, (-math.inf, math.inf))
     if isinstance(default, int) and not isinstance(default, bool):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UnfogError(f"{where} of {sampler} must be a positive integer, got {value!r}", "sampler_options")
+        if not isinstance(value, int) or isinstance(value, bool) or value < max(1, lo) or value > hi:
+            raise UnfogError(f"{where} of {sampler} must be an integer from {max(1, lo)} to {hi}, got {value!r}", "sampler_options")
         return value
     if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or (math.isinf(value) and not math.isinf(default)):
         raise UnfogError(f"{where} must be a finite number, got {value!r}", "sampler_options")
+    if not lo <= value <= hi:
+        raise UnfogError(f"{where} must be from {lo:g} to {hi:g}, got {value!r}", "sampler_options")
     return float(value)
 
 
@@ -316,6 +321,15 @@ def make_request(
                          "num_images_per_prompt")
     if height * width > model.max_pixels:
         raise UnfogError(f"height × width is {height * width} pixels; at most {model.max_pixels} (raise Pipeline.max_pixels to allow more)", "width")
+    for name, side in (("height", height), ("width", width)):
+        if side > model.max_side:  # self-attention's cost grows with the square of the pixels: no 100000 × 64 strips
+            raise UnfogError(f"{name} is {side}; at most {model.max_side} per side (raise Pipeline.max_side to allow more)", name)
+    if steps > model.max_steps:
+        raise UnfogError(f"num_inference_steps is {steps}; at most {model.max_steps} (the models' training schedules have 1000 timesteps; "
+                         "raise Pipeline.max_steps to allow more)", "num_inference_steps")
+    for name, tensor in (("latents", latents), ("image", image)):
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UnfogError(f"{name} holds NaN or infinite values", name)
     seeds, generators = _seeds(seed, generator, total)
     if isinstance(image, torch.Tensor) and image.shape[0] not in (1, total):
         raise UnfogError(f"image latents hold {image.shape[0]} images; pass 1 or {total}, one per image", "image")

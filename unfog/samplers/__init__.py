@@ -28,7 +28,7 @@ from greenlet import error as GreenletError
 from greenlet import getcurrent, greenlet
 
 from ..errors import UnfogError
-from .common import NOISE_KINDS, OPTION_CHOICES, BrownianNoise, noise_sampler, randn_like
+from .common import NOISE_KINDS, OPTION_CHOICES, OPTION_RANGES, BrownianNoise, noise_sampler, randn_like
 from .discrete import sample_ddim, sample_ddpm, sample_lcm
 from .dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2s_ancestral, sample_dpmpp_3m_sde, sample_dpmpp_sde
 from .unipc import sample_uni_pc
@@ -130,5 +130,5 @@ def iterate(sampler: Callable, denoiser, x, sigmas, *, callback: Callable | None
                 pass
 
 
-__all__ = ["SAMPLERS", "CALLS_PER_STEP", "NOISE_KINDS", "OPTION_CHOICES", "BrownianNoise", "Step", "get_sampler", "iterate", "noise_sampler", "randn_like",
+__all__ = ["SAMPLERS", "CALLS_PER_STEP", "NOISE_KINDS", "OPTION_CHOICES", "OPTION_RANGES", "BrownianNoise", "Step", "get_sampler", "iterate", "noise_sampler", "randn_like",
            *(f.__name__ for f in SAMPLERS.values())]
