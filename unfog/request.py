@@ -22,8 +22,9 @@ from PIL import Image
 from .diffusion import SIGMA_SCHEDULES, SamplingDefaults
 from .diffusion.schedules import DIFFUSERS_DEFAULT_SPACING, DIFFUSERS_FIXED_SCHEDULE
 from .errors import UnfogError
-from .prompts import extract_loras, parse_attention
+from .prompts import BREAK, extract_loras, parse_attention
 from .samplers import OPTION_CHOICES, OPTION_RANGES, get_sampler
+from .text import MAX_WINDOWS
 
 LONG_PROMPTS = ("chunk", "truncate")
 # Sampler arguments that the pipeline itself passes; the rest of a sampler's keywords are options.
@@ -265,7 +266,9 @@ def make_request(
         negatives = [extract_loras(q, "negative_prompt")[0] for q in negatives]
         for field, texts in (("prompt", prompts), ("negative_prompt", negatives)):
             for text in texts:
-                parse_attention(text, field)  # its emphasis weights, checked now rather than at encoding
+                breaks = sum(t == BREAK and w == -1 for t, w in parse_attention(text, field))  # emphasis checked now, not at encoding
+                if breaks >= MAX_WINDOWS:
+                    raise UnfogError(f"{field} has {breaks} BREAKs; at most {MAX_WINDOWS - 1} (each starts a window of 75 tokens)", field)
     unknown = sorted(set(sdxl) - set(SDXL_OPTIONS))
     if unknown:
         raise UnfogError(f"unknown generation option(s) {unknown}", unknown[0])

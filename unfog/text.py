@@ -18,6 +18,14 @@ from .nn import Tokenizer
 from .prompts import parse_attention
 
 SYNTAXES = ("plain", "a1111")
+# The most windows of 75 tokens a prompt may take (about 4,800 tokens): each window is one more
+# text-encoder pass per image, and 6,000 BREAKs took 3.6 GB for a 64² image.
+MAX_WINDOWS = 64
+
+
+def _check_windows(count: int) -> None:
+    if count > MAX_WINDOWS:
+        raise UnfogError(f"the prompt takes {count} windows of 75 tokens (each BREAK starts one); at most {MAX_WINDOWS}: shorten it", "prompt")
 
 
 def frame(encoders: Sequence[tuple[Tokenizer, list[str]]], long_prompts: str = "chunk", syntax: str = "plain"
@@ -30,6 +38,7 @@ def frame(encoders: Sequence[tuple[Tokenizer, list[str]]], long_prompts: str = "
     if syntax == "a1111":  # A1111 always cuts long prompts into windows
         per_encoder = [[tok.weighted_windows(parse_attention(t)) for t in texts] for tok, texts in encoders]
         count = max(len(ids) for rows in per_encoder for ids, _ in rows)
+        _check_windows(count)
         framed, weights = [], None
         for (tok, _), rows in zip(encoders, per_encoder):
             empty_ids, empty_w = tok.weighted_windows([("", 1.0)])
@@ -48,6 +57,7 @@ def frame(encoders: Sequence[tuple[Tokenizer, list[str]]], long_prompts: str = "
             framed.append(ids[:, None])
         return framed, None
     count = max(tok.window_count(texts) for tok, texts in encoders)
+    _check_windows(count)
     return [tok.windows(texts, count) for tok, texts in encoders], None
 
 
