@@ -99,9 +99,12 @@ def test_bad_output_device_and_port_are_refused_before_any_work(tmp_path, capsys
 
     monkeypatch.setattr(unfog.pipeline.Pipeline, "from_pretrained", no_loading)
     for out, message in (("", "must name an image file"), (str(tmp_path), "must name an image file"), (str(tmp_path / "x.nope"), "no image extension"),
-                         (str(tmp_path / "noext"), "no image extension")):
+                         (str(tmp_path / "noext"), "no image extension"), (str(tmp_path / "a.xbm"), "cannot write an RGB image as .xbm")):
         assert main(["generate", "x", "-o", out]) == 2
         assert message in capsys.readouterr().err
+    (tmp_path / "m-1.png").mkdir()  # the second image's name is taken by a folder: nothing is made, nothing written
+    assert main(["generate", "x", "-o", str(tmp_path / "m.png"), "--num-images", "2"]) == 2
+    assert "m-1.png is a folder" in capsys.readouterr().err and not (tmp_path / "m-0.png").exists()
     assert main(["generate", "x", "-o", str(tmp_path / "a.png"), "--device", "warp9"]) == 2
     assert "not a device name" in capsys.readouterr().err
     import torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 import sys
@@ -37,6 +38,10 @@ def _check_output(path: str | None, flag: str) -> None:
         raise UnfogError(f"{flag} must name an image file (e.g. out.png), got {path!r}")
     if p.suffix.lower() not in Image.registered_extensions():
         raise UnfogError(f"{flag} {path!r} has no image extension PIL can write; use .png, .jpg or .webp")
+    try:  # an extension PIL knows is not always a format that can hold an RGB image (.xbm, .h5, …)
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=Image.registered_extensions()[p.suffix.lower()])
+    except (OSError, KeyError, ValueError):
+        raise UnfogError(f"{flag} {path!r}: PIL cannot write an RGB image as {p.suffix}; use .png, .jpg or .webp") from None
     if p.parent.exists() and not p.parent.is_dir():
         raise UnfogError(f"{flag} {path!r}: {p.parent} is not a folder")
     if p.parent.is_dir() and not os.access(p.parent, os.W_OK):
@@ -122,6 +127,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UnfogError("--trajectory-frames must be at least 2")
     _check_output(args.output, "-o/--output")
     _check_output(args.trajectory, "--trajectory")
+    taken = [p for p in _output_paths(Path(args.output), args.num_images) if p.is_dir()] if isinstance(args.num_images, int) and args.num_images > 0 else []
+    if taken:
+        raise UnfogError(f"{taken[0]} is a folder; choose another -o/--output")
     _check_device(args.device)
     options = {k: v for k, v in (("config", args.config), ("tokenizer", args.tokenizer), ("clip_skip", args.clip_skip)) if v}
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype] if args.dtype else None
@@ -197,6 +205,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     model_name = Path(args.model).name if args.model else "unfog-default"
+    taken = [p for p in _output_paths(out, len(result.images)) if p.is_dir()]
+    if taken:  # checked for every image before writing any
+        raise UnfogError(f"{taken[0]} is a folder; choose another -o/--output")
     for k, (path, image) in enumerate(zip(_output_paths(out, len(result.images)), result.images)):
         save(image, path, png_text(result.request, k, model_name))  # the settings ride along (PNG only)
         print(f"{path}  seed={result.seeds[k]}")
