@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from unfog.cli import main
+from unfog.errors import UnfogError
 
 
 def run(*args):
@@ -159,7 +160,18 @@ def test_a1111_parameters_are_read():
     text = {"parameters": "masterpiece, a fox\nin the snow\nNegative prompt: blurry, lowres\n"
                           "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 512x768, Model hash: abc, Model: x"}
     assert settings_from_png(text) == {"prompt": "masterpiece, a fox\nin the snow", "negative_prompt": "blurry, lowres", "steps": 25,
-                                       "guidance_scale": 6.5, "seed": 1234, "width": 512, "height": 768, "sampler": "dpmpp_2m"}
+                                       "guidance_scale": 6.5, "seed": 1234, "width": 512, "height": 768, "sampler": "dpmpp_2m",
+                                       "sigma_schedule": "karras"}
+    # Found by a review: a prompt-only chunk became an empty prompt, an empty one raised
+    # IndexError, and A1111's older "DPM++ 2M Karras" was dropped without a word.
+    assert settings_from_png({"parameters": "a red circle"}) == {"prompt": "a red circle", "negative_prompt": ""}
+    assert settings_from_png({"parameters": "a red circle\nNegative prompt: blue\ngreen"}) == {"prompt": "a red circle", "negative_prompt": "blue\ngreen"}
+    with pytest.raises(UnfogError, match="'parameters' text chunk is empty"):
+        settings_from_png({"parameters": "  "})
+    old = settings_from_png({"parameters": "a fox\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 512x512"})
+    assert old["sampler"] == "dpmpp_2m" and old["sigma_schedule"] == "karras"
+    with pytest.warns(UserWarning, match="sampler 'Restart' is not one unfog has"):
+        assert "sampler" not in settings_from_png({"parameters": "a fox\nSteps: 20, Sampler: Restart, Seed: 1"})
 
 
 def test_out_of_range_seed_and_invalid_utf8_prompt_are_one_line_errors(tiny_model_dir, tmp_path):

@@ -12,6 +12,7 @@ import json
 import math
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -455,9 +456,15 @@ def settings_from_png(text: dict[str, str]) -> dict[str, Any]:
     if "parameters" not in text:
         raise UnfogError("the PNG carries no generation settings (no 'unfog' or 'parameters' text chunk)")
     lines = text["parameters"].strip().splitlines()
-    fields = dict(re.findall(r"(\w[\w ]*): ([^,]+)", lines[-1]))
-    negative = next((line[len("Negative prompt: "):] for line in lines if line.startswith("Negative prompt: ")), "")
-    prompt = "\n".join(line for line in lines[:-1] if not line.startswith("Negative prompt: "))
+    if not lines:
+        raise UnfogError("the PNG's 'parameters' text chunk is empty")
+    # A1111 ends with a settings line that always names Steps; without one, every line is prompt.
+    settings = lines[-1] if re.search(r"(^|, )Steps: ", lines[-1]) else ""
+    body = lines[:-1] if settings else lines
+    fields = dict(re.findall(r"(\w[\w ]*): ([^,]+)", settings))
+    negative = "\n".join(line[len("Negative prompt: "):] if line.startswith("Negative prompt: ") else line
+                         for line in body[next((k for k, line in enumerate(body) if line.startswith("Negative prompt: ")), len(body)):])
+    prompt = "\n".join(line for line in body[: next((k for k, line in enumerate(body) if line.startswith("Negative prompt: ")), len(body))])
     by_a1111 = {v: k for k, v in A1111_SAMPLERS.items()}
     out: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
     try:
@@ -471,6 +478,17 @@ def settings_from_png(text: dict[str, str]) -> dict[str, Any]:
             out["width"], out["height"] = (int(v) for v in fields["Size"].split("x"))
     except ValueError as e:
         raise UnfogError(f"the PNG's parameters line has a malformed value: {e}") from None
-    if fields.get("Sampler") in by_a1111:
-        out["sampler"] = by_a1111[fields["Sampler"]]
+    sampler, schedule = fields.get("Sampler", "").strip(), fields.get("Schedule type", "").strip()
+    for suffix in ("Karras", "Exponential", "SGM Uniform"):  # A1111 before 1.9 named the schedule in the sampler: "DPM++ 2M Karras"
+        if sampler.endswith(" " + suffix) and sampler not in by_a1111:
+            sampler, schedule = sampler[: -len(suffix) - 1], schedule or suffix
+    if sampler in by_a1111:
+        out["sampler"] = by_a1111[sampler]
+    elif sampler:
+        warnings.warn(f"the PNG's sampler {sampler!r} is not one unfog has; the model's default sampler is used", stacklevel=2)
+    schedule = schedule.lower().replace(" ", "_")
+    if schedule in SIGMA_SCHEDULES:
+        out["sigma_schedule"] = schedule
+    elif schedule and schedule != "automatic":
+        warnings.warn(f"the PNG's schedule type {schedule!r} is not one unfog has; the sampler's default schedule is used", stacklevel=2)
     return out
