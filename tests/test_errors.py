@@ -309,3 +309,13 @@ def test_a_prompt_is_bounded_in_windows(tiny_pipe):
     with pytest.raises(UnfogError, match="windows of 75 tokens.*at most 64"):
         tiny_pipe("word " * 20000, num_inference_steps=1)
     assert tiny_pipe("a BREAK " * 10, prompt_syntax="a1111", num_inference_steps=1).images
+
+
+def test_model_defaults_that_no_request_could_use_are_refused_at_load(tiny_model_dir, tmp_path):
+    for key, value, match in (("height", 63, "default height \\(63"), ("num_inference_steps", 5000, "default num_inference_steps \\(5000")):
+        d = copy_model(tiny_model_dir, tmp_path / key)
+        index = json.loads((d / "model_index.json").read_text())
+        index["defaults"][key] = value
+        (d / "model_index.json").write_text(json.dumps(index))
+        with pytest.raises(UnfogError, match=match):
+            Pipeline.from_pretrained(d)
