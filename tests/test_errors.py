@@ -41,6 +41,9 @@ from unfog import Pipeline, UnfogError
         ({"num_inference_steps": 10**9, "sigma_schedule": "karras"}, "at most 1000"),
         ({"latents": torch.full((1, 4, 8, 8), float("nan"))}, "latents holds NaN"),
         ({"image": torch.full((1, 4, 8, 8), float("inf"))}, "image holds NaN or infinite"),
+        ({"negative_prompt": 0}, "negative_prompt must be a string"),
+        ({"strength": 0.5}, "strength applies to img2img"),
+        ({"image": __import__("PIL.Image", fromlist=["Image"]).new("RGB", (0, 0))}, "image is empty"),
     ],
 )
 def test_bad_call_arguments(tiny_pipe, kwargs, match):

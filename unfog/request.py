@@ -23,9 +23,8 @@ from PIL import Image
 from .diffusion import SIGMA_SCHEDULES, SamplingDefaults
 from .diffusion.schedules import DIFFUSERS_DEFAULT_SPACING, DIFFUSERS_FIXED_SCHEDULE
 from .errors import UnfogError
-from .prompts import BREAK, extract_loras, parse_attention
+from .prompts import BREAK, MAX_WINDOWS, extract_loras, parse_attention
 from .samplers import OPTION_CHOICES, OPTION_RANGES, get_sampler
-from .text import MAX_WINDOWS
 
 LONG_PROMPTS = ("chunk", "truncate")
 # Sampler arguments that the pipeline itself passes; the rest of a sampler's keywords are options.
@@ -139,7 +138,7 @@ def _prompts(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str]]:
         if len(negative_prompt) != len(prompts) or not all(isinstance(n, str) for n in negative_prompt):
             raise UnfogError(f"negative_prompt must be one string or a list of {len(prompts)} strings, one per prompt", "negative_prompt")
         return prompts, [_text("negative_prompt", n) for n in negative_prompt]
-    return prompts, [_text("negative_prompt", negative_prompt or "")] * len(prompts)
+    return prompts, [_text("negative_prompt", "" if negative_prompt is None else negative_prompt)] * len(prompts)
 
 
 def _seeds(seed: Any, generator: Any, total: int) -> tuple[list[int], list[torch.Generator] | None]:
@@ -216,6 +215,11 @@ def _image_inputs(image: Any, mask_image: Any, strength: Any, steps: int, inpain
         raise UnfogError("mask_image needs image: pass the picture to inpaint as image=", "mask_image")
     if inpainting and mask_image is None:
         raise UnfogError("this is an inpainting model: pass image= and mask_image=", "mask_image")
+    if strength is not None and image is None:
+        raise UnfogError("strength applies to img2img and inpainting: pass image= too (or leave strength out)", "strength")
+    for name, im in (("image", image), ("mask_image", mask_image)):
+        if isinstance(im, Image.Image) and min(im.size) < 1:
+            raise UnfogError(f"{name} is empty ({im.size[0]}×{im.size[1]} pixels)", name)
     strength = (1.0 if mask_image is not None else 0.8) if strength is None else strength
     if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
         raise UnfogError(f"strength must be in (0, 1], got {strength!r}", "strength")
@@ -336,7 +340,7 @@ def make_request(
             raise UnfogError(f"{name} holds NaN or infinite values", name)
     seeds, generators = _seeds(seed, generator, total)
     if isinstance(image, torch.Tensor) and image.shape[0] not in (1, total):
-        raise UnfogError(f"image latents hold {image.shape[0]} images; pass 1 or {total}, one per image", "image")
+        raise UnfogError(f"image latents hold {image.shape[0]} images; pass {'1' if total == 1 else f'1 or {total}, one per image'}", "image")
     if latents is not None:
         shape = (total, model.latent_channels, height // model.vae_factor, width // model.vae_factor)
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:

@@ -15,12 +15,9 @@ import torch
 
 from .errors import UnfogError
 from .nn import Tokenizer
-from .prompts import parse_attention
+from .prompts import MAX_WINDOWS, parse_attention
 
 SYNTAXES = ("plain", "a1111")
-# The most windows of 75 tokens a prompt may take (about 4,800 tokens): each window is one more
-# text-encoder pass per image, and 6,000 BREAKs took 3.6 GB for a 64² image.
-MAX_WINDOWS = 64
 
 
 def _check_windows(count: int) -> None:
