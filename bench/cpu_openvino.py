@@ -1,6 +1,6 @@
 """unfog on a CPU against OpenVINO and diffusers, each at its best, on identical weights.
 
-    python bench/cpu_openvino.py [--latents 32,64] [--rounds 16] [--image-rounds 3] [--json bench/results-openvino.json]
+    python bench/cpu_openvino.py [--latents 32,64] [--rounds 16] [--image-rounds 5] [--json bench/results-openvino.json]
 
 Needs `pip install openvino==2026.4.0` (bench-only). The Stable Diffusion 1.5 U-Net with random
 weights (built by diffusers, loaded by unfog), classifier-free guidance's batch of 2:
@@ -187,7 +187,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--latents", default="32,64", help="U-Net latent sizes (comma-separated)")
     ap.add_argument("--rounds", type=int, default=16, help="interleaved rounds per U-Net size (64×64 uses half)")
-    ap.add_argument("--image-rounds", type=int, default=3, help="interleaved rounds of whole images (0: skip)")
+    ap.add_argument("--image-rounds", type=int, default=5, help="interleaved rounds of whole images (0: skip)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--json", default="bench/results-openvino.json")
