@@ -471,7 +471,7 @@ def test_the_server_bounds_request_headers(pipe):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    settings = ServerSettings(port=port)
+    settings = ServerSettings(port=port, head_timeout_s=1.0)
     server = uvicorn.Server(uvicorn.Config(create_app(pipe, settings, model_name="tiny"), host="127.0.0.1", port=port, log_level="warning",
                                            **server_options(settings)))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -492,6 +492,28 @@ def test_the_server_bounds_request_headers(pipe):
             except OSError:  # closed on us mid-send
                 reply = b""
         assert sent < 8 and (reply == b"" or reply.startswith(b"HTTP/1.1 4")), (sent, reply)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=10) as r:
+            assert r.status == 200
+        # Headers trickled, or nothing sent at all: closed once the head is head_timeout_s late,
+        # while a request whose head came in time is served however long it takes.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow, socket.create_connection(("127.0.0.1", port), timeout=10) as mute:
+            slow.sendall(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            start = time.time()
+            for _ in range(3):
+                time.sleep(0.4)
+                try:
+                    slow.sendall(b"X-a: b\r\n")
+                except OSError:
+                    break
+
+            def closed(sock) -> bool:
+                try:
+                    return sock.recv(100) == b""
+                except ConnectionResetError:
+                    return True
+
+            assert closed(slow) and closed(mute)
+            assert time.time() - start < 8
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=10) as r:
             assert r.status == 200
     finally:

@@ -42,6 +42,7 @@ class ServerSettings:
     max_body_bytes: int = 1024 * 1024
     body_timeout_s: float = 30.0  # a request body not fully sent by then is refused (408)
     max_header_bytes: int = 64 * 1024  # a request's line and headers together
+    head_timeout_s: float = 30.0  # a request's line and headers not all sent by then: the connection is closed
     max_connections: int = 256  # open at once; more get 503 (uvicorn's limit_concurrency)
     # The U-Net runs a request's images as one batch, and self-attention's cost grows with the
     # square of the pixels: images × width × height is bounded too (8 × 1024² by default).
@@ -62,7 +63,7 @@ class ServerSettings:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UnfogError(f"server setting {name} must be a positive integer, got {v!r}")
-        for name in ("job_timeout_s", "sync_timeout_s", "body_timeout_s", "max_guidance", "max_work"):
+        for name in ("job_timeout_s", "sync_timeout_s", "body_timeout_s", "head_timeout_s", "max_guidance", "max_work"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
                 raise UnfogError(f"server setting {name} must be a positive number, got {v!r}")
@@ -72,10 +73,47 @@ class ServerSettings:
 
 def server_options(s: ServerSettings) -> dict[str, Any]:
     """uvicorn's settings for these limits: h11, which bounds a request's headers (httptools does
-    not: a client sending endless headers grew the server's memory without end), and a cap on
-    open connections."""
-    return {"http": "h11", "h11_max_incomplete_event_size": s.max_header_bytes, "limit_concurrency": s.max_connections,
-            "timeout_keep_alive": 5}
+    not: a client sending endless headers grew the server's memory without end), with a deadline
+    for them (uvicorn has none: connections that trickle headers, or send nothing, stayed open
+    for ever and could take every slot), and a cap on open connections."""
+    return {"http": _head_deadline_protocol(s.head_timeout_s), "h11_max_incomplete_event_size": s.max_header_bytes,
+            "limit_concurrency": s.max_connections, "timeout_keep_alive": 5}
+
+
+def _head_deadline_protocol(seconds: float):
+    """uvicorn's h11 protocol, closing a connection whose request line and headers have not all
+    arrived `seconds` after they became due (on connecting, or on the first byte of the next
+    request). Once a request's head is in, its body (body_timeout_s) and a long answer such as an
+    event stream are not limited by this."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadline(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._head_due = self.loop.time()  # when the pending request's head became due (None: none pending)
+            self._head_timer = self.loop.call_later(min(seconds, 1.0), self._check_head)
+
+        def data_received(self, data: bytes) -> None:
+            if self._head_due is None and self.conn.their_state is h11.IDLE:
+                self._head_due = self.loop.time()
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._head_due = None
+
+        def _check_head(self) -> None:
+            if self.transport.is_closing():
+                return
+            if self._head_due is not None and self.conn.their_state is h11.IDLE and self.loop.time() - self._head_due >= seconds:
+                self.transport.close()
+                return
+            self._head_timer = self.loop.call_later(min(seconds, 1.0), self._check_head)
+
+        def connection_lost(self, exc) -> None:
+            self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeadDeadline
 
 
 class Refused(Exception):
