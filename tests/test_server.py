@@ -377,6 +377,8 @@ def test_unknown_paths_and_methods_answer_in_the_api_error_shape(api):
     assert r.status_code == 404 and set(r.json()) == {"error", "field", "allowed"}
     r = api.put("/v1/health")
     assert r.status_code == 405 and "error" in r.json()
+    r = api.get("/v1/images/generate")  # not an image named "generate"
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and "POST" in r.json()["error"]
 
 
 def test_an_origin_must_match_scheme_and_host(api):

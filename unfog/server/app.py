@@ -345,6 +345,10 @@ def _add_job_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings) -> No
         streams[job_id] = streams.get(job_id, 0) + 1
         return StreamingResponse(_event_stream(jobs, job_id, request, streams), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    @app.get("/v1/images/generate", include_in_schema=False)
+    def generate_is_a_post():  # else /v1/images/{name} takes it and answers "no such image"
+        raise Refused(405, "POST a JSON body to /v1/images/generate", headers={"Allow": "POST"})
+
     @app.post("/v1/images/generate", responses={200: {"content": {"image/png": {}}}})
     async def generate(request: Request):
         """Synchronous convenience call: waits for the job and returns its first PNG."""
