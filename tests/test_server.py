@@ -448,6 +448,7 @@ def test_a_preview_decodes_a_small_latent_whatever_the_image_size():
 
     class Pipe:
         shapes = []
+        vae_factor = 8
 
         def decode(self, x):
             self.shapes.append(tuple(x.shape))
@@ -459,6 +460,9 @@ def test_a_preview_decodes_a_small_latent_whatever_the_image_size():
     assert pipe.shapes == [(1, 4, 32, 24)]
     progress_event(pipe, 1, torch.randn(1, 4, 16, 8), total=10, preview_every=2)
     assert pipe.shapes[-1] == (1, 4, 16, 8)  # small latents are decoded as they are
+    pipe.vae_factor = 1  # a pixel-space model: its 64² image is not shrunk below the thumbnail
+    progress_event(pipe, 1, torch.randn(1, 3, 64, 64), total=10, preview_every=2)
+    assert pipe.shapes[-1] == (1, 3, 64, 64)
 
 
 def test_the_server_bounds_request_headers(pipe):
@@ -508,16 +512,32 @@ def test_the_server_bounds_request_headers(pipe):
                 except OSError:
                     break
 
-            def closed(sock) -> bool:
+            def closed(sock) -> bool:  # the server ends the connection (after whatever it still had to send)
                 try:
-                    return sock.recv(100) == b""
+                    while sock.recv(4096):
+                        pass
+                    return True
                 except ConnectionResetError:
                     return True
+                except TimeoutError:
+                    return False
 
             assert closed(slow) and closed(mute)
             assert time.time() - start < 8
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=10) as r:
             assert r.status == 200
+        # Refused before its body was read (413 here), then kept alive a byte at a time: closed too.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 5000000\r\n\r\n")
+            assert s.recv(12) == b"HTTP/1.1 413"
+            start = time.time()
+            for _ in range(10):
+                time.sleep(0.4)
+                try:
+                    s.sendall(b"{")
+                except OSError:
+                    break
+            assert closed(s) and time.time() - start < 8
     finally:
         server.should_exit = True
         thread.join(30)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +27,7 @@ from .nn.lora import Adapted
 
 
 def _finite(name: str, value) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
         raise UnfogError(f"{name} must be a finite number, got {value!r}", name)
     return float(value)
 

@@ -92,6 +92,7 @@ def _head_deadline_protocol(seconds: float):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._head_due = self.loop.time()  # when the pending request's head became due (None: none pending)
+            self._answered_unread = None  # when a response went out before its request's body was read
             self._head_timer = self.loop.call_later(min(seconds, 1.0), self._check_head)
 
         def data_received(self, data: bytes) -> None:
@@ -101,10 +102,17 @@ def _head_deadline_protocol(seconds: float):
             if self.conn.their_state is not h11.IDLE:
                 self._head_due = None
 
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.conn.their_state is h11.SEND_BODY:  # refused before its body was read (413, 408, 401…): nothing more is wanted
+                self._answered_unread = self.loop.time()
+
         def _check_head(self) -> None:
             if self.transport.is_closing():
                 return
-            if self._head_due is not None and self.conn.their_state is h11.IDLE and self.loop.time() - self._head_due >= seconds:
+            now = self.loop.time()
+            late_head = self._head_due is not None and self.conn.their_state is h11.IDLE and now - self._head_due >= seconds
+            if late_head or (self._answered_unread is not None and now - self._answered_unread >= seconds):
                 self.transport.close()
                 return
             self._head_timer = self.loop.call_later(min(seconds, 1.0), self._check_head)

@@ -294,9 +294,9 @@ def run_job(pipe, request, model_name: str, progress, should_stop) -> list[bytes
     return [png_bytes(image, png_text(request, k, model_name)) for k, image in enumerate(images)]
 
 
-# A preview is a thumbnail: latents larger than this per side are averaged down before decoding,
-# so that a 2048² job's preview costs a 256² decode, not a full-size one every few steps.
-PREVIEW_LATENT_SIDE = 32
+# A preview is a thumbnail: latents that decode to more than this many pixels per side are
+# averaged down first, so that a 2048² job's preview costs a 256² decode, not a full-size one.
+PREVIEW_SIDE = 256
 
 
 def progress_event(pipe, i: int, x0, total: int, preview_every: int) -> dict:
@@ -305,10 +305,11 @@ def progress_event(pipe, i: int, x0, total: int, preview_every: int) -> dict:
     if preview_every and ((i + 1) % preview_every == 0 or i + 1 == total):
         latent = x0[:1]
         h, w = latent.shape[-2:]
-        if max(h, w) > PREVIEW_LATENT_SIDE:
+        side = max(1, PREVIEW_SIDE // getattr(pipe, "vae_factor", 1))  # in latent pixels
+        if max(h, w) > side:
             import torch.nn.functional as F
 
-            scale = PREVIEW_LATENT_SIDE / max(h, w)
+            scale = side / max(h, w)
             latent = F.adaptive_avg_pool2d(latent, (max(1, round(h * scale)), max(1, round(w * scale))))
         preview = pipe.decode(latent)[0]
         preview.thumbnail((128, 128))
