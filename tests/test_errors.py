@@ -322,3 +322,15 @@ def test_model_defaults_that_no_request_could_use_are_refused_at_load(tiny_model
         (d / "model_index.json").write_text(json.dumps(index))
         with pytest.raises(UnfogError, match=match):
             Pipeline.from_pretrained(d)
+
+
+def test_sdxl_second_prompts_are_checked_like_the_first(tiny_pipe, monkeypatch):
+    """prompt_2 and negative_prompt_2 reached the text encoders unchecked: the server accepted the
+    job and it failed later (a 500 behind the Ray ingress)."""
+    monkeypatch.setattr(tiny_pipe, "sdxl", "base")  # the checks come before anything SDXL-specific is built
+    with pytest.raises(UnfogError, match="has 70 BREAKs") as e:
+        tiny_pipe.request("a", prompt_2="x BREAK " * 70, prompt_syntax="a1111")
+    assert e.value.field == "prompt_2"
+    with pytest.raises(UnfogError, match="emphasis weight") as e:
+        tiny_pipe.request("a", negative_prompt_2=["(((red:900)))"], prompt_syntax="a1111")
+    assert e.value.field == "negative_prompt_2"

@@ -269,8 +269,12 @@ def make_request(
     if prompt_syntax == "a1111":
         prompts, loras = _lora_tags(prompts, lora_dir)
         negatives = [extract_loras(q, "negative_prompt")[0] for q in negatives]
-        for field, texts in (("prompt", prompts), ("negative_prompt", negatives)):
+        second = {f: sdxl.get(f) for f in ("prompt_2", "negative_prompt_2")}  # SDXL's second prompts, when given
+        for field, texts in (("prompt", prompts), ("negative_prompt", negatives),
+                             *((f, [v] if isinstance(v, str) else v) for f, v in second.items() if isinstance(v, (str, list, tuple)))):
             for text in texts:
+                if not isinstance(text, str):
+                    continue  # a type error is the SDXL checks' to name
                 breaks = sum(t == BREAK and w == -1 for t, w in parse_attention(text, field))  # emphasis checked now, not at encoding
                 if breaks >= MAX_WINDOWS:
                     raise UnfogError(f"{field} has {breaks} BREAKs; at most {MAX_WINDOWS - 1} (each starts a window of 75 tokens)", field)

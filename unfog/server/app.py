@@ -322,6 +322,8 @@ def _add_job_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings) -> No
             raise Refused(429, f"the queue is full ({s.max_queue} jobs); retry later", headers={"Retry-After": "5"}) from None
         except Unavailable as e:
             raise Refused(503, str(e), headers={"Retry-After": "30"}) from None
+        except UnfogError as e:  # found while preparing the job (the Ray ingress frames the prompt's token windows)
+            raise Refused(422, str(e), API_NAMES.get(e.field, e.field)) from None
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(request: Request):
