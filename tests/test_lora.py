@@ -3,6 +3,7 @@ diffusers' `load_lora_weights` images; weights, two adapters, fuse/unfuse and un
 diffusers' methods of the same names, and unload restores the network bit for bit."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -439,3 +440,33 @@ def test_lycoris_factors_are_checked_before_they_are_multiplied_out(sd1, tmp_pat
     with pytest.raises(UnfogError, match="do not combine"):
         ours.load_lora_weights(tmp_path / "mismatch.safetensors")
     assert ours.get_list_adapters() == {}
+
+
+def test_a_save_that_fails_mid_swap_loses_neither_the_model_nor_the_users_files(sd1, tmp_path, monkeypatch):
+    import os
+
+    import unfog.formats.folder as folder_module
+
+    _, folder = sd1
+    ours = Pipeline.from_pretrained(folder)
+    target = tmp_path / "m"
+    ours.save_pretrained(target)
+    (target / "NOTES.md").write_text("notes")
+    real = os.replace
+    fail = {"tmp": True, "old": False}
+
+    def flaky(src, dst):
+        if Path(dst) == target and (fail["old"] if Path(src).name.endswith(".old") else fail["tmp"]):
+            raise OSError("the disk went away")
+        return real(src, dst)
+
+    monkeypatch.setattr(folder_module.os, "replace", flaky)
+    with pytest.raises(OSError, match="went away"):  # the new folder cannot take the old one's place: all put back
+        ours.save_pretrained(target)
+    assert (target / "NOTES.md").read_text() == "notes" and Pipeline.from_pretrained(target)
+    fail["old"] = True  # and the old one cannot be put back either: nothing is deleted, and the warning says where it is
+    with pytest.warns(UserWarning, match="your other files from it are in"), pytest.raises(OSError, match="went away"):
+        ours.save_pretrained(target)
+    monkeypatch.setattr(folder_module.os, "replace", real)
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".m.")]
+    assert any((p / "NOTES.md").exists() for p in leftovers) and (tmp_path / ".m.old" / "model_index.json").exists()

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,10 +145,18 @@ def save_model(parts: ModelParts, directory: str | Path, dtype: torch.dtype | No
         else:
             os.replace(tmp, target)
     except BaseException:
-        for name in kept:  # back where they were, if the swap did not happen
-            if (tmp / name).exists() and not (target / name).exists():
+        old = target.with_name(f".{target.name}.old")
+        if kept and not target.exists() and old.is_dir():  # interrupted between the two renames: the old model back first
+            with contextlib.suppress(OSError):
+                os.replace(old, target)
+        for name in kept:  # the user's files back where they were, if the swap did not happen
+            if (tmp / name).exists() and target.is_dir() and not (target / name).exists():
                 with contextlib.suppress(OSError):
                     os.replace(tmp / name, target / name)
+        if any((tmp / name).exists() for name in kept):  # never delete the user's files: say where they are
+            warnings.warn(f"saving to {target} failed, and your other files from it are in {tmp} (the previous model, if not back "
+                          f"in place, is in {old}); move them back by hand", stacklevel=2)
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
