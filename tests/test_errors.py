@@ -314,14 +314,17 @@ def test_a_prompt_is_bounded_in_windows(tiny_pipe):
     assert tiny_pipe("a BREAK " * 10, prompt_syntax="a1111", num_inference_steps=1).images
 
 
-def test_model_defaults_that_no_request_could_use_are_refused_at_load(tiny_model_dir, tmp_path):
-    for key, value, match in (("height", 63, "default height \\(63"), ("num_inference_steps", 5000, "default num_inference_steps \\(5000")):
+def test_model_defaults_that_no_request_could_use_are_said_at_load(tiny_model_dir, tmp_path):
+    """A model whose own defaults fail every call that leaves them out is still usable when the
+    caller passes them; it is said once, at load, not as if the caller had passed a bad value."""
+    for key, value, match in (("height", 63, "default height 63 \\(must be a multiple of"), ("num_inference_steps", 5000, "default num_inference_steps 5000")):
         d = copy_model(tiny_model_dir, tmp_path / key)
         index = json.loads((d / "model_index.json").read_text())
         index["defaults"][key] = value
         (d / "model_index.json").write_text(json.dumps(index))
-        with pytest.raises(UnfogError, match=match):
-            Pipeline.from_pretrained(d)
+        with pytest.warns(UserWarning, match=match):
+            pipe = Pipeline.from_pretrained(d)
+        assert pipe("a", height=32, width=32, num_inference_steps=2).images
 
 
 def test_sdxl_second_prompts_are_checked_like_the_first(tiny_pipe, monkeypatch):
@@ -334,3 +337,22 @@ def test_sdxl_second_prompts_are_checked_like_the_first(tiny_pipe, monkeypatch):
     with pytest.raises(UnfogError, match="emphasis weight") as e:
         tiny_pipe.request("a", negative_prompt_2=["(((red:900)))"], prompt_syntax="a1111")
     assert e.value.field == "negative_prompt_2"
+
+
+def test_saving_an_image_keeps_a_links_target_an_old_files_mode_and_fits_long_names(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from unfog.images import save
+
+    real = tmp_path / "real.png"
+    save(Image.new("RGB", (4, 4)), real)
+    os.chmod(real, 0o640)
+    (tmp_path / "link.png").symlink_to(real)
+    save(Image.new("RGB", (4, 4), "red"), tmp_path / "link.png")
+    assert (tmp_path / "link.png").is_symlink() and Image.open(real).getpixel((0, 0)) == (255, 0, 0)
+    assert real.stat().st_mode & 0o777 == 0o640
+    long = tmp_path / ("x" * 246 + ".png")  # 250 bytes: a legal name, with no room for a long temporary one
+    save(Image.new("RGB", (4, 4)), long)
+    assert long.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".part")) == []

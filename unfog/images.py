@@ -63,10 +63,12 @@ def save(image: Image.Image, target, text: dict[str, str] | None = None, format:
         return
     # To a sibling first, then renamed over the target: a write that fails (a full disk) leaves
     # neither a truncated image nor a damaged earlier file at the target.
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+    target = Path(target).resolve() if Path(target).is_symlink() else Path(target)  # through a link, as a plain save writes
+    tmp = target.with_name(f".{secrets.token_hex(6)}.part")  # short: a target name near the filesystem's limit still fits
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the usual mode, less the umask
     try:
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(fd, os.stat(target).st_mode & 0o7777)  # an image being replaced keeps its mode
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=format or Image.registered_extensions().get(target.suffix.lower()), **extra)
         os.replace(tmp, target)

@@ -142,14 +142,13 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         self.decode_tile: int | None = None  # latent tile size for decoding large images
         # Checked before anything is allocated: images per request, pixels per image and per side, steps.
         self.max_images, self.max_pixels, self.max_side, self.max_steps = 64, 4096 * 4096, 8192, 1000
-        d, f = self.defaults, self.downsample_factor  # the model's own defaults must make a request it accepts
-        for name, v in (("height", d.height), ("width", d.width)):
-            if v % f or v > self.max_side:
-                raise UnfogError(f"the model's default {name} ({v}, model_index.json \"defaults\") must be a multiple of {f} "
-                                 f"and at most {self.max_side}")
-        if d.num_inference_steps > self.max_steps:
-            raise UnfogError(f"the model's default num_inference_steps ({d.num_inference_steps}, model_index.json \"defaults\") "
-                             f"must be at most {self.max_steps}")
+        d, f = self.defaults, self.downsample_factor  # said once at load, not as if each caller had passed them
+        bad = [f"{name} {v} (must be a multiple of {f}, at most {self.max_side})" for name, v in (("height", d.height), ("width", d.width))
+               if v % f or v > self.max_side]
+        bad += [f"num_inference_steps {d.num_inference_steps} (more than {self.max_steps})"] if d.num_inference_steps > self.max_steps else []
+        if bad:
+            warnings.warn(f"the model's default {', '.join(bad)} cannot be used as they are: pass "
+                          f"{' and '.join(b.split()[0] for b in bad)} to every call", stacklevel=2)
         # Replay the guided denoiser as a captured CUDA graph (optimize() turns this on for CUDA;
         # on a CPU the same static-buffer call runs without capture). Graphs are cached per shape.
         self.cuda_graphs = False
