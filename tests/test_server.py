@@ -497,7 +497,7 @@ def test_the_server_bounds_request_headers(pipe):
                 reply = s.recv(100)
             except OSError:  # closed on us mid-send
                 reply = b""
-        assert sent < 8 and (reply == b"" or reply.startswith(b"HTTP/1.1 4")), (sent, reply)
+        assert sent < 32 and (reply == b"" or reply.startswith(b"HTTP/1.1 4")), (sent, reply)  # stopped far short of 64 MB (kernel buffers take a few)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=10) as r:
             assert r.status == 200
         # Headers trickled, or nothing sent at all: closed once the head is head_timeout_s late,
