@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_openvino import interleave  # noqa: E402  (each implementation once per round, in turn)
 
 # (rows, in, out): the U-Net's attention and feed-forward layers at a 32×32 latent, CFG batch 2
 SHAPES = [(2048, 320, 320), (2048, 320, 2560), (2048, 1280, 320), (512, 640, 640), (512, 640, 5120),
@@ -132,12 +133,7 @@ def eager(latent: int, rounds: int, min_weight: int) -> None:
         ref = base(x, t, ctx)
         for name, net in (("optimize()", bf16), (f"int8 ({n} layers)", int8)):
             print(f"relative error vs float32, {name}: {((net(xb, t, cb).float() - ref).norm() / ref.norm()).item():.4f}")
-        times = {"bf16": [], "int8": []}
-        for _ in range(rounds):
-            for name, net in (("bf16", bf16), ("int8", int8)):
-                start = time.perf_counter()
-                net(xb, t, cb)
-                times[name].append(time.perf_counter() - start)
+        times = interleave({"bf16": lambda: bf16(xb, t, cb), "int8": lambda: int8(xb, t, cb)}, rounds, unit=1.0)
     ratio = statistics.median(i / b for i, b in zip(times["int8"], times["bf16"]))
     print(f"SD 1.5 U-Net, {latent}×{latent} latent, CFG batch 2, {rounds} rounds: optimize() {statistics.median(times['bf16']) * 1000:.1f} ms, "
           f"with int8 layers {statistics.median(times['int8']) * 1000:.1f} ms, int8 / optimize() {ratio:.3f}", flush=True)
@@ -178,12 +174,7 @@ def unet(model: str, latent: int, rounds: int, calibration: int) -> None:
         b = eager(xb, t, cb)
         for name, out in (("int8 PT2E", a), ("optimize() bf16", b)):
             print(f"relative error vs float32, {name}: {((out.float() - ref).norm() / ref.norm()).item():.4f}")
-        times = {"int8": [], "bf16": []}
-        for _ in range(rounds):
-            for name, fn in (("int8", lambda: compiled(x, t, ctx)), ("bf16", lambda: eager(xb, t, cb))):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        times = interleave({"int8": lambda: compiled(x, t, ctx), "bf16": lambda: eager(xb, t, cb)}, rounds, unit=1.0)
         ratio = statistics.median(i / e for i, e in zip(times["int8"], times["bf16"]))
         print(f"{model} U-Net, {latent}×{latent} latent, CFG batch 2, {rounds} rounds: int8 PT2E "
               f"{statistics.median(times['int8']) * 1000:.1f} ms, optimize() {statistics.median(times['bf16']) * 1000:.1f} ms, "

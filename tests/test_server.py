@@ -502,15 +502,18 @@ def test_the_server_bounds_request_headers(pipe):
             assert r.status == 200
         # Headers trickled, or nothing sent at all: closed once the head is head_timeout_s late,
         # while a request whose head came in time is served however long it takes.
+        def trickle(sock, piece: bytes, times: int) -> None:  # a piece every 0.4 s, until the server hangs up
+            for _ in range(times):
+                time.sleep(0.4)
+                try:
+                    sock.sendall(piece)
+                except OSError:
+                    return
+
         with socket.create_connection(("127.0.0.1", port), timeout=10) as slow, socket.create_connection(("127.0.0.1", port), timeout=10) as mute:
             slow.sendall(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             start = time.time()
-            for _ in range(3):
-                time.sleep(0.4)
-                try:
-                    slow.sendall(b"X-a: b\r\n")
-                except OSError:
-                    break
+            trickle(slow, b"X-a: b\r\n", 3)
 
             def closed(sock) -> bool:  # the server ends the connection (after whatever it still had to send)
                 try:
@@ -531,12 +534,7 @@ def test_the_server_bounds_request_headers(pipe):
             s.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 5000000\r\n\r\n")
             assert s.recv(12) == b"HTTP/1.1 413"
             start = time.time()
-            for _ in range(10):
-                time.sleep(0.4)
-                try:
-                    s.sendall(b"{")
-                except OSError:
-                    break
+            trickle(s, b"{", 10)
             assert closed(s) and time.time() - start < 8
     finally:
         server.should_exit = True

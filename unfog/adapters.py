@@ -58,6 +58,12 @@ class LoraMixin:
                     out[comp].append(name)
         return out
 
+    def _check_loaded(self, names: Sequence[str]) -> None:
+        loaded = {n for names_ in self.get_list_adapters().values() for n in names_}
+        missing = [n for n in names if n not in loaded]
+        if missing:
+            raise UnfogError(f"no adapter named {missing}; loaded: {sorted(loaded)}", "adapter_names")
+
     def get_active_adapters(self) -> list[str]:
         names = []
         for _, _, layer in self._adapted_layers():
@@ -103,10 +109,7 @@ class LoraMixin:
             [adapter_weights] * len(names) if isinstance(adapter_weights, (int, float)) else list(adapter_weights))
         if len(weights) != len(names) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
             raise UnfogError(f"adapter_weights must be one finite number or {len(names)} of them, got {adapter_weights!r}", "adapter_weights")
-        loaded = {n for names_ in self.get_list_adapters().values() for n in names_}
-        missing = [n for n in names if n not in loaded]
-        if missing:
-            raise UnfogError(f"no adapter named {missing}; loaded: {sorted(loaded)}", "adapter_names")
+        self._check_loaded(names)
         if any(layer.fused for _, _, layer in self._adapted_layers()):
             raise UnfogError("adapters are fused into the weights; unfuse_lora() before changing their weights")
         chosen = dict(zip(names, map(float, weights)))
@@ -121,10 +124,7 @@ class LoraMixin:
         lora_scale = _finite("lora_scale", lora_scale)
         if adapter_names is not None:
             adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)  # a name, not its substrings
-            loaded = {n for names_ in self.get_list_adapters().values() for n in names_}
-            missing = [n for n in adapter_names if n not in loaded]
-            if missing:
-                raise UnfogError(f"no adapter named {missing}; loaded: {sorted(loaded)}", "adapter_names")
+            self._check_loaded(adapter_names)
         for _, _, layer in self._adapted_layers():
             for name in list(layer.adapters):
                 if adapter_names is None or name in adapter_names:

@@ -127,7 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UnfogError("--trajectory-frames must be at least 2")
     _check_output(args.output, "-o/--output")
     _check_output(args.trajectory, "--trajectory")
-    taken = [p for p in _output_paths(Path(args.output), args.num_images) if p.is_dir()] if isinstance(args.num_images, int) and args.num_images > 0 else []
+    taken = [p for p in _output_paths(Path(args.output), args.num_images) if p.is_dir()]  # every image's name, before any work
     if taken:
         raise UnfogError(f"{taken[0]} is a folder; choose another -o/--output")
     _check_device(args.device)
@@ -205,9 +205,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     model_name = Path(args.model).name if args.model else "unfog-default"
-    taken = [p for p in _output_paths(out, len(result.images)) if p.is_dir()]
-    if taken:  # checked for every image before writing any
-        raise UnfogError(f"{taken[0]} is a folder; choose another -o/--output")
     for k, (path, image) in enumerate(zip(_output_paths(out, len(result.images)), result.images)):
         save(image, path, png_text(result.request, k, model_name))  # the settings ride along (PNG only)
         print(f"{path}  seed={result.seeds[k]}")

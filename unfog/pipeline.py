@@ -398,11 +398,14 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         c = self.vae.config
         z = (latents / c.scaling_factor + c.shift_factor).to(self.device)
         per_call = max(1, DECODE_PIXELS // (z.shape[-2] * z.shape[-1] * self.vae_factor ** 2))
-        pixels = torch.cat([self._decode_tiled(self.vae, part) for part in z.split(per_call)])
+
+        def decode_with(vae: Autoencoder) -> torch.Tensor:
+            return torch.cat([self._decode_tiled(vae, part) for part in z.split(per_call)])
+
+        pixels = decode_with(self.vae)
         if not torch.isfinite(pixels).all() and next(self.vae.parameters()).dtype != torch.float32:
             warnings.warn(f"the autoencoder overflowed in {str(next(self.vae.parameters()).dtype).replace('torch.', '')}; decoded again in float32", stacklevel=2)
-            vae = copy.deepcopy(self.vae).float()
-            pixels = torch.cat([self._decode_tiled(vae, part) for part in z.split(per_call)])
+            pixels = decode_with(copy.deepcopy(self.vae).float())
         return to_pil(pixels)
 
     @torch.inference_mode()

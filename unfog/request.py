@@ -269,15 +269,10 @@ def make_request(
     if prompt_syntax == "a1111":
         prompts, loras = _lora_tags(prompts, lora_dir)
         negatives = [extract_loras(q, "negative_prompt")[0] for q in negatives]
-        second = {f: sdxl.get(f) for f in ("prompt_2", "negative_prompt_2")}  # SDXL's second prompts, when given
-        for field, texts in (("prompt", prompts), ("negative_prompt", negatives),
-                             *((f, [v] if isinstance(v, str) else v) for f, v in second.items() if isinstance(v, (str, list, tuple)))):
-            for text in texts:
-                if not isinstance(text, str):
-                    continue  # a type error is the SDXL checks' to name
-                breaks = sum(t == BREAK and w == -1 for t, w in parse_attention(text, field))  # emphasis checked now, not at encoding
-                if breaks >= MAX_WINDOWS:
-                    raise UnfogError(f"{field} has {breaks} BREAKs; at most {MAX_WINDOWS - 1} (each starts a window of 75 tokens)", field)
+        for field, texts in (("prompt", prompts), ("negative_prompt", negatives), ("prompt_2", sdxl.get("prompt_2")),
+                             ("negative_prompt_2", sdxl.get("negative_prompt_2"))):  # SDXL's second prompts, when given
+            for text in [texts] if isinstance(texts, str) else texts if isinstance(texts, (list, tuple)) else []:
+                _check_a1111(text, field)
     unknown = sorted(set(sdxl) - set(SDXL_OPTIONS))
     if unknown:
         raise UnfogError(f"unknown generation option(s) {unknown}", unknown[0])
@@ -363,6 +358,15 @@ def make_request(
 
 
 OUTPUT_TYPES = ("pil", "latent")
+
+
+def _check_a1111(text: Any, field: str) -> None:
+    """A prompt's emphasis weights and BREAK count, checked when the request is made rather than
+    at encoding (a type error is left to the check that names it)."""
+    if isinstance(text, str):
+        breaks = sum(t == BREAK and w == -1 for t, w in parse_attention(text, field))
+        if breaks >= MAX_WINDOWS:
+            raise UnfogError(f"{field} has {breaks} BREAKs; at most {MAX_WINDOWS - 1} (each starts a window of 75 tokens)", field)
 
 
 def _is_file(path: Path) -> bool:
@@ -470,9 +474,9 @@ def settings_from_png(text: dict[str, str]) -> dict[str, Any]:
     settings = lines[-1] if re.search(r"(^|, )Steps: ", lines[-1]) else ""
     body = lines[:-1] if settings else lines
     fields = dict(re.findall(r"(\w[\w ]*): ([^,]+)", settings))
-    negative = "\n".join(line[len("Negative prompt: "):] if line.startswith("Negative prompt: ") else line
-                         for line in body[next((k for k, line in enumerate(body) if line.startswith("Negative prompt: ")), len(body)):])
-    prompt = "\n".join(line for line in body[: next((k for k, line in enumerate(body) if line.startswith("Negative prompt: ")), len(body))])
+    cut = next((k for k, line in enumerate(body) if line.startswith("Negative prompt: ")), len(body))  # the rest is the negative prompt
+    prompt = "\n".join(body[:cut])
+    negative = "\n".join(body[cut:])[len("Negative prompt: "):]
     by_a1111 = {v: k for k, v in A1111_SAMPLERS.items()}
     out: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
     try:

@@ -228,12 +228,6 @@ def _adapter(f: SafetensorsFile, parts: dict[str, str], layer: nn.Module, fmt: s
         if fmt == "peft":
             alpha = _peft_alpha(header, comp, name, down.shape[0])
         adapter = LowRank(down, up, alpha)
-    try:
-        delta_shape = adapter.delta().shape if not isinstance(adapter, LowRank) else shape
-    except RuntimeError as e:
-        raise UnfogError(f"{where}: the LyCORIS factors do not combine ({e})") from None
-    if tuple(delta_shape) != shape:
-        raise UnfogError(f"{where}: the adapter's update has shape {tuple(delta_shape)} but the layer's weight is {shape}")
     if not all(torch.isfinite(p).all() for p in adapter.parameters()) or not math.isfinite(adapter.scale):
         raise UnfogError(f"{where}: holds NaN or infinite values (or an alpha that makes its scale so); the file is damaged")
     return adapter

@@ -128,6 +128,11 @@ class Refused(Exception):
     def __init__(self, status: int, error: str, field: str | None = None, allowed: Any = None, headers: dict | None = None):
         self.status, self.body, self.headers = status, {"error": error, "field": field, "allowed": allowed}, headers or {}
 
+    @classmethod
+    def invalid(cls, e: UnfogError) -> "Refused":
+        """A request the library refused: a 422 naming the field by its API name."""
+        return cls(422, str(e), API_NAMES.get(e.field, e.field))
+
 
 # The API's field names and the generation request's, where they differ.
 FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "num_inference_steps", "guidance_scale": "guidance_scale",
@@ -193,7 +198,7 @@ def validate(body: Any, pipe, s: ServerSettings) -> GenerationRequest:
         try:
             request = pipe.request(**options)
         except UnfogError as e:
-            raise Refused(422, str(e), API_NAMES.get(e.field, e.field)) from None
+            raise Refused.invalid(e) from None
         if request.width * request.height > s.max_pixels:
             raise Refused(422, f"width × height must be at most {s.max_pixels} pixels, got {request.width * request.height}", "width")
         work = request.width * request.height / 1e6 * request.num_inference_steps * request.batch
@@ -323,7 +328,7 @@ def _add_job_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings) -> No
         except Unavailable as e:
             raise Refused(503, str(e), headers={"Retry-After": "30"}) from None
         except UnfogError as e:  # found while preparing the job (the Ray ingress frames the prompt's token windows)
-            raise Refused(422, str(e), API_NAMES.get(e.field, e.field)) from None
+            raise Refused.invalid(e) from None
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(request: Request):

@@ -305,7 +305,7 @@ def progress_event(pipe, i: int, x0, total: int, preview_every: int) -> dict:
     if preview_every and ((i + 1) % preview_every == 0 or i + 1 == total):
         latent = x0[:1]
         h, w = latent.shape[-2:]
-        side = max(1, PREVIEW_SIDE // getattr(pipe, "vae_factor", 1))  # in latent pixels
+        side = max(1, PREVIEW_SIDE // pipe.vae_factor)  # in latent pixels
         if max(h, w) > side:
             import torch.nn.functional as F
 
