@@ -304,7 +304,7 @@ def test_decode_tile_takes_none_or_a_real_tile_size(tiny_pipe):
 
 
 def test_a_prompt_is_bounded_in_windows(tiny_pipe):
-    """6,000 BREAKs (a 48 KB prompt) took 3.6 GB for one 64² image; a 200,000-word prompt ran out
+    """6,000 BREAKs (a 48 KB prompt) took gigabytes for one 64² image; a 200,000-word prompt ran out
     of memory inside torch."""
     with pytest.raises(UnfogError, match="has 6000 BREAKs; at most 63") as e:
         tiny_pipe.request("a", negative_prompt="a BREAK " * 6000, prompt_syntax="a1111")

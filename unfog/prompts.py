@@ -37,8 +37,8 @@ _LORA = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 # (and 1.1 to the power of a few hundred nested brackets, or (x:1e400), is no longer a number).
 MAX_WEIGHT = 1000.0
 # The most windows of 75 tokens a prompt may take (about 4,800 tokens; unfog.text checks the
-# count, the request the BREAKs): each window is one more text-encoder pass per image, and 6,000
-# BREAKs took 3.6 GB for a 64² image.
+# count, the request the BREAKs): each window is one more text-encoder pass per image, so
+# thousands of BREAKs in a short prompt took gigabytes for a 64² image.
 MAX_WINDOWS = 64
 
 
