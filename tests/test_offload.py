@@ -9,6 +9,7 @@ import torch
 
 from unfog import Pipeline
 from unfog.errors import UnfogError
+from unfog.nn import packed
 
 
 def image(pipe, **kw):
@@ -121,3 +122,78 @@ def test_casting_and_threads_in_low_memory_mode(tiny_model_dir):
     assert not errors and len(results) == 9 and all(np.array_equal(r, expected) for r in results)
     with pytest.raises(UnfogError, match="cannot be copied"):
         copy.deepcopy(low)
+
+
+# ---- low-memory mode on CUDA: each network on the GPU only while it runs (DeviceOffload) ----
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_device_offload_moves_a_network_for_its_block_and_puts_its_own_tensors_back(tiny_model_dir):
+    """The bookkeeping, on the meta device (no GPU here): inside the block every weight is on the
+    target device; after it the very same CPU tensors are back (no copy), also after an error,
+    and a network used by two blocks at once stays until the last one ends."""
+    from unfog.offload import DeviceOffload
+
+    pipe = Pipeline.from_pretrained(tiny_model_dir)
+    off = DeviceOffload(torch.device("meta"))
+    storage = {n: t.data_ptr() for n, t in pipe.unet.state_dict().items()}
+    params = list(pipe.unet.parameters())
+    with off.using(pipe.unet):
+        assert all(t.is_meta for t in pipe.unet.state_dict().values())
+        with off.using(pipe.unet):  # a second user
+            pass
+        assert all(t.is_meta for t in pipe.unet.state_dict().values())  # the first still holds it
+        assert not any(t.is_meta for t in pipe.vae.state_dict().values())  # only the network asked for
+    assert {n: t.data_ptr() for n, t in pipe.unet.state_dict().items()} == storage
+    assert list(pipe.unet.parameters()) == params  # the same Parameter objects
+    with pytest.raises(RuntimeError, match="inside"):
+        with off.using(pipe.unet):
+            raise RuntimeError("inside")
+    assert {n: t.data_ptr() for n, t in pipe.unet.state_dict().items()} == storage and not off.users
+
+
+def test_low_memory_mode_on_cuda_refuses_clearly(tiny_model_dir):
+    pipe = Pipeline.from_pretrained(tiny_model_dir)
+    if not torch.cuda.is_available():
+        with pytest.raises(UnfogError, match="no CUDA GPU"):
+            pipe.enable_low_memory(device="cuda")
+        with pytest.raises(UnfogError, match="no CUDA GPU"):
+            pipe.enable_model_cpu_offload()
+    with pytest.raises(UnfogError, match="CPU or a CUDA GPU"):
+        pipe.enable_low_memory(device="meta")
+    assert pipe.offload is None and pipe.device.type == "cpu"
+
+
+@cuda
+def test_cuda_low_memory_images_equal_and_the_gpu_holds_one_network(tiny_model_dir):
+    full = Pipeline.from_pretrained(tiny_model_dir).to("cuda")
+    low = Pipeline.from_pretrained(tiny_model_dir).enable_low_memory(device="cuda")
+    assert low.device.type == "cuda" and all(t.device.type == "cpu" for t in low.unet.state_dict().values())
+    seen = []
+    low.unet.register_forward_pre_hook(lambda m, a: seen.append((next(m.parameters()).device.type, next(low.vae.parameters()).device.type)))
+    for _ in range(2):
+        assert np.array_equal(image(low), image(full))
+    assert set(seen) == {("cuda", "cpu")}  # the U-Net on the GPU while it runs, the autoencoder not
+    assert all(t.device.type == "cpu" and t.is_pinned() for m in (low.unet, low.vae, low.text_encoder) for t in m.state_dict().values())
+    # img2img encodes with the autoencoder; adapters change weights on the CPU between generations
+    init = full("a red circle", num_inference_steps=2, seed=1).images[0]
+    assert np.array_equal(image(low, image=init, strength=0.5), image(full, image=init, strength=0.5))
+    with pytest.raises(UnfogError, match="disable_low_memory"):
+        low.to("cuda")
+    low.disable_low_memory()
+    assert low.offload is None and all(t.is_cuda for t in low.unet.state_dict().values())
+    assert np.array_equal(image(low), image(full))
+
+
+@cuda
+def test_cuda_low_memory_with_optimize(tiny_model_dir):
+    """optimize() in low-memory mode: bfloat16 and the CUDA fast path without graphs (the
+    weights move each stage), close to the fully resident fast path."""
+    fast = Pipeline.from_pretrained(tiny_model_dir).to("cuda").optimize(cuda_graphs=False)
+    low = Pipeline.from_pretrained(tiny_model_dir).enable_model_cpu_offload().optimize()
+    assert not low.cuda_graphs and low.dtype == torch.bfloat16
+    assert not any(isinstance(m, (packed.PackedLinear, packed.PackedConv2d)) for m in low.unet.modules())  # not the CPU's oneDNN packing
+    with pytest.raises(UnfogError, match="graphs"):
+        low.optimize(cuda_graphs=True)
+    assert np.array_equal(image(low), image(fast))

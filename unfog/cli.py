@@ -58,6 +58,16 @@ def _png_settings(path: str | None) -> dict:
     return settings_from_png({k: v for k, v in getattr(image, "text", {}).items() if isinstance(v, str)})
 
 
+def _placed(pipe, args):
+    """The pipeline on --device; with --low-memory on CUDA, resting on the CPU with each network
+    on the GPU only while it runs (so the whole model never has to fit on the GPU at once)."""
+    import torch
+
+    if args.low_memory and args.device and torch.device(args.device).type == "cuda":
+        return pipe.enable_low_memory(device=args.device)
+    return pipe.to(args.device)
+
+
 def _check_device(device: str | None) -> None:
     """Refuse a device this torch cannot use, before the model is loaded."""
     if device is None:
@@ -133,11 +143,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _check_device(args.device)
     options = {k: v for k, v in (("config", args.config), ("tokenizer", args.tokenizer), ("clip_skip", args.clip_skip)) if v}
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype] if args.dtype else None
-    pipe = Pipeline.from_pretrained(args.model, dtype=dtype, **options).to(args.device)  # loaded straight into dtype: no float32 copy
+    pipe = _placed(Pipeline.from_pretrained(args.model, dtype=dtype, **options), args)  # loaded straight into dtype: no float32 copy
     _adapters(pipe, args)
     if args.optimize:
         pipe.optimize()
-    if args.low_memory:
+    if args.low_memory and pipe.offload is None:
         pipe.enable_low_memory()
     trajectory: list = []
 
@@ -164,10 +174,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if refiner.sdxl != "refiner" or pipe.sdxl != "base":
             raise UnfogError(f"--refiner needs an SDXL base as --model and an SDXL refiner as --refiner; got {pipe.sdxl or 'a non-SDXL model'} "
                              f"and {refiner.sdxl or 'a non-SDXL model'}")
-        refiner.to(args.device)
+        refiner = _placed(refiner, args)
         if args.optimize:
             refiner.optimize()
-        if args.low_memory:
+        if args.low_memory and refiner.offload is None:
             refiner.enable_low_memory()
         sdxl.update(denoising_end=args.refiner_start, output_type="latent")
     result = pipe(
@@ -362,13 +372,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import torch
 
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    pipe = Pipeline.from_pretrained(args.model, dtype=dtype).to(args.device)
+    pipe = _placed(Pipeline.from_pretrained(args.model, dtype=dtype), args)
     _adapters(pipe, args)
     if args.lora_dir and not Path(args.lora_dir).is_dir():
         raise UnfogError(f"--lora-dir {args.lora_dir} is not a folder")
     if args.optimize:
         pipe.optimize(compile=args.compile)
-    if args.low_memory:
+    if args.low_memory and pipe.offload is None:
         pipe.enable_low_memory()
     sizes = _sizes(args.warmup) if args.warmup else []
     if sizes or (args.optimize and args.compile):  # a compiled U-Net's first call of a shape compiles it: do that before listening

@@ -62,7 +62,7 @@ def _generate_parser(sub) -> None:
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps …")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--optimize", action="store_true", help="the fast path: pipe.optimize() (bf16 U-Net and autoencoder where the hardware has it; on CUDA also the guided denoiser as one CUDA graph)")
-    g.add_argument("--low-memory", action="store_true", help="CPU: keep the text encoders on disk except while they encode (pipe.enable_low_memory())")
+    g.add_argument("--low-memory", action="store_true", help="CPU: keep the text encoders on disk except while they encode; CUDA: each network on the GPU only while it runs (pipe.enable_low_memory())")
     g.add_argument("--init-image", help="img2img / inpainting: the starting picture")
     g.add_argument("--strength", type=float, help="img2img: how far to re-noise the init image, (0, 1] (default 0.8; 1 with --mask)")
     g.add_argument("--mask", help="inpainting: a mask image, white = repaint")
@@ -174,7 +174,7 @@ def _serve_parser(sub) -> None:
     v.add_argument("--embedding", action="append", metavar="PATH", help="load a textual-inversion embedding; repeatable")
     v.add_argument("--max-work", type=float, default=200.0, help="a request's total work limit, megapixels × steps × images")
     v.add_argument("--optimize", action="store_true", help="serve through pipe.optimize()")
-    v.add_argument("--low-memory", action="store_true", help="CPU: keep the text encoders on disk except while they encode")
+    v.add_argument("--low-memory", action="store_true", help="CPU: keep the text encoders on disk except while they encode; CUDA: each network on the GPU only while it runs")
     v.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="load the model in this precision (bfloat16 halves the memory; SDXL on a CPU)")
     v.add_argument("--compile", action="store_true", help="with --optimize: also torch.compile the U-Net (compiled per size: the default size at start-up, see --warmup)")

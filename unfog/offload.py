@@ -1,4 +1,5 @@
-"""Low-memory mode on a CPU: the text encoders rest on disk between the encodings that use them.
+"""Low-memory mode: on a CPU the text encoders rest on disk between the encodings that use them;
+on a CUDA GPU every network rests in CPU memory and is on the GPU only while it runs.
 
 A CPU pipeline's memory is its networks' weights plus the activations of the stage that runs.
 The text encoders are used once, at the start of a generation, yet stay resident through
@@ -14,6 +15,14 @@ thread is encoding with.
 On Linux the file is unlinked as soon as it is written and read through this process's open
 descriptor (/proc/self/fd/N), so it disappears when the process ends, however it ends; a write
 that fails or is interrupted removes it. Elsewhere it is removed when its copy is dropped.
+
+On CUDA (`DeviceOffload`, diffusers' "model CPU offload"): the text encoders, the U-Net and the
+autoencoder stay in pinned CPU memory, and each is copied to the GPU for the stage that runs it
+(encoding the prompt, denoising, decoding) and dropped from the GPU after it, so the GPU holds
+one network and its activations at a time. The CPU tensors are kept while a network is on the
+GPU and put back afterwards (no copy back: inference does not change weights), so each stage
+costs one host-to-device copy of its network. Weights change between generations only, on the
+CPU (adapters, embeddings, casts), which is where they are then.
 """
 
 from __future__ import annotations
@@ -158,19 +167,106 @@ class DiskRest:
             self.copies.clear()
 
 
+def _tensors(module: nn.Module):
+    """(owner, "_parameters" or "_buffers", name, tensor) for every tensor the module holds."""
+    for owner in module.modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, t in getattr(owner, kind).items():
+                if t is not None:
+                    yield owner, kind, name, t
+
+
+def _put(owner: nn.Module, kind: str, name: str, tensor: torch.Tensor, original: nn.Parameter | None = None) -> None:
+    """Put `tensor` in the slot; a parameter's slot keeps its `original` Parameter object (so
+    optimisers, adapters and torch.compile's guards see the same one) where torch allows its data
+    to change device, and holds a new Parameter for the block where it does not (the meta device)."""
+    if kind == "_buffers":
+        owner._buffers[name] = tensor
+        return
+    p = original if original is not None else owner._parameters[name]
+    try:
+        p.data = tensor
+        owner._parameters[name] = p
+    except RuntimeError:
+        owner._parameters[name] = nn.Parameter(tensor, requires_grad=p.requires_grad)
+
+
+class DeviceOffload:
+    """Each network on `device` only for the stages that use it (see the module docstring);
+    counted, so two threads using one network keep it there until both are done."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.lock = threading.RLock()
+        self.users: dict[nn.Module, int] = {}
+        self.saved: dict[nn.Module, dict] = {}  # module -> {(owner, kind, name): its CPU tensor}
+
+    @contextlib.contextmanager
+    def using(self, module: nn.Module):
+        self._onto(module)
+        try:
+            yield
+        finally:
+            self._off(module)
+
+    def _onto(self, module: nn.Module) -> None:
+        with self.lock, torch.inference_mode(False), torch.no_grad():  # ordinary tensors, as the CPU ones are
+            self.users[module] = self.users.get(module, 0) + 1
+            if self.users[module] > 1:
+                return
+            saved = {}
+            for owner, kind, name, t in list(_tensors(module)):
+                if t.device.type != "cpu":
+                    continue
+                original = owner._parameters[name] if kind == "_parameters" else None
+                if self.device.type == "cuda" and not t.is_pinned():  # once: page-locked memory copies asynchronously, and faster
+                    t = t.pin_memory()
+                    _put(owner, kind, name, t, original)
+                saved[(owner, kind, name)] = (t, original)
+                _put(owner, kind, name, t.to(self.device, non_blocking=True), original)
+            self.saved[module] = saved
+
+    def _off(self, module: nn.Module) -> None:
+        with self.lock, torch.inference_mode(False), torch.no_grad():
+            self.users[module] -= 1
+            if self.users[module] > 0:
+                return
+            del self.users[module]
+            saved = self.saved.pop(module, {})
+            for owner, kind, name, t in list(_tensors(module)):
+                if t.device.type == "cpu":
+                    continue
+                old, original = saved.get((owner, kind, name), (None, None))
+                if old is not None and old.shape == t.shape and old.dtype == t.dtype:
+                    _put(owner, kind, name, old, original)  # unchanged while on the GPU: no copy back
+                else:  # made or recast while on the GPU (a fused copy, say): brought back
+                    _put(owner, kind, name, t.to("cpu"), original)
+
+
 class LowMemoryMixin:
     """The low-memory methods of `Pipeline` (kept here so pipeline.py stays about generation)."""
 
-    def enable_low_memory(self, directory: str | Path | None = None) -> "LowMemoryMixin":
-        """Low-memory mode, for machines with little memory to spare (CPU pipelines): the text
-        encoders rest on disk except while they encode a prompt (unfog.offload), so denoising and
-        the decode, where the largest activations come, run without them resident (SDXL: 1.6 GB
-        less in bfloat16). Their weights are written once to a file in `directory` (default: the
-        system's temporary folder; give one on a disk, not a RAM-backed /tmp) and read back for
-        each encoding. Load in the dtype you run in (`from_pretrained(dtype=...)`), so no copy
-        in another dtype is ever made. Returns self."""
+    def enable_low_memory(self, directory: str | Path | None = None, device: str | torch.device | None = None) -> "LowMemoryMixin":
+        """Low-memory mode, for machines with little memory to spare; returns self.
+
+        On a CPU: the text encoders rest on disk except while they encode a prompt, so denoising
+        and the decode, where the largest activations come, run without them resident (SDXL:
+        1.6 GB less in bfloat16). Their weights are written once to a file in `directory`
+        (default: the system's temporary folder; give one on a disk, not a RAM-backed /tmp) and
+        read back for each encoding. Load in the dtype you run in (`from_pretrained(dtype=...)`),
+        so no copy in another dtype is ever made.
+
+        On CUDA (a pipeline moved there, or `device="cuda"` for one still on the CPU, which never
+        holds the whole model on the GPU): every network rests in CPU memory and is copied to the
+        GPU only for the stage that runs it, diffusers' model CPU offload (unfog.offload). CUDA
+        graphs are off in this mode, since each stage's weights land at new addresses."""
+        target = torch.device(device) if device is not None else self.device
+        if target.type == "cuda":
+            return self._enable_offload(target)
+        if device is not None and target.type != "cpu":
+            raise UnfogError(f"low-memory mode runs on a CPU or a CUDA GPU, not {target}", "device")
         if self.device.type != "cpu":
-            raise UnfogError(f"low-memory mode is for CPU pipelines; this one is on {self.device}")
+            raise UnfogError(f"low-memory mode is for CPU and CUDA pipelines; this one is on {self.device}")
         if self.disk_rest is None:
             self.disk_rest = DiskRest(directory)
         elif directory is not None:
@@ -182,20 +278,54 @@ class LowMemoryMixin:
             raise
         return self
 
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> "LowMemoryMixin":
+        """diffusers' name for low-memory mode on CUDA: `enable_low_memory(device=...)`."""
+        if gpu_id is not None:
+            device = torch.device(torch.device(device).type, gpu_id)
+        return self.enable_low_memory(device=device)
+
+    def _enable_offload(self, device: torch.device) -> "LowMemoryMixin":
+        if self.disk_rest is not None:
+            raise UnfogError("this pipeline's text encoders rest on disk (CPU low-memory mode): disable_low_memory() first")
+        if not torch.cuda.is_available():
+            raise UnfogError(f"low-memory mode on {device}: this torch build sees no CUDA GPU", "device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UnfogError(f"low-memory mode on {device}: there are only {torch.cuda.device_count()} CUDA devices", "device")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.to("cpu")  # (also drops captured graphs, which point at GPU weights)
+        self.offload = DeviceOffload(device)
+        for name, b in self.denoiser._buffers.items():  # the schedule's few numbers (not the U-Net it wraps) where the sampling runs
+            self.denoiser._buffers[name] = b.to(device)
+        self.cuda_graphs = False
+        return self
+
     def disable_low_memory(self) -> "LowMemoryMixin":
-        """The text encoders resident again, and their files on disk removed; returns self."""
+        """Out of low-memory mode; returns self. On a CPU: the text encoders resident again, and
+        their files on disk removed. On CUDA: every network back on the GPU."""
+        if self.offload is not None:
+            device, self.offload = self.offload.device, None
+            self.to(device)
         if self.disk_rest is not None:
             self._resident(changing=True)
             self.disk_rest.close()
             self.disk_rest = None
         return self
 
+    def _on_device(self, module: nn.Module | None):
+        """A context in which `module` is on the pipeline's device (low-memory mode on CUDA
+        copies it there for the block); a no-op otherwise."""
+        if self.offload is None or module is None:
+            return contextlib.nullcontext()
+        return self.offload.using(module)
+
     @contextlib.contextmanager
     def _encoding_with(self, encoder: nn.Module):
         """In low-memory mode, the encoder's weights for the length of the block (back on disk
         after it, also when it raises); one thread at a time."""
         if self.disk_rest is None:
-            yield
+            with self._on_device(encoder):
+                yield
             return
         with self.disk_rest.lock:
             self.disk_rest.restore(encoder, changing=False)

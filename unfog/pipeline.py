@@ -118,7 +118,8 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         # Replay the guided denoiser as a captured CUDA graph (optimize() turns this on for CUDA;
         # on a CPU the same static-buffer call runs without capture). Graphs are cached per shape.
         self.cuda_graphs = False
-        self.disk_rest = None  # low-memory mode's DiskRest (enable_low_memory)
+        self.disk_rest = None  # low-memory mode's DiskRest (enable_low_memory on a CPU)
+        self.offload = None  # low-memory mode's DeviceOffload (enable_low_memory on CUDA)
         self.max_denoiser_graphs = 4
         self.denoiser_graphs: dict[tuple, DenoiserGraph] = {}
         self.denoiser = DiscreteDenoiser(unet, scheduler.alphas_cumprod(), scheduler.prediction_type)
@@ -198,6 +199,9 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move the networks to a device and/or cast them to a dtype; returns self."""
+        if self.offload is not None and device is not None:
+            raise UnfogError(f"this pipeline is in low-memory mode on {self.offload.device} (each network on the GPU only while it runs); "
+                             f"call disable_low_memory() before .to({str(device)!r})")
         if self.disk_rest is not None and device is not None and torch.device(device).type != "cpu":
             raise UnfogError(f"low-memory mode (text encoders resting on disk) is for CPU pipelines; call disable_low_memory() before .to({str(device)!r})")
         if dtype is not None:
@@ -241,16 +245,19 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
             dtype, channels_last = None, False
         elif dtype is None:
             dtype = torch.bfloat16
-        optimize_unet(self.unet, dtype, channels_last, compile)
+        optimize_unet(self.unet, dtype, channels_last, compile, self.device)
         if self.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and self.vae is not None:  # see the docstring
             prepack(self.vae.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.preserve_format))
-        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if cuda_graphs and self.offload is not None:
+            raise UnfogError("CUDA graphs need the weights to stay on the GPU; in low-memory mode they move each stage (cuda_graphs=False)", "cuda_graphs")
+        self.cuda_graphs = self.device.type == "cuda" and self.offload is None if cuda_graphs is None else cuda_graphs
         self.denoiser_graphs.clear()
         return self
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        """Where the networks run (in low-memory mode on CUDA they rest on the CPU in between)."""
+        return self.offload.device if self.offload is not None else next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -341,8 +348,9 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
                     raise Interrupted("stopped within a U-Net call")
             hooks = [m.register_forward_pre_hook(check) for m in self.unet.modules() if isinstance(m, (ResBlock, TransformerBlock))]
         try:
-            state.x = yield from iterate(sample, denoiser, state.x, state.sigmas, generator=state.generators,
-                                         callback=state.keep_known, **request.sampler_options)
+            with self._on_device(self.unet):  # low-memory mode on CUDA: on the GPU for the denoising only
+                state.x = yield from iterate(sample, denoiser, state.x, state.sigmas, generator=state.generators,
+                                             callback=state.keep_known, **request.sampler_options)
         finally:
             self.unet.deep_cache = None
             self.unet.release_context()  # the text context's kept cross-attention keys and values
@@ -368,10 +376,11 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         def decode_with(vae: Autoencoder) -> torch.Tensor:
             return torch.cat([self._decode_tiled(vae, part) for part in z.split(per_call)])
 
-        pixels = decode_with(self.vae)
-        if not torch.isfinite(pixels).all() and next(self.vae.parameters()).dtype != torch.float32:
-            warnings.warn(f"the autoencoder overflowed in {str(next(self.vae.parameters()).dtype).replace('torch.', '')}; decoded again in float32", stacklevel=2)
-            pixels = decode_with(copy.deepcopy(self.vae).float())
+        with self._on_device(self.vae):
+            pixels = decode_with(self.vae)
+            if not torch.isfinite(pixels).all() and next(self.vae.parameters()).dtype != torch.float32:
+                warnings.warn(f"the autoencoder overflowed in {str(next(self.vae.parameters()).dtype).replace('torch.', '')}; decoded again in float32", stacklevel=2)
+                pixels = decode_with(copy.deepcopy(self.vae).float())
         return to_pil(pixels)
 
     @torch.inference_mode()
@@ -500,7 +509,8 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         if self.vae is None:
             return pixels.float().to(self.device)
         vae_dtype = next(self.vae.parameters()).dtype
-        mean, logvar = self.vae.encode(pixels.to(self.device, vae_dtype))
+        with self._on_device(self.vae):
+            mean, logvar = self.vae.encode(pixels.to(self.device, vae_dtype))
         noise = torch.stack([torch.randn(mean.shape[1:], generator=g, device=g.device) for g in generators]).to(mean.device)
         z = mean.float() + (0.5 * logvar.float()).exp() * noise
         c = self.vae.config
@@ -524,7 +534,7 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
 
     def _denoiser_for(self, r: GenerationRequest, state: DenoisingState) -> Callable:
         base = functools.partial(self.denoiser, round_timesteps=True) if r.round_timesteps else self.denoiser
-        if self.cuda_graphs and r.deep_cache is None:
+        if self.cuda_graphs and r.deep_cache is None and self.offload is None:
             graph = self._denoiser_graph(base, r, state)
             if graph is not None:
                 return graph.bind(state.cond, state.uncond, r.guidance_scale, state.concat)

@@ -11,9 +11,11 @@ from .packed import prepack
 from .unet import UNet
 
 
-def optimize_unet(unet: UNet, dtype: torch.dtype | None, channels_last: bool, compile: bool) -> UNet:
+def optimize_unet(unet: UNet, dtype: torch.dtype | None, channels_last: bool, compile: bool, device: torch.device | None = None) -> UNet:
     """The U-Net part of Pipeline.optimize (also used by bench/speed.py): fused q/k/v for
-    self-attention, then the dtype, channels_last and torch.compile as asked."""
+    self-attention, then the dtype, channels_last and torch.compile as asked. `device`: where it
+    will run (default: where its weights are; low-memory mode on CUDA keeps them on the CPU)."""
+    cuda = (device or next(unet.parameters()).device).type == "cuda"
     for m in unet.modules():
         if isinstance(m, Attention):
             m.fuse_projections()
@@ -21,9 +23,9 @@ def optimize_unet(unet: UNet, dtype: torch.dtype | None, channels_last: bool, co
         unet.to(dtype=dtype)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
-    if not compile and dtype in (torch.bfloat16, torch.float16) and not next(unet.parameters()).is_cuda:
+    if not compile and dtype in (torch.bfloat16, torch.float16) and not cuda:
         prepack(unet)  # oneDNN's weight reorder once per layer, not once per call
-    if next(unet.parameters()).is_cuda:
+    if cuda:
         # Let cuDNN time its convolution algorithms once per shape and keep the fastest.
         torch.backends.cudnn.benchmark = True
         if compile:
