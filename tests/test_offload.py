@@ -153,6 +153,34 @@ def test_device_offload_moves_a_network_for_its_block_and_puts_its_own_tensors_b
     assert {n: t.data_ptr() for n, t in pipe.unet.state_dict().items()} == storage and not off.users
 
 
+def test_device_offload_through_generations_puts_the_same_cpu_tensors_back(tiny_model_dir):
+    """The whole flow on a CPU, with an offload that copies as a GPU would (new storage for each
+    block): every network runs on its copy, and after each of several generations every slot
+    holds its original CPU tensor again (the second round once kept the copy: found on an H100)."""
+    from unfog.offload import DeviceOffload
+
+    class Copying(DeviceOffload):
+        def _copy(self, t):
+            return t.clone()
+
+    plain = Pipeline.from_pretrained(tiny_model_dir)
+    low = Pipeline.from_pretrained(tiny_model_dir)
+    low.offload = Copying(torch.device("cpu"))
+    nets = (low.text_encoder, low.unet, low.vae)
+
+    def storage():
+        return [{n: t.data_ptr() for n, t in m.state_dict().items()} for m in nets]
+
+    before = storage()
+    weight = low.unet.conv_in.weight
+    on_copy = []
+    low.unet.register_forward_pre_hook(lambda m, a: on_copy.append(weight.data_ptr() != before[1]["conv_in.weight"]))
+    for _ in range(3):
+        assert np.array_equal(image(low), image(plain))
+        assert storage() == before and not low.offload.users and not low.offload.saved
+    assert on_copy and all(on_copy)
+
+
 def test_low_memory_mode_on_cuda_refuses_clearly(tiny_model_dir):
     pipe = Pipeline.from_pretrained(tiny_model_dir)
     if not torch.cuda.is_available():

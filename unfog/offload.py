@@ -219,12 +219,16 @@ class DeviceOffload:
                 if t.device.type != "cpu":
                     continue
                 original = owner._parameters[name] if kind == "_parameters" else None
+                t = t.detach()  # the CPU data itself: a Parameter's own .data is about to point at the copy
                 if self.device.type == "cuda" and not t.is_pinned():  # once: page-locked memory copies asynchronously, and faster
                     t = t.pin_memory()
                     _put(owner, kind, name, t, original)
                 saved[(owner, kind, name)] = (t, original)
-                _put(owner, kind, name, t.to(self.device, non_blocking=True), original)
+                _put(owner, kind, name, self._copy(t), original)
             self.saved[module] = saved
+
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=True)
 
     def _off(self, module: nn.Module) -> None:
         with self.lock, torch.inference_mode(False), torch.no_grad():
@@ -234,12 +238,10 @@ class DeviceOffload:
             del self.users[module]
             saved = self.saved.pop(module, {})
             for owner, kind, name, t in list(_tensors(module)):
-                if t.device.type == "cpu":
-                    continue
                 old, original = saved.get((owner, kind, name), (None, None))
                 if old is not None and old.shape == t.shape and old.dtype == t.dtype:
                     _put(owner, kind, name, old, original)  # unchanged while on the GPU: no copy back
-                else:  # made or recast while on the GPU (a fused copy, say): brought back
+                elif t.device.type != "cpu":  # made or recast while on the GPU (a fused copy, say): brought back
                     _put(owner, kind, name, t.to("cpu"), original)
 
 
