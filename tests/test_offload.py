@@ -191,6 +191,10 @@ def test_low_memory_mode_on_cuda_refuses_clearly(tiny_model_dir):
     with pytest.raises(UnfogError, match="CPU or a CUDA GPU"):
         pipe.enable_low_memory(device="meta")
     assert pipe.offload is None and pipe.device.type == "cpu"
+    from unfog.offload import DeviceOffload
+
+    pipe.offload = offload = DeviceOffload(torch.device("cuda", 0))  # as enable_low_memory(device="cuda") leaves it
+    assert pipe.enable_low_memory() is pipe and pipe.enable_model_cpu_offload() is pipe and pipe.offload is offload  # twice is once
 
 
 @cuda

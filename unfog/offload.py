@@ -287,6 +287,10 @@ class LowMemoryMixin:
         return self.enable_low_memory(device=device)
 
     def _enable_offload(self, device: torch.device) -> "LowMemoryMixin":
+        if self.offload is not None:
+            if device.index is None or device == self.offload.device:
+                return self  # already so
+            self.disable_low_memory()  # another GPU: back on the old one, then offloaded to the new one
         if self.disk_rest is not None:
             raise UnfogError("this pipeline's text encoders rest on disk (CPU low-memory mode): disable_low_memory() first")
         if not torch.cuda.is_available():
