@@ -3,7 +3,7 @@ classifier-free guidance, so the U-Net sees a batch of 2; bfloat16), what each r
 low-memory mode's cost on CUDA. Run by bench/gpu_round2.sh on the device; every part appends its
 rows to --json as it goes, so a run cut short keeps what it measured.
 
-    python bench/gpu_round2.py --json OUT.json [--profile OUT.txt] [--budget-s 480]
+    python bench/gpu_round2.py --json OUT.json [--profile OUT.txt] [--budget-s 480] [--parts ...] [--tuning] [--autotune]
 
 Parts, in order:
   attention  scaled_dot_product_attention per backend (PyTorch's choice, flash, memory-efficient,
@@ -12,14 +12,14 @@ Parts, in order:
              blocks' linear shapes, alone and with the activation's quantization
   unet       optimize() eager and optimize(compile=True), each as one CUDA graph, ms per call and
              relative error against float32; the compiled call under each attention backend that
-             beat PyTorch's choice eagerly; inductor's coordinate-descent tuning; then a profile
-             (kernel time by kind) of the compiled call
+             beat PyTorch's choice eagerly; a profile (kernel time by kind) of the compiled call;
+             with --tuning, inductor's coordinate-descent tuning (258 s of compiling on the H100);
+             with --autotune, inductor's max-autotune (no cudagraphs: unfog captures its own),
+             each only if the budget leaves room
   offload    a whole 50-step 512² image from a full-size random SD 1.5, plain bf16 on the GPU
              against low-memory mode (each network on the GPU only for its stage): peak GPU
              memory, seconds per image, and whether the images are identical
   image      the same image with optimize(compile=True): seconds per image
-  autotune   optimize(compile=True) with inductor's max-autotune (no cudagraphs: unfog captures
-             its own), only if the budget leaves room
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def part_fp8(out: str) -> None:
 
 # ---- the U-Net call --------------------------------------------------------------------------
 
-def part_unet(out: str, attention_totals: dict[str, float], profile_path: str | None, budget_s: float, tuning: bool = False) -> None:
+def part_unet(out: str, attention_totals: dict[str, float], profile_path: str | None, budget_s: float, tuning: bool, autotune: bool) -> None:
     from unfog.graphs import capture
     from unfog.pipeline import optimize_unet
 
@@ -217,7 +217,8 @@ def part_unet(out: str, attention_totals: dict[str, float], profile_path: str | 
             variant(f"optimize(compile=True) as one CUDA graph, attention {name}", True, backend=name)
     if tuning and elapsed() < budget_s - 300:  # (on the H100: 258 s of compiling, and no faster)
         variant("optimize(compile=True) as one CUDA graph, coordinate-descent tuning", True, config={"coordinate_descent_tuning": True})
-    return ours
+    if autotune and elapsed() < budget_s - 300:
+        variant("optimize(compile=True) with max-autotune-no-cudagraphs, as one CUDA graph", True, mode="max-autotune-no-cudagraphs")
 
 
 def profile(made, path: str, out: str) -> None:
@@ -320,7 +321,9 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     ap.add_argument("--profile")
     ap.add_argument("--budget-s", type=float, default=480)
-    ap.add_argument("--parts", default="attention,fp8,unet,images,autotune")
+    ap.add_argument("--parts", default="attention,fp8,unet,images")
+    ap.add_argument("--tuning", action="store_true", help="unet: also inductor's coordinate-descent tuning")
+    ap.add_argument("--autotune", action="store_true", help="unet: also inductor's max-autotune")
     args = ap.parse_args()
     parts = args.parts.split(",")
     META.update(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
@@ -329,7 +332,7 @@ def main() -> None:
     if "fp8" in parts:
         part_fp8(args.json)
     if "unet" in parts:
-        part_unet(args.json, totals, args.profile, args.budget_s)
+        part_unet(args.json, totals, args.profile, args.budget_s, args.tuning, args.autotune)
     if "images" in parts and elapsed() < args.budget_s - 90:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
@@ -337,25 +340,6 @@ def main() -> None:
             del ref
             print(f"built SD 1.5 in {time.perf_counter() - t0:.0f} s", flush=True)
             part_images(args.json, folder, args.budget_s)
-    if "autotune" in parts and elapsed() < args.budget_s - 200:
-        _, ours, _ = speed.unet_pair("sd15")
-        from unfog.graphs import capture
-        from unfog.pipeline import optimize_unet
-
-        torch._dynamo.reset()
-        x = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
-        ctx = torch.randn(2, 77, 768, device="cuda", dtype=torch.bfloat16)
-        t = torch.full((2,), 500.0, device="cuda")
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            m = optimize_unet(copy.deepcopy(ours).cuda(), torch.bfloat16, True, False)
-            m.compile(dynamic=False, mode="max-autotune-no-cudagraphs")
-            m(x, t, ctx)
-            graph = capture(lambda: m(x, t, ctx))
-            first = time.perf_counter() - t0
-            ms = cuda_ms(graph.replay, 200)
-        emit(args.json, {"part": "unet", "variant": "optimize(compile=True) with max-autotune-no-cudagraphs, as one CUDA graph", "ms_per_call": round(ms, 3),
-                         "first_call_s": round(first, 1)})
     print(f"done in {elapsed():.0f} s", flush=True)
 
 

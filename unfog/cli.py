@@ -147,7 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _adapters(pipe, args)
     if args.optimize:
         pipe.optimize()
-    if args.low_memory and pipe.offload is None:
+    if args.low_memory:  # (after _placed's offload on CUDA, a no-op)
         pipe.enable_low_memory()
     trajectory: list = []
 
@@ -177,7 +177,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         refiner = _placed(refiner, args)
         if args.optimize:
             refiner.optimize()
-        if args.low_memory and refiner.offload is None:
+        if args.low_memory:  # (after _placed's offload on CUDA, a no-op)
             refiner.enable_low_memory()
         sdxl.update(denoising_end=args.refiner_start, output_type="latent")
     result = pipe(
@@ -378,7 +378,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UnfogError(f"--lora-dir {args.lora_dir} is not a folder")
     if args.optimize:
         pipe.optimize(compile=args.compile)
-    if args.low_memory and pipe.offload is None:
+    if args.low_memory:  # (after _placed's offload on CUDA, a no-op)
         pipe.enable_low_memory()
     sizes = _sizes(args.warmup) if args.warmup else []
     if sizes or (args.optimize and args.compile):  # a compiled U-Net's first call of a shape compiles it: do that before listening

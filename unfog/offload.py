@@ -220,9 +220,8 @@ class DeviceOffload:
                     continue
                 original = owner._parameters[name] if kind == "_parameters" else None
                 t = t.detach()  # the CPU data itself: a Parameter's own .data is about to point at the copy
-                if self.device.type == "cuda" and not t.is_pinned():  # once: page-locked memory copies asynchronously, and faster
+                if self.device.type == "cuda" and not t.is_pinned():  # once (it is what is put back): page-locked memory copies asynchronously, and faster
                     t = t.pin_memory()
-                    _put(owner, kind, name, t, original)
                 saved[(owner, kind, name)] = (t, original)
                 _put(owner, kind, name, self._copy(t), original)
             self.saved[module] = saved
@@ -317,6 +316,14 @@ class LowMemoryMixin:
             self.disk_rest.close()
             self.disk_rest = None
         return self
+
+    def _check_move(self, device: str | torch.device | None) -> None:
+        """Refuse a `.to(device)` that low-memory mode cannot follow."""
+        if self.offload is not None and device is not None:
+            raise UnfogError(f"this pipeline is in low-memory mode on {self.offload.device} (each network on the GPU only while it runs); "
+                             f"call disable_low_memory() before .to({str(device)!r})")
+        if self.disk_rest is not None and device is not None and torch.device(device).type != "cpu":
+            raise UnfogError(f"low-memory mode (text encoders resting on disk) is for CPU pipelines; call disable_low_memory() before .to({str(device)!r})")
 
     def _on_device(self, module: nn.Module | None):
         """A context in which `module` is on the pipeline's device (low-memory mode on CUDA

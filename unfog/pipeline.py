@@ -119,7 +119,7 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         # on a CPU the same static-buffer call runs without capture). Graphs are cached per shape.
         self.cuda_graphs = False
         self.disk_rest = None  # low-memory mode's DiskRest (enable_low_memory on a CPU)
-        self.offload = None  # low-memory mode's DeviceOffload (enable_low_memory on CUDA)
+        self.offload = None  # low-memory mode's DeviceOffload (enable_low_memory on CUDA): `device` is its GPU, where the networks run
         self.max_denoiser_graphs = 4
         self.denoiser_graphs: dict[tuple, DenoiserGraph] = {}
         self.denoiser = DiscreteDenoiser(unet, scheduler.alphas_cumprod(), scheduler.prediction_type)
@@ -199,11 +199,7 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move the networks to a device and/or cast them to a dtype; returns self."""
-        if self.offload is not None and device is not None:
-            raise UnfogError(f"this pipeline is in low-memory mode on {self.offload.device} (each network on the GPU only while it runs); "
-                             f"call disable_low_memory() before .to({str(device)!r})")
-        if self.disk_rest is not None and device is not None and torch.device(device).type != "cpu":
-            raise UnfogError(f"low-memory mode (text encoders resting on disk) is for CPU pipelines; call disable_low_memory() before .to({str(device)!r})")
+        self._check_move(device)
         if dtype is not None:
             self._resident(changing=True)  # low-memory mode: cast the encoders, then write them again
         for m in (self.text_encoder, self.text_encoder_2, self.unet, self.vae):
@@ -256,7 +252,6 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
 
     @property
     def device(self) -> torch.device:
-        """Where the networks run (in low-memory mode on CUDA they rest on the CPU in between)."""
         return self.offload.device if self.offload is not None else next(self.unet.parameters()).device
 
     @property
