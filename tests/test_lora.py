@@ -392,6 +392,9 @@ def test_damaged_adapter_numbers_are_refused_and_nothing_damaged_is_saved(sd1, t
     ours.fuse_lora(adapter_names="st_v2")
     fused = {n for _, _, layer in ours._adapted_layers() for n in layer.fused}
     assert fused == {"st_v2"}  # the name, not every adapter whose name is a substring of it
+    ours.unfuse_lora()
+    ours.set_adapters("st", np.float32(0.5))  # one numpy number for the one name (it had been taken for a list)
+    assert ours.get_active_adapters() == ["st"]
     ours.unload_lora_weights()
     # A model folder is never replaced by weights the loader would refuse.
     ours.save_pretrained(tmp_path / "model")

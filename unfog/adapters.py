@@ -12,7 +12,6 @@ CUDA graphs (they were recorded without the change) and refreshes the fused q/k/
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 from pathlib import Path
 from typing import Sequence
@@ -24,12 +23,7 @@ from .errors import UnfogError
 from .nn import packed
 from .nn.layers import Attention
 from .nn.lora import Adapted
-
-
-def _finite(name: str, value) -> float:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-        raise UnfogError(f"{name} must be a finite number, got {value!r}", name)
-    return float(value)
+from .request import finite_number
 
 
 class LoraMixin:
@@ -58,11 +52,17 @@ class LoraMixin:
                     out[comp].append(name)
         return out
 
-    def _check_loaded(self, names: Sequence[str]) -> None:
-        loaded = {n for names_ in self.get_list_adapters().values() for n in names_}
+    def _loaded(self) -> set[str]:
+        return {n for names in self.get_list_adapters().values() for n in names}
+
+    def _check_loaded(self, names: str | Sequence[str]) -> list[str]:
+        """The names as a list (one name is a name, not its letters), each a loaded adapter."""
+        names = [names] if isinstance(names, str) else list(names)
+        loaded = self._loaded()
         missing = [n for n in names if n not in loaded]
         if missing:
             raise UnfogError(f"no adapter named {missing}; loaded: {sorted(loaded)}", "adapter_names")
+        return names
 
     def get_active_adapters(self) -> list[str]:
         names = []
@@ -78,11 +78,11 @@ class LoraMixin:
         from .formats.lora import read_lora
 
         self._resident(changing=True)
-        weight = _finite("weight", weight)
+        weight = finite_number("weight", weight)
         name = adapter_name or Path(path).stem
         if not isinstance(name, str) or not name:
             raise UnfogError(f"adapter_name must be a non-empty string, got {name!r}", "adapter_name")
-        if any(name in names for names in self.get_list_adapters().values()):
+        if name in self._loaded():
             raise UnfogError(f"an adapter named {name!r} is already loaded; pass another adapter_name or delete_adapters({name!r}) first", "adapter_name")
         lora = read_lora(path, self._components(), strict=strict)
         if lora.unmatched:
@@ -104,12 +104,15 @@ class LoraMixin:
     def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights: float | Sequence[float] | None = None) -> None:
         """Make exactly these adapters active, each at its weight (default 1.0); the others stay
         loaded at weight 0. An adapter's U-Net and text-encoder parts are scaled together."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = self._check_loaded(adapter_names)
         weights = [1.0] * len(names) if adapter_weights is None else (
-            [adapter_weights] * len(names) if isinstance(adapter_weights, (int, float)) else list(adapter_weights))
-        if len(weights) != len(names) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
-            raise UnfogError(f"adapter_weights must be one finite number or {len(names)} of them, got {adapter_weights!r}", "adapter_weights")
-        self._check_loaded(names)
+            [adapter_weights] * len(names) if isinstance(adapter_weights, numbers.Real) else list(adapter_weights))
+        try:
+            if len(weights) != len(names):
+                raise UnfogError("count")
+            weights = [finite_number("adapter_weights", w) for w in weights]
+        except UnfogError:  # one message for every way the list can be wrong
+            raise UnfogError(f"adapter_weights must be one finite number or {len(names)} of them, got {adapter_weights!r}", "adapter_weights") from None
         if any(layer.fused for _, _, layer in self._adapted_layers()):
             raise UnfogError("adapters are fused into the weights; unfuse_lora() before changing their weights")
         chosen = dict(zip(names, map(float, weights)))
@@ -121,10 +124,9 @@ class LoraMixin:
         """Fold the active adapters (or those named) at their weights × lora_scale into the base
         weights, in place, so generation runs at the base model's speed."""
         self._resident(changing=True)
-        lora_scale = _finite("lora_scale", lora_scale)
+        lora_scale = finite_number("lora_scale", lora_scale)
         if adapter_names is not None:
-            adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)  # a name, not its substrings
-            self._check_loaded(adapter_names)
+            adapter_names = self._check_loaded(adapter_names)
         for _, _, layer in self._adapted_layers():
             for name in list(layer.adapters):
                 if adapter_names is None or name in adapter_names:
@@ -169,7 +171,7 @@ class LoraMixin:
             return
         if any(layer.fused for _, _, layer in self._adapted_layers()):
             raise UnfogError("adapters are fused into the weights; unfuse_lora() before using <lora:…> tags", "prompt")
-        loaded = {n for names in self.get_list_adapters().values() for n in names}
+        loaded = self._loaded()
         before = {(comp, path): dict(layer.weights) for comp, path, layer in self._adapted_layers()}
         added = []
         try:

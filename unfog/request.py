@@ -10,6 +10,7 @@ import importlib.util
 import inspect
 import json
 import math
+import numbers
 import random
 import re
 import warnings
@@ -111,8 +112,9 @@ def _int(name: str, v: Any) -> int:
     return v
 
 
-def _number(name: str, v: Any) -> float:
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+def finite_number(name: str, v: Any) -> float:
+    """v as a float, if it is one finite real number (numpy's included, not a bool)."""
+    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
         raise UnfogError(f"{name} must be a finite number, got {v!r}", name)
     return float(v)
 
@@ -281,7 +283,7 @@ def make_request(
         raise UnfogError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to SDXL models; this model is not one", given[0])
     n = _int("num_images_per_prompt", num_images_per_prompt)
     steps = _int("num_inference_steps", d.num_inference_steps if num_inference_steps is None else num_inference_steps)
-    scale = _number("guidance_scale", d.guidance_scale if guidance_scale is None else guidance_scale)
+    scale = finite_number("guidance_scale", d.guidance_scale if guidance_scale is None else guidance_scale)
     sampler_name, options = _sampler(d.sampler if sampler is None else sampler, sampler_options)
     strength = _image_inputs(image, mask_image, strength, steps, model.inpainting)
     for name, v in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
@@ -421,7 +423,7 @@ def _sdxl_conditioning(model: ModelFacts, o: dict, prompt: Any, negative_prompt:
            for k, v in (("original_size", original), ("crops_coords_top_left", crop), ("target_size", target))}
     scores = {}
     for name, default in (("aesthetic_score", 6.0), ("negative_aesthetic_score", 2.5)):
-        scores[name] = default if o.get(name) is None else _number(name, o[name])
+        scores[name] = default if o.get(name) is None else finite_number(name, o[name])
     if model.sdxl == "refiner":
         ids = [*original, *crop, scores["aesthetic_score"]]
         neg_ids = [*neg["original_size"], *neg["crops_coords_top_left"], scores["negative_aesthetic_score"]]
