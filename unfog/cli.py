@@ -26,9 +26,9 @@ def _open_image(path: str | None, flag: str):
     return image
 
 
-def _check_output(path: str | None, flag: str) -> None:
-    """Refuse an output path that could not be written, before any work: no name, a folder, or
-    an extension no image format has."""
+def _check_output(path: str | None, flag: str, images: int = 1) -> None:
+    """Refuse an output path that could not be written, before any work: no name, a folder (also
+    any of a batch's numbered names), or an extension no image format has."""
     if path is None:
         return
     from PIL import Image
@@ -36,6 +36,9 @@ def _check_output(path: str | None, flag: str) -> None:
     p = Path(path)
     if not path or p.is_dir():
         raise UnfogError(f"{flag} must name an image file (e.g. out.png), got {path!r}")
+    taken = [q for q in _output_paths(p, images) if q.is_dir()]
+    if taken:
+        raise UnfogError(f"{taken[0]} is a folder; choose another {flag}")
     if p.suffix.lower() not in Image.registered_extensions():
         raise UnfogError(f"{flag} {path!r} has no image extension PIL can write; use .png, .jpg or .webp")
     try:  # an extension PIL knows is not always a format that can hold an RGB image (.xbm, .h5, …)
@@ -135,11 +138,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.trajectory_frames < 2:
         raise UnfogError("--trajectory-frames must be at least 2")
-    _check_output(args.output, "-o/--output")
+    _check_output(args.output, "-o/--output", args.num_images)
     _check_output(args.trajectory, "--trajectory")
-    taken = [p for p in _output_paths(Path(args.output), args.num_images) if p.is_dir()]  # every image's name, before any work
-    if taken:
-        raise UnfogError(f"{taken[0]} is a folder; choose another -o/--output")
     _check_device(args.device)
     options = {k: v for k, v in (("config", args.config), ("tokenizer", args.tokenizer), ("clip_skip", args.clip_skip)) if v}
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype] if args.dtype else None

@@ -194,21 +194,20 @@ def _adapter(f: SafetensorsFile, parts: dict[str, str], layer: nn.Module, fmt: s
         if a.numel() != 1 or not torch.isfinite(a).all():
             raise UnfogError(f"{where}: alpha must be one finite number, got {a.numel()} value(s) {a.flatten()[:4].tolist()}; the file is damaged")
         alpha = a.item()
-    try:
-        if "hada_w1_a" in parts:
-            adapter = Hadamard(t("hada_w1_a"), t("hada_w1_b"), t("hada_w2_a"), t("hada_w2_b"), alpha, shape)
-        elif any(s.startswith("lokr_") for s in parts):
-            w1 = [t("lokr_w1")] if "lokr_w1" in parts else [t("lokr_w1_a"), t("lokr_w1_b")]
-            w2 = [t("lokr_w2")] if "lokr_w2" in parts else [t("lokr_w2_a"), t("lokr_w2_b")]
-            adapter = Kronecker(w1, w2, alpha, shape)
-        else:
-            adapter = None
-        numel = adapter.delta_numel() if adapter is not None else None
-    except (ValueError, IndexError) as e:
-        raise UnfogError(f"{where}: the LyCORIS factors do not combine ({e})") from None
-    if numel is not None and numel != layer.weight.numel():  # checked before delta() builds anything
-        raise UnfogError(f"{where}: the adapter's factors make {numel} values but the layer's weight {shape} has {layer.weight.numel()}")
-    if adapter is None:
+    if "hada_w1_a" in parts or any(s.startswith("lokr_") for s in parts):  # LyCORIS
+        try:
+            if "hada_w1_a" in parts:
+                adapter = Hadamard(t("hada_w1_a"), t("hada_w1_b"), t("hada_w2_a"), t("hada_w2_b"), alpha, shape)
+            else:
+                w1 = [t("lokr_w1")] if "lokr_w1" in parts else [t("lokr_w1_a"), t("lokr_w1_b")]
+                w2 = [t("lokr_w2")] if "lokr_w2" in parts else [t("lokr_w2_a"), t("lokr_w2_b")]
+                adapter = Kronecker(w1, w2, alpha, shape)
+            numel = adapter.delta_numel()
+        except (ValueError, IndexError) as e:
+            raise UnfogError(f"{where}: the LyCORIS factors do not combine ({e})") from None
+        if numel != layer.weight.numel():  # checked before delta() builds anything
+            raise UnfogError(f"{where}: the adapter's factors make {numel} values but the layer's weight {shape} has {layer.weight.numel()}")
+    else:
         down_key, up_key = ("lora_down.weight", "lora_up.weight") if fmt == "kohya" else ("lora_A.weight", "lora_B.weight")
         if down_key not in parts or up_key not in parts:
             raise UnfogError(f"{where} has {sorted(parts)} but a LoRA needs both {down_key} and {up_key}")
@@ -223,11 +222,12 @@ def _adapter(f: SafetensorsFile, parts: dict[str, str], layer: nn.Module, fmt: s
         if tuple(down.shape) != want_down or tuple(up.shape) != want_up:
             raise UnfogError(f"{where}: LoRA shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not fit the layer's weight {shape} "
                              f"(rank {down.shape[0]} needs down {want_down} and up {want_up}); is it a LoRA for another architecture?")
-        if down.shape[0] < 1:
-            raise UnfogError(f"{where}: a LoRA of rank 0 (down {tuple(down.shape)}); the file is damaged")
         if fmt == "peft":
             alpha = _peft_alpha(header, comp, name, down.shape[0])
-        adapter = LowRank(down, up, alpha)
+        try:
+            adapter = LowRank(down, up, alpha)
+        except ValueError:
+            raise UnfogError(f"{where}: a LoRA of rank 0 (down {tuple(down.shape)}); the file is damaged") from None
     if not all(torch.isfinite(p).all() for p in adapter.parameters()) or not math.isfinite(adapter.scale):
         raise UnfogError(f"{where}: holds NaN or infinite values (or an alpha that makes its scale so); the file is damaged")
     return adapter

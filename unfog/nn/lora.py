@@ -49,6 +49,8 @@ class LowRank(Adapter):
         self.down = nn.Parameter(down, requires_grad=trainable)
         self.up = nn.Parameter(up, requires_grad=trainable)
         rank = down.shape[0]
+        if rank < 1:
+            raise ValueError("rank 0")
         self.alpha = float(rank if alpha is None else alpha)
         self.scale = self.alpha / rank
 

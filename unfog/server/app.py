@@ -247,7 +247,7 @@ def create_app(pipe, settings: ServerSettings | None = None, *, model_name: str 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):  # unknown paths, wrong methods: the API's error shape too
-        return JSONResponse({"error": str(e.detail), "field": None, "allowed": None}, status_code=e.status_code, headers=getattr(e, "headers", None))
+        return await refused(request, Refused(e.status_code, str(e.detail), headers=getattr(e, "headers", None)))
 
     _add_job_routes(app, jobs, pipe, s)
     _add_info_routes(app, jobs, pipe, s, model_name)
