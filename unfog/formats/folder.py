@@ -112,8 +112,7 @@ def save_model(parts: ModelParts, directory: str | Path, dtype: torch.dtype | No
         index = {
             "format": "unfog",
             "format_version": FORMAT_VERSION,
-            "components": {"tokenizer": True, "text_encoder": True, "unet": True, "vae": parts.vae is not None,
-                           "tokenizer_2": parts.tokenizer_2 is not None, "text_encoder_2": parts.text_encoder_2 is not None},
+            "components": {name: getattr(parts, name) is not None for name in COMPONENTS},
             "defaults": dataclasses.asdict(parts.defaults),
             "force_zeros_for_empty_prompt": parts.force_zeros_for_empty_prompt,
         }
@@ -161,8 +160,10 @@ def save_model(parts: ModelParts, directory: str | Path, dtype: torch.dtype | No
         raise
 
 
-# What save_model writes at a model folder's top level; anything else there is the user's and is kept.
-MODEL_ENTRIES = {"model_index.json", "scheduler", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae"}
+# A model folder's components (each a subfolder; the index says which exist), and what save_model
+# writes at its top level: anything else there is the user's and is kept.
+COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "tokenizer_2", "text_encoder_2")
+MODEL_ENTRIES = {"model_index.json", "scheduler", *COMPONENTS}
 
 
 def _is_unfog_folder(directory: Path) -> bool:
