@@ -19,11 +19,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import UnfogError
+from .errors import UnfogError, finite_number
 from .nn import packed
 from .nn.layers import Attention
 from .nn.lora import Adapted
-from .request import finite_number
 
 
 class LoraMixin:

@@ -1,4 +1,7 @@
-"""The one exception type unfog raises for bad input."""
+"""The one exception type unfog raises for bad input, and the number check every layer shares."""
+
+import math
+import numbers
 
 
 class UnfogError(ValueError):
@@ -8,3 +11,10 @@ class UnfogError(ValueError):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+def finite_number(name: str, v) -> float:
+    """v as a float, if it is one finite real number (numpy's included, not a bool)."""
+    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+        raise UnfogError(f"{name} must be a finite number, got {v!r}", name)
+    return float(v)

@@ -10,7 +10,6 @@ import importlib.util
 import inspect
 import json
 import math
-import numbers
 import random
 import re
 import warnings
@@ -23,7 +22,7 @@ from PIL import Image
 
 from .diffusion import SIGMA_SCHEDULES, SamplingDefaults
 from .diffusion.schedules import DIFFUSERS_DEFAULT_SPACING, DIFFUSERS_FIXED_SCHEDULE
-from .errors import UnfogError
+from .errors import UnfogError, finite_number
 from .prompts import BREAK, MAX_WINDOWS, extract_loras, parse_attention
 from .samplers import OPTION_CHOICES, OPTION_RANGES, get_sampler
 
@@ -110,13 +109,6 @@ def _int(name: str, v: Any) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise UnfogError(f"{name} must be a positive integer, got {v!r}", name)
     return v
-
-
-def finite_number(name: str, v: Any) -> float:
-    """v as a float, if it is one finite real number (numpy's included, not a bool)."""
-    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
-        raise UnfogError(f"{name} must be a finite number, got {v!r}", name)
-    return float(v)
 
 
 def _text(name: str, v: Any) -> str:
