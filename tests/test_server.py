@@ -539,3 +539,72 @@ def test_the_server_bounds_request_headers(pipe):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_head_answers_as_get_without_the_body(api):
+    """HEAD on a GET route gets the GET's status and headers and no body (it had been a 405);
+    on an event stream it returns at once; on a POST route it is still a 405."""
+    for path in ("/", "/v1/health", "/v1/samplers"):
+        got, head = api.get(path), api.head(path)
+        assert head.status_code == got.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"], path
+        assert head.headers["content-length"] == str(len(got.content)), path
+    job_id = api.post("/v1/jobs", json={"prompt": "a red circle", "steps": 40, "seed": 1}).json()["id"]
+    start = time.time()
+    r = api.head(f"/v1/jobs/{job_id}/events")
+    assert r.status_code == 200 and r.content == b"" and r.headers["content-type"].startswith("text/event-stream")
+    assert time.time() - start < 10
+    wait_done(api, job_id)
+    r = api.head("/v1/images/generate")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert api.head("/v1/nope").status_code == 404
+
+
+def test_head_sends_no_body_bytes_and_frees_an_event_stream(pipe):
+    """Raw ASGI (a test client drops a HEAD answer's body by itself): the app sends no body bytes,
+    and a HEAD on a running job's event stream ends at once and gives its stream slot back."""
+    import asyncio
+
+    app = create_app(pipe, ServerSettings(max_streams_per_job=1), model_name="tiny")
+    jobs = app.state.jobs
+    job, _ = jobs.submit(pipe.request("a red circle", num_inference_steps=150, seed=0), {"steps": 150})
+
+    async def call(method, path, stay):
+        """The messages the app sends. The client stays until the response is complete, as a server
+        reports it (stay), or leaves once the first body message has come."""
+        sent, left = [], asyncio.Event()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http", "path": path,
+                 "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [(b"host", b"127.0.0.1:7860")],
+                 "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 7860)}
+        requested = [False]
+
+        async def receive():
+            if not requested[0]:
+                requested[0] = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+            if message["type"] == "http.response.body" and not (stay and message.get("more_body", False)):
+                left.set()
+
+        await asyncio.wait_for(app(scope, receive, send), timeout=30)
+        return sent
+
+    async def scenario():
+        events = f"/v1/jobs/{job.id}/events"
+        for path in ("/v1/health", events):
+            sent = await call("HEAD", path, stay=True)
+            assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200, path
+            assert all(not m.get("body") for m in sent[1:]) and not sent[-1].get("more_body", False), path
+        assert job.state in ("queued", "running")  # the HEAD above ended while its job still runs
+        sent = await call("GET", events, stay=False)  # one stream per job: the HEAD gave its slot back
+        assert sent[0]["status"] == 200 and b"data: " in sent[1]["body"]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        jobs.cancel(job.id)
+        jobs.wait(job, 30)

@@ -286,6 +286,8 @@ def _add_guard(app: FastAPI, s: ServerSettings) -> None:
 
         async def __call__(self, scope, receive, send):
             if scope["type"] == "http":
+                if scope["method"] == "HEAD":  # answered as GET without the body (RFC 9110 §9.3.2)
+                    scope, send = dict(scope, method="GET"), _headers_only(send)
                 r = refusal(Request(scope))
                 if r is not None:
                     await JSONResponse(r.body, status_code=r.status, headers=r.headers)(scope, receive, send)
@@ -293,6 +295,24 @@ def _add_guard(app: FastAPI, s: ServerSettings) -> None:
             await self.inner(scope, receive, send)
 
     app.add_middleware(Guard)
+
+
+def _headers_only(send):
+    """An ASGI send that passes the response's start (status and headers, Content-Length included)
+    and ends the response where its body would begin; what the route sends after that (the rest
+    of an event stream) is dropped, and the finished response lets the route see the client go."""
+    ended = False
+
+    async def headers_only(message):
+        nonlocal ended
+        if ended:
+            return
+        if message["type"] == "http.response.body":
+            ended = True
+            message = {"type": "http.response.body", "body": b"", "more_body": False}
+        await send(message)
+
+    return headers_only
 
 
 async def _body_json(request: Request, s: ServerSettings) -> Any:
