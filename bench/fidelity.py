@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import PROMPT, build_sd15, psnr  # noqa: E402
+from speed import PROMPT, build_sd15, image_stats, psnr  # noqa: E402
 
 
 def one_component_in_bf16(ref, kw, device) -> dict:
@@ -113,11 +113,14 @@ def main() -> None:
     result = {name: psnr(im, exact) for name, im in images.items() if name != "unfog float32"}
     result["diffusers bf16 vs diffusers fp32"] = psnr(images["diffusers bfloat16"], images["diffusers float32"])
     meta = {"device": args.device, "size": args.size, "steps": args.steps, "torch": torch.__version__, "seconds": round(time.perf_counter() - t0)}
+    stats = {name: image_stats(im) for name, im in images.items()}  # a black or flat image shows here
     for name, value in result.items():
         print(f"PSNR {name} vs unfog float32: {value} dB" if "vs" not in name else f"PSNR {name}: {value} dB")
+    for name, st in stats.items():
+        print(f"image {name}: {st}")
     print(json.dumps(meta))
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "psnr_db": result}, indent=2))
+        Path(args.json).write_text(json.dumps({"meta": meta, "psnr_db": result, "image_stats": stats}, indent=2))
 
 
 BUNDLED_PROMPTS = ["a red circle", "a blue square on the left", "a cat face", "a green tree", "two yellow stars"]

@@ -172,6 +172,16 @@ def psnr(image, reference) -> float:
     return round(10 * math.log10(255**2 / mse), 1) if mse > 0 else float("inf")
 
 
+def image_stats(image) -> dict:
+    """Mean and standard deviation of an 8-bit image's values and its share of black pixels: a
+    low PSNR from a black or flat image (a NaN or overflow somewhere) tells apart from one of a
+    different picture."""
+    import numpy as np
+
+    a = np.asarray(image, dtype=np.float64)
+    return {"mean": round(float(a.mean()), 1), "std": round(float(a.std()), 1), "black": round(float((a.reshape(-1, a.shape[-1]).max(1) == 0).mean()), 3)}
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
@@ -323,7 +333,7 @@ def bench_sd15_image(device, dtype, repeats, *, compile_ours=False, steps=50, si
         base = base or s
         row = {"case": case, "impl": impl, "dtype": _name(dtype), "batch": 1, "s_per_image": round(s, 3), "first_call_s": round(first_s, 2),
                "peak_mem_gb": _peak_gb(device), "speedup_vs_diffusers": round(base / s, 2), "psnr_vs_fp32_db": psnr(first_image, reference_image),
-               **(extra or {})}
+               "image": image_stats(first_image), "reference_image": image_stats(reference_image), **(extra or {})}
         rows.append(row)
         if emit:
             emit(row)
