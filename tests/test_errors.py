@@ -150,6 +150,37 @@ def test_non_finite_weights_in_an_unfog_folder_are_refused(tiny_model_dir, tmp_p
         Pipeline.from_pretrained(d)
 
 
+def test_float8_weights_load_and_their_nans_are_refused(tiny_model_dir, tmp_path):
+    """fp8 checkpoints (common for SDXL) are read and cast; torch's isfinite has no float8 kernel,
+    which had made loading one a raw NotImplementedError."""
+    from safetensors.torch import load_file, save_file
+
+    d = copy_model(tiny_model_dir, tmp_path)
+    path = d / "unet" / "model.safetensors"
+    state = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    save_file(state, str(path))
+    pipe = Pipeline.from_pretrained(d)
+    key = sorted(state)[3]
+    assert pipe.unet.state_dict()[key].dtype == torch.float32
+    assert torch.equal(pipe.unet.state_dict()[key], state[key].float())
+    state[key][0] = float("nan")
+    save_file(state, str(path))
+    with pytest.raises(UnfogError, match=f"{key}.*NaN or infinite"):
+        Pipeline.from_pretrained(d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8, "bfloat16"])
+def test_a_dtype_networks_cannot_run_in_is_refused_up_front(tiny_model_dir, tiny_pipe, dtype):
+    with pytest.raises(UnfogError, match="dtype must be one of"):
+        Pipeline.from_pretrained(tiny_model_dir, dtype=dtype)
+    before = tiny_pipe.dtype
+    with pytest.raises(UnfogError, match="dtype must be one of"):
+        tiny_pipe.to(dtype=dtype)
+    with pytest.raises(UnfogError, match="dtype must be one of"):
+        tiny_pipe.optimize(dtype)
+    assert tiny_pipe.dtype == before and all(p.dtype == before for p in tiny_pipe.text_encoder.parameters())
+
+
 def test_weights_of_the_wrong_kind_are_refused(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 

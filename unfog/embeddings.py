@@ -17,7 +17,7 @@ from tokenizers import AddedToken
 from torch import nn
 
 from .errors import UnfogError
-from .formats.weights import read_safetensors
+from .formats.weights import all_finite, read_safetensors
 
 
 def read_embedding(path: Path) -> dict[str, torch.Tensor]:
@@ -38,7 +38,7 @@ def read_embedding(path: Path) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in vectors.items():
         v = v[None] if v.ndim == 1 else v
-        if v.ndim != 2 or not v.is_floating_point() or not 1 <= v.shape[0] <= 75 or not torch.isfinite(v).all():
+        if v.ndim != 2 or not v.is_floating_point() or not 1 <= v.shape[0] <= 75 or not all_finite(v):
             raise UnfogError(f"{path}: the embedding {k or 'vectors'} must be 1 to 75 finite vectors (n, width), got {tuple(v.shape)} {v.dtype}")
         out[k] = v.float()
     return out

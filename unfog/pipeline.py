@@ -29,7 +29,7 @@ from .adapters import LoraMixin
 from .embeddings import EmbeddingMixin
 from .diffusion import DiscreteDenoiser, SamplingDefaults, SchedulerConfig, classifier_free_guidance, make_sigmas
 from .errors import UnfogError
-from .formats import ModelParts, load_any, save_model
+from .formats import ModelParts, check_dtype, load_any, save_model
 from .graphs import DenoiserGraph
 from .images import from_pil, mask_from_pil, resized, to_pil
 from .nn import Autoencoder, TextEncoder, Tokenizer, UNet
@@ -200,7 +200,7 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move the networks to a device and/or cast them to a dtype; returns self."""
         self._check_move(device)
-        if dtype is not None:
+        if check_dtype(dtype) is not None:
             self._resident(changing=True)  # low-memory mode: cast the encoders, then write them again
         for m in (self.text_encoder, self.text_encoder_2, self.unet, self.vae):
             if m is not None and not (self.disk_rest is not None and self.disk_rest.is_away(m)):  # (on disk they stay on the CPU)
@@ -232,8 +232,8 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         processes such as the server, after a warm-up of tens of seconds per shape; shapes are
         specialised, so past torch._dynamo's recompile limit (8 by default) further shapes run
         uncompiled. With graphs on, one pipeline serves one thread at a time. Returns self."""
+        dtype = check_dtype(dtype or (torch.bfloat16 if self.device.type == "cuda" else None))
         if self.device.type == "cuda":
-            dtype = dtype or torch.bfloat16
             for m in (self.text_encoder, self.text_encoder_2, self.vae):
                 if m is not None:
                     m.to(dtype=dtype)

@@ -8,7 +8,7 @@ import torch
 from ..diffusion import PREDICTION_TYPES
 from ..errors import UnfogError
 from .folder import ModelParts, is_model_folder, load_model, save_model
-from .weights import load_checked, read_safetensors
+from .weights import check_dtype, load_checked, read_safetensors
 
 
 def load_any(path: str | Path, *, config: str | Path | None = None, tokenizer: str | Path | None = None,
@@ -26,9 +26,7 @@ def load_any(path: str | Path, *, config: str | Path | None = None, tokenizer: s
         raise UnfogError(f"clip_skip must be a non-negative integer, got {clip_skip!r}")
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise UnfogError(f"unknown prediction type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
-    dtype = torch.float32 if dtype is None else dtype
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise UnfogError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}", "dtype")
+    dtype = check_dtype(torch.float32 if dtype is None else dtype)
     p = Path(path)
     if p.is_file():
         return load_single_file(p, config=config, tokenizer=tokenizer, prediction_type=prediction_type, clip_skip=clip_skip, dtype=dtype)
@@ -44,4 +42,4 @@ def load_any(path: str | Path, *, config: str | Path | None = None, tokenizer: s
     raise UnfogError(f"{p} is neither an unfog model folder nor a diffusers Stable Diffusion folder (no model_index.json)")
 
 
-__all__ = ["ModelParts", "is_model_folder", "load_model", "save_model", "load_any", "load_checked", "read_safetensors"]
+__all__ = ["ModelParts", "is_model_folder", "load_model", "save_model", "load_any", "load_checked", "check_dtype", "read_safetensors"]

@@ -28,7 +28,7 @@ from torch import nn
 from ..diffusion.config import SamplingDefaults, SchedulerConfig
 from ..errors import UnfogError
 from ..nn import Autoencoder, AutoencoderConfig, TextEncoder, TextEncoderConfig, Tokenizer, UNet, UNetConfig
-from .weights import SafetensorsFile, load_checked
+from .weights import SafetensorsFile, all_finite, load_checked
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -93,7 +93,7 @@ def save_weights(module: nn.Module, path: Path, dtype: torch.dtype | None = None
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu().clone() for k, v in module.state_dict().items()}
     for k, v in state.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
+        if v.is_floating_point() and not all_finite(v):
             raise UnfogError(f"weight {k!r} holds NaN or infinite values{' once cast to ' + str(dtype).replace('torch.', '') if dtype else ''}; "
                              "nothing was saved (a diverged training run, or a LoRA fused with a non-finite weight?)")
     save_file(state, str(path))

@@ -19,14 +19,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..errors import UnfogError
 from ..nn.lora import Adapter, Hadamard, Kronecker, LowRank
 from .keymaps import map_text_encoder_key, map_unet_key
 from .single_file import ldm_unet_key
-from .weights import SafetensorsFile
+from .weights import SafetensorsFile, all_finite
 
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te_": "text_encoder"}
 PEFT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
@@ -191,7 +190,7 @@ def _adapter(f: SafetensorsFile, parts: dict[str, str], layer: nn.Module, fmt: s
     alpha = None
     if "alpha" in parts:
         a = t("alpha")
-        if a.numel() != 1 or not torch.isfinite(a).all():
+        if a.numel() != 1 or not all_finite(a):
             raise UnfogError(f"{where}: alpha must be one finite number, got {a.numel()} value(s) {a.flatten()[:4].tolist()}; the file is damaged")
         alpha = a.item()
     if "hada_w1_a" in parts or any(s.startswith("lokr_") for s in parts):  # LyCORIS
@@ -228,6 +227,6 @@ def _adapter(f: SafetensorsFile, parts: dict[str, str], layer: nn.Module, fmt: s
             adapter = LowRank(down, up, alpha)
         except ValueError:
             raise UnfogError(f"{where}: a LoRA of rank 0 (down {tuple(down.shape)}); the file is damaged") from None
-    if not all(torch.isfinite(p).all() for p in adapter.parameters()) or not math.isfinite(adapter.scale):
+    if not all(all_finite(p) for p in adapter.parameters()) or not math.isfinite(adapter.scale):
         raise UnfogError(f"{where}: holds NaN or infinite values (or an alpha that makes its scale so); the file is damaged")
     return adapter

@@ -114,6 +114,23 @@ def read_safetensors(path: str | Path, hint: str = "re-save or re-download it") 
     return dict(SafetensorsFile(path, hint))
 
 
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what networks can run in
+
+
+def check_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    """dtype (or None), if it is one the networks can run in. float8 weights can be read from a
+    file (and are cast as they are), but torch has no float8 convolution or addition to run them."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in COMPUTE_DTYPES):
+        raise UnfogError(f"dtype must be one of torch.float32, torch.bfloat16, torch.float16 or torch.float64, got {dtype!r}", "dtype")
+    return dtype
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a floating tensor holds no NaN or infinity (float8 through float32: torch's
+    isfinite has no float8 kernel)."""
+    return bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())
+
+
 def _listed(keys: list[str]) -> str:
     return f"{keys[:5]}{' …' if len(keys) > 5 else ''}"
 
@@ -154,7 +171,7 @@ def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor | LazyTenso
             raise UnfogError(f"{source}: weight {key!r} has shape {tuple(value.shape)} but the config needs {tuple(want.shape)}")
         if value.is_floating_point() != want.is_floating_point():
             raise UnfogError(f"{source}: weight {key!r} is stored as {value.dtype} but the network holds {want.dtype} there; the file is not a weight file for this network")
-        if value.is_floating_point() and not torch.isfinite(value).all():
+        if value.is_floating_point() and not all_finite(value):
             raise UnfogError(f"{source}: weight {key!r} holds NaN or infinite values; the file is damaged")
         mapped[new] = (value if dtype is None else value.to(dtype)) if value.is_floating_point() else value.to(want.dtype)
     module.load_state_dict(mapped, assign=any(t.is_meta for t in expected.values()))
