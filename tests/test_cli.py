@@ -27,7 +27,7 @@ def test_generate_writes_a_png(tiny_model_dir, tmp_path):
 
 
 def test_generate_several_images_and_trajectory(tiny_model_dir, tmp_path):
-    out, traj = tmp_path / "img.png", tmp_path / "traj.png"
+    out, traj = tmp_path / "img.png", tmp_path / "new" / "traj.png"  # the trajectory's folder is made, as the output's is
     code = main(["generate", "a blue square", "-o", str(out), "--model", str(tiny_model_dir), "--num-images", "2", "--steps", "5", "--trajectory", str(traj), "--trajectory-frames", "3", "--negative", "red", "-q"])
     assert code == 0
     assert (tmp_path / "img-0.png").is_file() and (tmp_path / "img-1.png").is_file()
@@ -106,6 +106,15 @@ def test_bad_output_device_and_port_are_refused_before_any_work(tmp_path, capsys
     (tmp_path / "m-1.png").mkdir()  # the second image's name is taken by a folder: nothing is made, nothing written
     assert main(["generate", "x", "-o", str(tmp_path / "m.png"), "--num-images", "2"]) == 2
     assert "m-1.png is a folder" in capsys.readouterr().err and not (tmp_path / "m-0.png").exists()
+    (tmp_path / "afile").write_text("")  # a file where a folder of the path would have to be made
+    for flag in ("-o", "--trajectory"):
+        args = {"-o": str(tmp_path / "a.png"), flag: str(tmp_path / "afile" / "sub" / "x.png")}
+        assert main(["generate", "x", *[v for kv in args.items() for v in kv]]) == 2
+        assert "afile is not a folder" in capsys.readouterr().err
+    assert main(["generate", "x", "-o", str(tmp_path / "a.png"), "--trajectory", str(tmp_path / "a.png")]) == 2
+    assert "--trajectory names an image that -o/--output writes" in capsys.readouterr().err
+    assert main(["noise", "x.png", "-o", str(tmp_path / "afile" / "x.png")]) == 2
+    assert "afile is not a folder" in capsys.readouterr().err
     assert main(["generate", "x", "-o", str(tmp_path / "a.png"), "--device", "warp9"]) == 2
     assert "not a device name" in capsys.readouterr().err
     import torch

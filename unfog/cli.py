@@ -45,10 +45,13 @@ def _check_output(path: str | None, flag: str, images: int = 1) -> None:
         Image.new("RGB", (1, 1)).save(io.BytesIO(), format=Image.registered_extensions()[p.suffix.lower()])
     except (OSError, KeyError, ValueError):
         raise UnfogError(f"{flag} {path!r}: PIL cannot write an RGB image as {p.suffix}; use .png, .jpg or .webp") from None
-    if p.parent.exists() and not p.parent.is_dir():
-        raise UnfogError(f"{flag} {path!r}: {p.parent} is not a folder")
-    if p.parent.is_dir() and not os.access(p.parent, os.W_OK):
-        raise UnfogError(f"{flag} {path!r}: the folder {p.parent} is not writable")
+    folder = p.parent  # made at the end if missing: the nearest one that exists must be a folder we can write in
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UnfogError(f"{flag} {path!r}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK):
+        raise UnfogError(f"{flag} {path!r}: the folder {folder} is not writable")
 
 
 def _png_settings(path: str | None) -> dict:
@@ -140,6 +143,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UnfogError("--trajectory-frames must be at least 2")
     _check_output(args.output, "-o/--output", args.num_images)
     _check_output(args.trajectory, "--trajectory")
+    if args.trajectory and Path(args.trajectory).resolve() in {q.resolve() for q in _output_paths(Path(args.output), args.num_images)}:
+        raise UnfogError("--trajectory names an image that -o/--output writes; choose another name for one of them")
     _check_device(args.device)
     options = {k: v for k, v in (("config", args.config), ("tokenizer", args.tokenizer), ("clip_skip", args.clip_skip)) if v}
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype] if args.dtype else None
@@ -222,6 +227,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         n = len(trajectory)
         picks = sorted({round(k * (n - 1) / (args.trajectory_frames - 1)) for k in range(args.trajectory_frames)})
         frames = [im for k in picks for im in pipe.decode(trajectory[k])]
+        Path(args.trajectory).parent.mkdir(parents=True, exist_ok=True)
         save(grid(frames), args.trajectory)
         print(f"{args.trajectory}  x0 estimates at {len(frames)} of {n} steps")
 
@@ -233,6 +239,7 @@ def cmd_noise(args: argparse.Namespace) -> None:
     from .diffusion import SchedulerConfig, q_sample
     from .images import from_pil, grid, save, to_pil
 
+    _check_output(args.output, "-o/--output")
     if not 2 <= args.frames <= 100:
         raise UnfogError(f"--frames must be from 2 to 100, got {args.frames}")
     if args.size is not None and not 1 <= args.size <= 4096:
