@@ -13,6 +13,7 @@ Formats, told apart by their keys:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -105,6 +106,19 @@ def _peft_header(f: SafetensorsFile) -> dict | None:
     return meta
 
 
+@functools.lru_cache(maxsize=256)
+def _pattern(pattern: str) -> re.Pattern:
+    """An alpha_pattern key as PEFT reads it, a regular expression; the file is not trusted, so
+    one with a repeated group (`(a|a)*`: exponential backtracking, a load that never ends) is refused."""
+    if re.search(r"\)\s*[*+?{]", pattern):
+        raise UnfogError(f"the PEFT metadata's alpha_pattern key {pattern[:80]!r} repeats a group, which unfog does not run "
+                         "(such a pattern can take forever to match); name the modules instead")
+    try:
+        return re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        raise UnfogError(f"the PEFT metadata's alpha_pattern key {pattern[:80]!r} is not a valid pattern; the file is damaged") from None
+
+
 def _peft_alpha(meta: dict | None, component: str, path: str, rank: int) -> float:
     """PEFT's scale is lora_alpha / r, with per-module overrides in alpha_pattern (matched on the
     module path's end); without metadata diffusers takes alpha = rank (scale 1)."""
@@ -112,8 +126,11 @@ def _peft_alpha(meta: dict | None, component: str, path: str, rank: int) -> floa
         return float(rank)
     prefix = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}[component]
     alpha = meta.get(f"{prefix}.lora_alpha", meta.get("lora_alpha", rank))
-    for pattern, value in (meta.get(f"{prefix}.alpha_pattern") or {}).items():
-        if path == pattern or path.endswith("." + pattern) or re.fullmatch(pattern, path):
+    patterns = meta.get(f"{prefix}.alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise UnfogError(f"the PEFT metadata's {prefix}.alpha_pattern is {type(patterns).__name__}, not an object of module names; the file is damaged")
+    for pattern, value in patterns.items():
+        if path == pattern or path.endswith("." + pattern) or _pattern(pattern).fullmatch(path):
             alpha = value
     try:
         return float(alpha)
@@ -183,6 +200,8 @@ def read_lora(path: str | Path, components: dict[str, nn.Module], *, strict: boo
 
 def _adapter(f: SafetensorsFile, parts: dict[str, str], layer: nn.Module, fmt: str, comp: str, name: str, header: dict | None) -> Adapter:
     def t(suffix):
+        if suffix not in parts:
+            raise UnfogError(f"{where} has {sorted(parts)} but lacks {suffix}; the file is damaged")
         return f[parts[suffix]].float()
 
     shape = tuple(layer.weight.shape)
@@ -201,16 +220,19 @@ def _adapter(f: SafetensorsFile, parts: dict[str, str], layer: nn.Module, fmt: s
                 w1 = [t("lokr_w1")] if "lokr_w1" in parts else [t("lokr_w1_a"), t("lokr_w1_b")]
                 w2 = [t("lokr_w2")] if "lokr_w2" in parts else [t("lokr_w2_a"), t("lokr_w2_b")]
                 adapter = Kronecker(w1, w2, alpha, shape)
-            numel = adapter.delta_numel()
+            fits = adapter.fits(shape)  # checked before delta() builds anything
         except (ValueError, IndexError) as e:
             raise UnfogError(f"{where}: the LyCORIS factors do not combine ({e})") from None
-        if numel != layer.weight.numel():  # checked before delta() builds anything
-            raise UnfogError(f"{where}: the adapter's factors make {numel} values but the layer's weight {shape} has {layer.weight.numel()}")
+        if not fits:
+            raise UnfogError(f"{where}: the adapter's factors make a {adapter.delta_shape()} update but the layer's weight is {shape}; "
+                             "is it for another architecture?")
     else:
         down_key, up_key = ("lora_down.weight", "lora_up.weight") if fmt == "kohya" else ("lora_A.weight", "lora_B.weight")
         if down_key not in parts or up_key not in parts:
             raise UnfogError(f"{where} has {sorted(parts)} but a LoRA needs both {down_key} and {up_key}")
         down, up = t(down_key), t(up_key)
+        if down.ndim not in (2, 4) or up.ndim != down.ndim:
+            raise UnfogError(f"{where}: LoRA weights must be matrices (or 4-d for a convolution), got down {tuple(down.shape)} and up {tuple(up.shape)}; the file is damaged")
         conv = isinstance(layer, nn.Conv2d)
         if conv and down.ndim == 2 and layer.kernel_size == (1, 1):  # a 1×1 convolution trained as a Linear (SD 2.x vs 1.x proj_in)
             down, up = down[:, :, None, None], up[:, :, None, None]

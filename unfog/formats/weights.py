@@ -44,6 +44,8 @@ class SafetensorsFile(Mapping):
         if not isinstance(header, dict):
             raise UnfogError(f"weight file {self.path} is not a readable safetensors file (its header is not a JSON object); {hint}")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise UnfogError(f"weight file {self.path} is not a readable safetensors file (its __metadata__ is not an object of strings); {hint}")
         self.start, data_size = 8 + n, size - 8 - n
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for key, info in header.items():

@@ -13,6 +13,8 @@ network that was there; `fuse` adds w·ΔW into the layer's weight and `unfuse` 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,11 +27,18 @@ class Adapter(nn.Module):
     def delta(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def delta_numel(self) -> int:
-        """How many values delta() has, from the factors' shapes alone (so that a file whose
-        factors would multiply out to a huge matrix is refused before it is built); ValueError
-        when the factors do not combine."""
+    def delta_shape(self) -> tuple[int, ...]:
+        """The shape of the factors' product before delta() lays it out as the layer's weight,
+        from the factors' shapes alone (so that factors that would multiply out to a huge or
+        misshapen matrix are refused before it is built); ValueError when they do not combine."""
         raise NotImplementedError
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether the product is the layer's weight of `shape`, or that weight as a matrix
+        (outputs × inputs·kernel), as LyCORIS stores a convolution's: equal sizes are not enough,
+        a transposed factor would be laid out as nonsense."""
+        raw = self.delta_shape()
+        return raw == tuple(shape) or raw == (shape[0], math.prod(shape[1:]))
 
     def forward(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """Δ(x) = x through ΔW with the layer's own stride and padding (no bias)."""
@@ -79,11 +88,11 @@ class Hadamard(Adapter):
             raise ValueError("rank 0")
         self.scale, self.shape = (rank if alpha is None else float(alpha)) / rank, tuple(shape)
 
-    def delta_numel(self) -> int:
+    def delta_shape(self) -> tuple[int, ...]:
         a1, b1, a2, b2 = (tuple(p.shape) for p in self.factors)
         if not all(len(f) == 2 for f in (a1, b1, a2, b2)) or a1[1] != b1[0] or a2[1] != b2[0] or (a1[0], b1[1]) != (a2[0], b2[1]):
             raise ValueError(f"factors {a1}, {b1}, {a2}, {b2} do not make (w1_a · w1_b) ⊙ (w2_a · w2_b)")
-        return a1[0] * b1[1]
+        return a1[0], b1[1]
 
     def delta(self) -> torch.Tensor:
         a1, b1, a2, b2 = (p.float() for p in self.factors)
@@ -114,14 +123,13 @@ class Kronecker(Adapter):
             raise ValueError(f"low-rank factors {a} and {b} do not multiply")
         return a[0], b[1]
 
-    def delta_numel(self) -> int:
+    def delta_shape(self) -> tuple[int, ...]:
         w1, w2 = self._factor_shape(self.w1), self._factor_shape(self.w2)
         if len(w1) not in (2, 4) or len(w2) not in (2, 4) or (len(w1) == 4 and len(w2) == 2):
             raise ValueError(f"factors of shapes {w1} and {w2} make no Kronecker product of a layer's weight")
-        n = 1
-        for d in (*w1, *w2):
-            n *= d
-        return n
+        if len(w1) == 2 and len(w2) == 4:  # delta() gives w1 two unit kernel dimensions
+            w1 = (*w1, 1, 1)
+        return tuple(a * b for a, b in zip(w1, w2))
 
     @staticmethod
     def _factor(parts) -> torch.Tensor:
