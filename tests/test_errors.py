@@ -181,6 +181,18 @@ def test_a_dtype_networks_cannot_run_in_is_refused_up_front(tiny_model_dir, tiny
     assert tiny_pipe.dtype == before and all(p.dtype == before for p in tiny_pipe.text_encoder.parameters())
 
 
+def test_a_tokenizer_with_ids_past_the_text_encoders_table_is_refused_at_load(tiny_model_dir, tmp_path):
+    """It had loaded, then failed at the first prompt using the word with a raw IndexError."""
+    d = copy_model(tiny_model_dir, tmp_path)
+    path = d / "tokenizer" / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    vocab["zebra"] = max(vocab.values()) + 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(UnfogError, match="tokenizer has token ids up to .* text encoder embeds only"):
+        Pipeline.from_pretrained(d)
+
+
 def test_weights_of_the_wrong_kind_are_refused(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 

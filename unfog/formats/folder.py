@@ -50,6 +50,16 @@ class ModelParts:
     text_encoder_2: TextEncoder | None = None
     force_zeros_for_empty_prompt: bool = False  # SDXL base: no negative prompt → zero negative conditioning
 
+    def __post_init__(self):
+        # A token id past the encoder's embedding table fails only at generation (an IndexError; on
+        # CUDA a device-side assert that spoils the process), so a mismatched pair is refused here.
+        for tok, enc, name in ((self.tokenizer, self.text_encoder, "tokenizer"), (self.tokenizer_2, self.text_encoder_2, "tokenizer_2")):
+            if tok is not None and enc is not None:
+                ids = max(tok.backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+                if ids > enc.token_embedding.num_embeddings:
+                    raise UnfogError(f"the {name} has token ids up to {ids - 1} but its text encoder embeds only {enc.token_embedding.num_embeddings} "
+                                     "tokens: the tokenizer does not belong to this model (a tokenizer file from another model, or edited?)")
+
 
 def read_config(path: Path, cls):
     """A dataclass from a JSON file; unknown or malformed fields name the file."""
