@@ -184,6 +184,31 @@ def test_bad_diffusers_folders(sd, tmp_path):
         Pipeline.from_pretrained(bad)
 
 
+def test_malformed_diffusers_configs_are_errors_naming_the_file(sd, tmp_path):
+    """A config of the wrong kind or missing a field had raised a raw AttributeError, KeyError or
+    TypeError from inside the translation."""
+    import shutil
+
+    _, _, path = sd
+    edits = [("unet/config.json", lambda c: [], "must hold a JSON object"),
+             ("text_encoder/config.json", lambda c: {k: v for k, v in c.items() if k != "vocab_size"}, "a field is missing or of the wrong kind"),
+             ("unet/config.json", lambda c: {k: v for k, v in c.items() if k != "block_out_channels"}, "a field is missing or of the wrong kind"),
+             ("unet/config.json", lambda c: {**c, "block_out_channels": 5}, "a field is missing or of the wrong kind|block_out_channels"),
+             ("vae/config.json", lambda c: {**c, "scaling_factor": "x"}, "scaling_factor|a field is missing or of the wrong kind"),
+             ("scheduler/scheduler_config.json", lambda c: "ddim", "must hold a JSON object"),
+             ("tokenizer/tokenizer_config.json", lambda c: {**c, "model_max_length": "abc"}, "model_max_length must be a positive number"),
+             ("tokenizer/special_tokens_map.json", lambda c: {**c, "pad_token": 5}, "pad_token must be a string")]
+    for name, edit, message in edits:
+        bad = tmp_path / "bad"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(path, bad)
+        f = bad / name
+        f.write_text(json.dumps(edit(json.loads(f.read_text()) if f.is_file() else {})))
+        with pytest.raises(UnfogError, match=message) as e:
+            Pipeline.from_pretrained(bad)
+        assert name.split("/")[0] in str(e.value), (name, str(e.value))
+
+
 def test_single_file_checkpoint_matches_diffusers_from_single_file(sd, tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 

@@ -39,9 +39,25 @@ def _json(path: Path) -> dict:
     if not path.is_file():
         raise UnfogError(f"{path} is missing")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise UnfogError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise UnfogError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def translated(fn, path: Path, *args, **kwargs):
+    """fn(the JSON object in path, …): a diffusers or transformers config turned into unfog's.
+    A field missing or of the wrong kind (a KeyError or TypeError inside the translation) is an
+    error naming the file, not a traceback."""
+    data = _json(path)
+    try:
+        return fn(data, *args, **kwargs)
+    except UnfogError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+        raise UnfogError(f"{path}: a field is missing or of the wrong kind ({type(e).__name__}: {str(e)[:200]}); is this config from a model unfog loads?") from None
 
 
 def component_state(directory: Path, stem: str) -> dict:
@@ -99,13 +115,18 @@ def clip_tokenizer(directory: Path, context_length: int = 77, pad: str | None = 
         if (directory / name).is_file():
             value = _json(directory / name).get("pad_token")
             pad = (value.get("content") if isinstance(value, dict) else value) or pad
+            if not isinstance(pad, str):
+                raise UnfogError(f"{directory / name}: pad_token must be a string, got {pad!r}")
             break
     pad = pad if pad_override is None else pad_override
     # transformers registers the special tokens, the pad token included, as whole-text matches:
     # with SD 2.x's pad "!", a "!" in a prompt becomes the pad id, not the BPE piece "!</w>".
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys([pad, "<|startoftext|>", "<|endoftext|>"])])
     cfg = _json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
-    length = min(int(cfg.get("model_max_length", context_length)), context_length)
+    length = cfg.get("model_max_length", context_length)
+    if not isinstance(length, (int, float)) or isinstance(length, bool) or not length >= 1:  # (transformers writes 1e30 for "no limit")
+        raise UnfogError(f"{directory / 'tokenizer_config.json'}: model_max_length must be a positive number, got {length!r}")
+    length = int(min(length, context_length))
     return Tokenizer(backend, TokenizerConfig(context_length=length, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token=pad))
 
 
@@ -126,7 +147,7 @@ def _present(index: dict, root: Path, part: str) -> bool:
 
 def load_text_encoder(root: Path, part: str, *, clip_skip: int, sdxl: bool, dtype: torch.dtype = torch.float32) -> TextEncoder:
     state = component_state(root / part, "model")
-    cfg = text_encoder_config_from_transformers(_json(root / part / "config.json"), clip_skip, sdxl=sdxl,
+    cfg = translated(text_encoder_config_from_transformers, root / part / "config.json", clip_skip, sdxl=sdxl,
                                                 projection=any(k.endswith("text_projection.weight") for k in state))
     with torch.device("meta"):
         te = TextEncoder(cfg)
@@ -142,9 +163,9 @@ def load_diffusers(path: str | Path, *, clip_skip: int = 0, prediction_type: str
     for part in needed:
         if not _present(index, root, part):
             raise UnfogError(f"{root} lacks the {part}/ component that unfog needs")
-    unet_cfg = unet_config_from_diffusers(_json(root / "unet" / "config.json"))
-    vae_cfg = vae_config_from_diffusers(_json(root / "vae" / "config.json"))
-    sched, hints = scheduler_config_from_diffusers(_json(root / "scheduler" / "scheduler_config.json"))
+    unet_cfg = translated(unet_config_from_diffusers, root / "unet" / "config.json")
+    vae_cfg = translated(vae_config_from_diffusers, root / "vae" / "config.json")
+    sched, hints = translated(scheduler_config_from_diffusers, root / "scheduler" / "scheduler_config.json")
     if prediction_type:
         sched.prediction_type = prediction_type
     with torch.device("meta"):

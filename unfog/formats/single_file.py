@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UnfogError
 from ..nn import Autoencoder, AutoencoderConfig, TextEncoder, TextEncoderConfig, UNet, UNetConfig
-from .diffusers_folder import _json, clip_tokenizer, native_size
+from .diffusers_folder import _json, clip_tokenizer, native_size, translated
 from .folder import ModelParts
 from .keymaps import (
     map_text_encoder_key, scheduler_config_from_diffusers, stable_diffusion_defaults, text_encoder_config_from_transformers,
@@ -292,20 +292,20 @@ def parts_from_state(state: dict, source: str, *, config=None, tokenizer=None, p
         file_kind = {"sdxl": "an SDXL base", "sdxl_refiner": "an SDXL refiner"}.get(family, "an SD 1.x/2.x model")
         if folder_kind != file_kind:
             raise UnfogError(f"{source} is {file_kind} checkpoint but the config folder {root} describes {folder_kind}; pass the config folder of the same kind of model")
-        unet_cfg = unet_config_from_diffusers(_json(root / "unet" / "config.json"))
-        vae_cfg = vae_config_from_diffusers(_json(root / "vae" / "config.json"))
+        unet_cfg = translated(unet_config_from_diffusers, root / "unet" / "config.json")
+        vae_cfg = translated(vae_config_from_diffusers, root / "vae" / "config.json")
         folders = ["text_encoder_2"] if family == "sdxl_refiner" else ["text_encoder", "text_encoder_2"][: len(prefixes)]
         text_cfgs, tokenizers = [], []
         for folder, inferred in zip(folders, file_text):
             if not (root / folder / "config.json").is_file():
                 raise UnfogError(f"{source} is {FAMILY_NAMES[family]} but the config folder {root} has no {folder}/ (is it the config of another model?)")
-            cfg = text_encoder_config_from_transformers(_json(root / folder / "config.json"), clip_skip, sdxl=sdxl, projection=inferred.projection_dim is not None)
+            cfg = translated(text_encoder_config_from_transformers, root / folder / "config.json", clip_skip, sdxl=sdxl, projection=inferred.projection_dim is not None)
             # diffusers' SD 2.x folders drop OpenCLIP's last layer; the single file still has it.
             cfg.skip_last_layers += inferred.layers - cfg.layers
             cfg.layers = inferred.layers
             text_cfgs.append(cfg)
             tokenizers.append(clip_tokenizer(root / folder.replace("text_encoder", "tokenizer"), cfg.context_length))
-        sched, hints = scheduler_config_from_diffusers(_json(root / "scheduler" / "scheduler_config.json"))
+        sched, hints = translated(scheduler_config_from_diffusers, root / "scheduler" / "scheduler_config.json")
         scheduler_class = hints["class"]
         force_zeros = bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")) and sdxl
         size = native_size(root, vae_cfg.downsample_factor)
