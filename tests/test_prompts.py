@@ -187,6 +187,24 @@ def test_textual_inversion_matches_diffusers(sd, tmp_path):
     assert ours.text_encoder.token_embedding.num_embeddings == vocab  # the failed loads changed nothing
 
 
+def test_an_embedding_token_matches_whole_words_only(sd, tmp_path):
+    """A token inside a longer word is not the embedding (it had been: with the token "zq", the
+    word "azqb" changed in every prompt), as the expansion of a multi-vector token already held."""
+    _, _, folder = sd
+    from unfog import Pipeline
+
+    ours = Pipeline.from_pretrained(folder)
+    prompts = ["a azqb circle", "zqzq and zq_x", "a zq circle", "(zq), zq."]
+    before = ours.encode_text(prompts, "truncate")[0]
+    for n in (1, 2):
+        save_file({"emb_params": torch.randn(n, 32, generator=torch.Generator().manual_seed(n))}, str(tmp_path / f"zq{n}.safetensors"))
+        pipe = Pipeline.from_pretrained(folder)
+        pipe.load_textual_inversion(tmp_path / f"zq{n}.safetensors", token="zq")
+        after = pipe.encode_text(prompts, "truncate")[0]
+        torch.testing.assert_close(after[:2], before[:2], rtol=0, atol=0)  # inside words: untouched
+        assert not torch.equal(after[2], before[2]) and not torch.equal(after[3], before[3])  # whole words, punctuation around them too
+
+
 def test_cli_and_server_read_a1111_prompts_with_lora_tags(sd, tmp_path):
     from PIL import Image
     from test_lora import kohya_file

@@ -90,7 +90,7 @@ class EmbeddingMixin:
                 raise UnfogError("the tokenizer and the text encoder's embedding disagree in size; cannot add tokens")
         for (tok, encoder), v in zip(pairs, per_encoder):
             first = tok.vocab_size
-            tok.backend.add_tokens([AddedToken(p, normalized=False, single_word=False) for p in pieces])
+            tok.backend.add_tokens([AddedToken(p, normalized=False, single_word=True) for p in pieces])  # a whole word, never inside another
             assert [tok.backend.token_to_id(p) for p in pieces] == list(range(first, first + n))
             old = encoder.token_embedding
             grown = nn.Embedding(first + n, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
