@@ -32,7 +32,7 @@ BREAK = "BREAK"
 # One token of the syntax: an escape, a bracket, a ":weight)" closing, or a run of plain text.
 _TOKEN = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
-_LORA = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
+_LORA = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?(?::[^<>]*)?>")  # no "<" inside: a failed tag is not re-scanned from every "<lora:"
 # The largest emphasis a token may get: past it the weighted text states overflow half precision
 # (and 1.1 to the power of a few hundred nested brackets, or (x:1e400), is no longer a number).
 MAX_WEIGHT = 1000.0
@@ -40,6 +40,9 @@ MAX_WEIGHT = 1000.0
 # count, the request the BREAKs): each window is one more text-encoder pass per image, so
 # thousands of BREAKs in a short prompt took gigabytes for a 64² image.
 MAX_WINDOWS = 64
+# The most brackets open at once: each closing one rescales the text since its opening, so
+# thousands left open made parsing quadratic (a 96 KB prompt took 25 s); A1111 prompts nest a few deep.
+MAX_NESTING = 100
 
 
 def parse_attention(text: str, field: str = "prompt") -> list[tuple[str, float]]:
@@ -58,10 +61,10 @@ def parse_attention(text: str, field: str = "prompt") -> list[tuple[str, float]]
         piece, weight = m.group(0), m.group(1)
         if piece.startswith("\\"):  # an escaped character; a lone backslash is dropped, as A1111 drops it
             out.append([piece[1:], 1.0])
-        elif piece == "(":
-            open_round.append(len(out))
-        elif piece == "[":
-            open_square.append(len(out))
+        elif piece in ("(", "["):
+            (open_round if piece == "(" else open_square).append(len(out))
+            if len(open_round) + len(open_square) > MAX_NESTING:
+                raise UnfogError(f"{field} has more than {MAX_NESTING} brackets open at once; close them, or escape literal ones as \\( \\[", field)
         elif weight is not None and open_round:
             try:
                 scale_from(open_round.pop(), float(weight))
