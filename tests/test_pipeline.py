@@ -25,6 +25,19 @@ def test_different_seeds_differ(tiny_pipe):
     assert np.abs(pixels(a) - pixels(b)).mean() > 1
 
 
+def test_numpy_integers_are_taken_as_the_ints_they_are(tiny_pipe):
+    """Values from numpy (a seed from np.random, a size from an array) were refused as "not an int"."""
+    a = tiny_pipe("a red circle", seed=np.int64(5), num_inference_steps=np.int32(3), height=np.int64(32), width=np.uint16(32),
+                  num_images_per_prompt=np.int8(2))
+    b = tiny_pipe("a red circle", seed=[5, 6], num_inference_steps=3, num_images_per_prompt=2)
+    assert a.seeds == [5, 6] and all(type(s) is int for s in a.seeds) and type(a.request.height) is int
+    assert all(np.array_equal(pixels(x), pixels(y)) for x, y in zip(a.images, b.images))
+    assert tiny_pipe.request("a", seed=[np.int64(1)]).seeds == [1]
+    for bad in (np.float64(5.0), np.bool_(True), True, -1):
+        with pytest.raises(ValueError, match="seed"):
+            tiny_pipe.request("a", seed=bad)
+
+
 def test_image_k_of_a_batch_equals_its_seed_alone(tiny_pipe):
     batch = tiny_pipe("a blue square", seed=10, num_images_per_prompt=3)
     assert batch.seeds == [10, 11, 12]

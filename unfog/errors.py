@@ -1,4 +1,4 @@
-"""The one exception type unfog raises for bad input, and the number check every layer shares."""
+"""The one exception type unfog raises for bad input, and the number checks every layer shares."""
 
 import math
 import numbers
@@ -11,6 +11,11 @@ class UnfogError(ValueError):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+def integer(v) -> int | None:
+    """v as an int if it is one integer (numpy's included, not a bool), else None."""
+    return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else None
 
 
 def finite_number(name: str, v) -> float:

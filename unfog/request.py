@@ -22,7 +22,7 @@ from PIL import Image
 
 from .diffusion import SIGMA_SCHEDULES, SamplingDefaults
 from .diffusion.schedules import DIFFUSERS_DEFAULT_SPACING, DIFFUSERS_FIXED_SCHEDULE
-from .errors import UnfogError, finite_number
+from .errors import UnfogError, finite_number, integer
 from .prompts import BREAK, MAX_WINDOWS, extract_loras, parse_attention
 from .samplers import OPTION_CHOICES, OPTION_RANGES, get_sampler
 
@@ -106,9 +106,10 @@ class ModelFacts:
 
 
 def _int(name: str, v: Any) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+    n = integer(v)
+    if n is None or n < 1:
         raise UnfogError(f"{name} must be a positive integer, got {v!r}", name)
-    return v
+    return n
 
 
 def _text(name: str, v: Any) -> str:
@@ -144,12 +145,12 @@ def _seeds(seed: Any, generator: Any, total: int) -> tuple[list[int], list[torch
     if seed is None:
         base = random.SystemRandom().randrange(2**32)
         return [base + k for k in range(total)], None
-    if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63 - total:
-        return [seed + k for k in range(total)], None
-    if isinstance(seed, (list, tuple)) and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in seed):
+    if integer(seed) is not None and 0 <= integer(seed) < 2**63 - total:
+        return [integer(seed) + k for k in range(total)], None
+    if isinstance(seed, (list, tuple)) and all(integer(s) is not None and 0 <= integer(s) < 2**63 for s in seed):
         if len(seed) != total:
             raise UnfogError(f"got {len(seed)} seeds for {total} images; pass one per image or a single int", "seed")
-        return list(seed), None
+        return [integer(s) for s in seed], None
     raise UnfogError(f"seed must be a non-negative int below 2^63 or a list of them, got {seed!r}", "seed")
 
 
@@ -192,9 +193,10 @@ def _option(sampler: str, key: str, value: Any, default: Any) -> Any:
 
 
 def _size(name: str, v: Any, factor: int) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % factor:
+    n = integer(v)
+    if n is None or n <= 0 or n % factor:
         raise UnfogError(f"{name} must be a positive multiple of {factor} for this model (its downsampling factor), got {v!r}", name)
-    return v
+    return n
 
 
 def _image_inputs(image: Any, mask_image: Any, strength: Any, steps: int, inpainting: bool) -> float:
