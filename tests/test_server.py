@@ -1,5 +1,6 @@
 """The HTTP API: validation of every limit, the job life cycle, concurrency, and safety."""
 
+import contextlib
 import io
 import json
 import threading
@@ -605,6 +606,46 @@ def test_head_sends_no_body_bytes_and_frees_an_event_stream(pipe):
 
     try:
         asyncio.run(scenario())
+    finally:
+        jobs.cancel(job.id)
+        jobs.wait(job, 30)
+
+
+def test_a_client_gone_before_its_stream_starts_gives_the_slot_back(pipe):
+    """The slot was given back by the event generator's `finally`, which never runs for a
+    generator that never started: clients that left at once used up a job's streams for good."""
+    import asyncio
+
+    app = create_app(pipe, ServerSettings(max_streams_per_job=1), model_name="tiny")
+    jobs = app.state.jobs
+    job, _ = jobs.submit(pipe.request("a red circle", num_inference_steps=150, seed=0), {"steps": 150})
+    path = f"/v1/jobs/{job.id}/events"
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [(b"host", b"127.0.0.1:7860")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 7860)}
+
+    async def gone_at_once():
+        sent, messages = [], iter([{"type": "http.request", "body": b"", "more_body": False}])
+
+        async def receive():
+            return next(messages, {"type": "http.disconnect"})
+
+        async def send(message):
+            if message["type"] == "http.response.start" and message["status"] != 200:
+                sent.append(message["status"])
+            if sent or message["type"] == "http.response.body":
+                raise OSError("the client is gone")  # as a server's send fails on a closed connection
+            sent.append(message["status"])
+
+        with contextlib.suppress(OSError):
+            await asyncio.wait_for(app(scope, receive, send), timeout=30)
+        return sent[0]
+
+    async def scenario():
+        return [await gone_at_once() for _ in range(4)]
+
+    try:
+        assert asyncio.run(scenario()) == [200] * 4  # each one's slot came back for the next
     finally:
         jobs.cancel(job.id)
         jobs.wait(job, 30)

@@ -378,7 +378,13 @@ def _add_job_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings) -> No
         if streams.get(job_id, 0) >= s.max_streams_per_job:
             raise Refused(429, f"at most {s.max_streams_per_job} open event streams per job; close one", headers={"Retry-After": "5"})
         streams[job_id] = streams.get(job_id, 0) + 1
-        return StreamingResponse(_event_stream(jobs, job_id, request, streams), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        def release():
+            streams[job_id] -= 1
+            if not streams[job_id]:
+                del streams[job_id]
+
+        return _HeldStream(release, _event_stream(jobs, job_id, request), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/v1/images/generate", include_in_schema=False)
     def generate_is_a_post():  # else /v1/images/{name} takes it and answers "no such image"
@@ -400,22 +406,33 @@ def _add_job_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings) -> No
         return Response(data, media_type="image/png", headers={"X-Seeds": ",".join(map(str, status["seeds"]))})
 
 
-async def _event_stream(jobs, job_id: str, request: Request, streams: dict[str, int]):
+class _HeldStream(StreamingResponse):
+    """A streaming response holding a slot (an event stream of a job) that it gives back however
+    the response ends, also when the client left before the stream's first event: the
+    generator's own `finally` would not run for a generator that never started."""
+
+    def __init__(self, release, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
+async def _event_stream(jobs, job_id: str, request: Request):
     """A job's events as server-sent events, pushed as they are recorded (a 1 s wake-up only to
     notice a client that has gone)."""
     sent = 0
-    try:
-        while True:
-            events, finished = await jobs.next_events(job_id, sent, 1.0)
-            for e in events:
-                yield f"event: {e['type']}\ndata: {json.dumps(e)}\n\n"
-            sent += len(events)
-            if finished or await request.is_disconnected():
-                return
-    finally:
-        streams[job_id] -= 1
-        if not streams[job_id]:
-            del streams[job_id]
+    while True:
+        events, finished = await jobs.next_events(job_id, sent, 1.0)
+        for e in events:
+            yield f"event: {e['type']}\ndata: {json.dumps(e)}\n\n"
+        sent += len(events)
+        if finished or await request.is_disconnected():
+            return
 
 
 def _add_info_routes(app: FastAPI, jobs: JobQueue, pipe, s: ServerSettings, model_name: str) -> None:
