@@ -69,6 +69,9 @@ def test_request_checks_emphasis_and_lora_names_up_front(tiny_pipe, tmp_path):
     with pytest.raises(UnfogError, match="safetensors in"):  # 70 characters, 280 bytes: past the filesystem's 255
         tiny_pipe.request("a <lora:" + "\U0001F600" * 70 + ":1>", prompt_syntax="a1111", lora_dir=str(tmp_path))
     assert tiny_pipe.request("(a:1.5) [b]", negative_prompt="((c))", prompt_syntax="a1111").prompts == ["(a:1.5) [b]"]
+    with pytest.raises(UnfogError, match="lora_dir must be a folder path") as e:  # had been a raw TypeError
+        tiny_pipe.request("a <lora:x:1>", prompt_syntax="a1111", lora_dir=5)
+    assert e.value.field == "lora_dir"
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import importlib.util
 import inspect
 import json
 import math
+import os
 import random
 import re
 import warnings
@@ -383,6 +384,8 @@ def _lora_tags(prompts: list[str], lora_dir: Any) -> tuple[list[str], list[tuple
             raise UnfogError(f"<lora:{name}:{weight}> needs a finite weight", "prompt")
         if lora_dir is None:
             raise UnfogError(f"the prompt asks for <lora:{name}:…>: pass lora_dir= (--lora-dir) to say where LoRA files are", "prompt")
+        if not isinstance(lora_dir, (str, os.PathLike)):
+            raise UnfogError(f"lora_dir must be a folder path, got {lora_dir!r}", "lora_dir")
         if len(name) > 200 or "/" in name or "\\" in name or "\0" in name or name.startswith(".") or not _is_file(Path(lora_dir) / f"{name}.safetensors"):
             short = name[:60] + ("…" if len(name) > 60 else "")
             raise UnfogError(f"<lora:{short}:…>: no {short}.safetensors in {lora_dir}", "prompt")
