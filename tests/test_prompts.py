@@ -207,7 +207,8 @@ def test_textual_inversion_matches_diffusers(sd, tmp_path):
 
 def test_an_embedding_token_matches_whole_words_only(sd, tmp_path):
     """A token inside a longer word is not the embedding (it had been: with the token "zq", the
-    word "azqb" changed in every prompt), as the expansion of a multi-vector token already held."""
+    word "azqb" changed in every prompt), as the expansion of a multi-vector token already held;
+    and a token is found whatever its case (it had to match the file name's case exactly)."""
     _, _, folder = sd
     from unfog import Pipeline
 
@@ -221,6 +222,8 @@ def test_an_embedding_token_matches_whole_words_only(sd, tmp_path):
         after = pipe.encode_text(prompts, "truncate")[0]
         torch.testing.assert_close(after[:2], before[:2], rtol=0, atol=0)  # inside words: untouched
         assert not torch.equal(after[2], before[2]) and not torch.equal(after[3], before[3])  # whole words, punctuation around them too
+        # in any case, as CLIP lower-cases the prompt (A1111 finds "EasyNegative" for easynegative.pt)
+        torch.testing.assert_close(pipe.encode_text(["a ZQ circle"], "truncate")[0], after[2:3], rtol=0, atol=0)
 
 
 def test_cli_and_server_read_a1111_prompts_with_lora_tags(sd, tmp_path):

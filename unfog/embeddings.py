@@ -44,6 +44,13 @@ def read_embedding(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _as_matched(tok, piece: str) -> str:
+    """A token as the tokenizer sees it in a prompt: through its normalizer (CLIP's lower-cases),
+    so "EasyNegative" in a prompt finds the embedding loaded as easynegative, as in A1111."""
+    normalizer = tok.backend.normalizer
+    return normalizer.normalize_str(piece) if normalizer is not None else piece
+
+
 class EmbeddingMixin:
     """`load_textual_inversion` and the prompt expansion of `Pipeline`."""
 
@@ -51,7 +58,7 @@ class EmbeddingMixin:
         """The prompt with each loaded embedding's token spelled out as all its vector tokens."""
         for token, pieces in getattr(self, "embedding_tokens", {}).items():
             if len(pieces) > 1:
-                text = re.sub(rf"(?<![\w]){re.escape(token)}(?![\w])", lambda m: " ".join(pieces), text)
+                text = re.sub(rf"(?<![\w]){re.escape(token)}(?![\w])", lambda m: " ".join(pieces), text, flags=re.IGNORECASE)
         return text
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
@@ -83,15 +90,16 @@ class EmbeddingMixin:
             if v.shape[1] != encoder.config.width:
                 raise UnfogError(f"{path}: the embedding's vectors are {v.shape[1]} wide but the text encoder's tokens are {encoder.config.width}; "
                                  "it is an embedding for another model")
-            taken = [p for p in pieces if tok.backend.token_to_id(p) is not None]
+            taken = [p for p in pieces if tok.backend.token_to_id(_as_matched(tok, p)) is not None]
             if taken:
                 raise UnfogError(f"the token {taken[0]!r} is already in the vocabulary; pass another token=", "token")
             if tok.vocab_size != encoder.token_embedding.num_embeddings:
                 raise UnfogError("the tokenizer and the text encoder's embedding disagree in size; cannot add tokens")
         for (tok, encoder), v in zip(pairs, per_encoder):
             first = tok.vocab_size
-            tok.backend.add_tokens([AddedToken(p, normalized=False, single_word=True) for p in pieces])  # a whole word, never inside another
-            assert [tok.backend.token_to_id(p) for p in pieces] == list(range(first, first + n))
+            # matched in the normalized text (lower-cased, for CLIP), as a whole word, never inside another
+            tok.backend.add_tokens([AddedToken(_as_matched(tok, p), normalized=True, single_word=True) for p in pieces])
+            assert [tok.backend.token_to_id(_as_matched(tok, p)) for p in pieces] == list(range(first, first + n))
             old = encoder.token_embedding
             grown = nn.Embedding(first + n, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
             with torch.no_grad():
