@@ -245,8 +245,8 @@ def test_malformed_lora_files_are_clear_errors_and_never_hang(sd1, tmp_path):
     }
     peft = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, w.shape[1]),
             "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(w.shape[0], 2)}
-    for tag, pattern, message in (("redos", {"([\\w.]|[\\w.])*X": 4}, "repeats a group"), ("badre", {"(": 4}, "not a valid pattern"),
-                                  ("notdict", "to_q", "not an object of module names")):
+    for tag, pattern, message in (("redos", {"([\\w.]|[\\w.])*X": 4}, "a repeated group"), ("stars", {".*" * 12 + "X": 4}, "more than 2 repetitions"),
+                                  ("badre", {"(": 4}, "not a valid pattern"), ("notdict", "to_q", "not an object of module names")):
         cases[tag] = (peft, {"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": 2, "unet.alpha_pattern": pattern})}, message)
     for tag, (tensors, metadata, message) in cases.items():
         save_file(tensors, str(tmp_path / f"{tag}.safetensors"), metadata=metadata)
@@ -265,6 +265,13 @@ def test_malformed_lora_files_are_clear_errors_and_never_hang(sd1, tmp_path):
         {"unet.r": 2, "unet.lora_alpha": 2, "unet.alpha_pattern": {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 8}})})
     ours.load_lora_weights(tmp_path / "named.safetensors", "named")
     assert [a.scale for m in ours.unet.modules() for a in getattr(m, "adapters", {}).values()] == [4.0]
+    # a small pattern runs, as PEFT's (.*\.)?(key)$, and the first key that matches wins
+    for key, scale in (("(attn1|attn2)?\\.to_q", 3.0), ("attn1\\.to_q", 3.0), ("to_k", 1.0)):
+        ours.unload_lora_weights()
+        save_file(peft, str(tmp_path / "pattern.safetensors"), metadata={"lora_adapter_metadata": json.dumps(
+            {"unet.r": 2, "unet.lora_alpha": 2, "unet.alpha_pattern": {key: 6, "to_q": 8}})})
+        ours.load_lora_weights(tmp_path / "pattern.safetensors", "p")
+        assert [a.scale for m in ours.unet.modules() for a in getattr(m, "adapters", {}).values()] == [scale if scale != 1.0 else 4.0], key
 
 
 def test_sdxl_kohya_lora_with_original_layout_names_matches_diffusers(tmp_path_factory, tmp_path):

@@ -106,17 +106,38 @@ def _peft_header(f: SafetensorsFile) -> dict | None:
     return meta
 
 
+# An alpha_pattern key that is not a plain module name is a regular expression, run on every
+# adapted module's path; the file is not trusted, and a pattern such as (a|a)*X or .*.*.*.*X
+# backtracks for ever. So such keys are run only when small: at most MAX_PATTERN_QUANTIFIERS
+# repetition operators (a path's length to that power bounds each match) and MAX_REGEX_PATTERNS of them.
+MAX_PATTERN_QUANTIFIERS = 2
+MAX_REGEX_PATTERNS = 16
+
+
 @functools.lru_cache(maxsize=256)
-def _pattern(pattern: str) -> re.Pattern:
-    """An alpha_pattern key as PEFT reads it, a regular expression; the file is not trusted, so
-    one with a repeated group (`(a|a)*`: exponential backtracking, a load that never ends) is refused."""
-    if re.search(r"\)\s*[*+?{]", pattern):
-        raise UnfogError(f"the PEFT metadata's alpha_pattern key {pattern[:80]!r} repeats a group, which unfog does not run "
-                         "(such a pattern can take forever to match); name the modules instead")
+def _pattern(pattern: str) -> re.Pattern | None:
+    """An alpha_pattern key as a compiled pattern, or None for a plain module name (matched as text)."""
+    if not re.search(r"[\\\[\]()*+?{}|^$]", pattern):
+        return None
+    bare = re.sub(r"\\.", "", pattern)  # escapes are literal characters
+    repeats = len(re.findall(r"[*+?{]", bare.replace("(?", "(")))
+    if len(pattern) > 200 or repeats > MAX_PATTERN_QUANTIFIERS or re.search(r"\)\s*(\*|\+|\{\d*,)", bare):
+        raise UnfogError(f"the PEFT metadata's alpha_pattern key {pattern[:80]!r} is a pattern with more than {MAX_PATTERN_QUANTIFIERS} "
+                         "repetitions, a repeated group or over 200 characters, which unfog does not run (such a pattern can take "
+                         "forever to match); name the modules instead")
     try:
         return re.compile(pattern)
     except (re.error, RecursionError, OverflowError):
         raise UnfogError(f"the PEFT metadata's alpha_pattern key {pattern[:80]!r} is not a valid pattern; the file is damaged") from None
+
+
+def _alpha_key_matches(key: str, path: str) -> bool:
+    """Whether an alpha_pattern key names the module at `path`, as PEFT matches it
+    (`(.*\.)?(key)$`: the whole path or its end after a dot)."""
+    if path == key or path.endswith("." + key):
+        return True
+    pattern = _pattern(key)
+    return pattern is not None and any(pattern.fullmatch(path, start) for start in [0] + [i + 1 for i, c in enumerate(path) if c == "."])
 
 
 def _peft_alpha(meta: dict | None, component: str, path: str, rank: int) -> float:
@@ -129,9 +150,10 @@ def _peft_alpha(meta: dict | None, component: str, path: str, rank: int) -> floa
     patterns = meta.get(f"{prefix}.alpha_pattern") or {}
     if not isinstance(patterns, dict):
         raise UnfogError(f"the PEFT metadata's {prefix}.alpha_pattern is {type(patterns).__name__}, not an object of module names; the file is damaged")
-    for pattern, value in patterns.items():
-        if path == pattern or path.endswith("." + pattern) or _pattern(pattern).fullmatch(path):
-            alpha = value
+    if sum(_pattern(key) is not None for key in patterns) > MAX_REGEX_PATTERNS:
+        raise UnfogError(f"the PEFT metadata's {prefix}.alpha_pattern has more than {MAX_REGEX_PATTERNS} patterns that are not module names; "
+                         "unfog does not run that many")
+    alpha = next((value for key, value in patterns.items() if _alpha_key_matches(key, path)), alpha)  # the first that matches, as PEFT takes it
     try:
         return float(alpha)
     except (TypeError, ValueError):
@@ -221,6 +243,8 @@ def _adapter(f: SafetensorsFile, parts: dict[str, str], layer: nn.Module, fmt: s
                 w2 = [t("lokr_w2")] if "lokr_w2" in parts else [t("lokr_w2_a"), t("lokr_w2_b")]
                 adapter = Kronecker(w1, w2, alpha, shape)
             fits = adapter.fits(shape)  # checked before delta() builds anything
+        except UnfogError:
+            raise
         except (ValueError, IndexError) as e:
             raise UnfogError(f"{where}: the LyCORIS factors do not combine ({e})") from None
         if not fits:

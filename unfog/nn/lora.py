@@ -35,10 +35,11 @@ class Adapter(nn.Module):
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         """Whether the product is the layer's weight of `shape`, or that weight as a matrix
-        (outputs × inputs·kernel), as LyCORIS stores a convolution's: equal sizes are not enough,
-        a transposed factor would be laid out as nonsense."""
+        (outputs × inputs·kernel), as LyCORIS stores a convolution's, or a 1×1 convolution's where
+        the layer is linear (SD 2.x's proj_in against SD 1.x's): equal sizes are not enough, a
+        transposed factor would be laid out as nonsense."""
         raw = self.delta_shape()
-        return raw == tuple(shape) or raw == (shape[0], math.prod(shape[1:]))
+        return raw in (tuple(shape), (shape[0], math.prod(shape[1:])), (*shape, 1, 1))
 
     def forward(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """Δ(x) = x through ΔW with the layer's own stride and padding (no bias)."""
