@@ -280,11 +280,13 @@ def test_requests_too_big_to_allocate_are_refused_up_front(tiny_pipe):
         tiny_pipe.max_images = 64
 
 
-@pytest.mark.parametrize("index, match", [([1, 2], "not unfog format"), ({"format": "unfog", "format_version": 1, "components": []}, "components must be"),
+@pytest.mark.parametrize("index, match", [([1, 2], "model_index.json must hold a JSON object"), (5, "model_index.json must hold a JSON object"),
+                                          ("[" * 200_000, "model_index.json is not valid JSON"),  # nested past the parser's recursion limit
+                                          ({"format": "unfog", "format_version": 1, "components": []}, "components must be"),
                                           ({"format": "unfog", "format_version": 1, "components": {"vae": 1}}, "components must be")])
 def test_malformed_model_index_is_named(tiny_model_dir, tmp_path, index, match):
     d = copy_model(tiny_model_dir, tmp_path)
-    (d / "model_index.json").write_text(json.dumps(index))
+    (d / "model_index.json").write_text(index if isinstance(index, str) else json.dumps(index))
     with pytest.raises(UnfogError, match=match):
         Pipeline.from_pretrained(d)
 

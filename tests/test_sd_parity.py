@@ -197,7 +197,9 @@ def test_malformed_diffusers_configs_are_errors_naming_the_file(sd, tmp_path):
              ("vae/config.json", lambda c: {**c, "scaling_factor": "x"}, "scaling_factor|a field is missing or of the wrong kind"),
              ("scheduler/scheduler_config.json", lambda c: "ddim", "must hold a JSON object"),
              ("tokenizer/tokenizer_config.json", lambda c: {**c, "model_max_length": "abc"}, "model_max_length must be a positive number"),
-             ("tokenizer/special_tokens_map.json", lambda c: {**c, "pad_token": 5}, "pad_token must be a string")]
+             ("tokenizer/special_tokens_map.json", lambda c: {**c, "pad_token": 5}, "pad_token must be a string"),
+             ("scheduler/scheduler_config.json", lambda c: {**c, "beta_start": "x"}, "beta_start must be"),  # named with its file
+             ("model_index.json", lambda c: 5, "must hold a JSON object")]
     for name, edit, message in edits:
         bad = tmp_path / "bad"
         shutil.rmtree(bad, ignore_errors=True)
@@ -207,6 +209,14 @@ def test_malformed_diffusers_configs_are_errors_naming_the_file(sd, tmp_path):
         with pytest.raises(UnfogError, match=message) as e:
             Pipeline.from_pretrained(bad)
         assert name.split("/")[0] in str(e.value), (name, str(e.value))
+    bad = tmp_path / "sharded"  # a shard index whose weight_map is not names of files in the folder
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(path, bad)
+    (bad / "unet" / "diffusion_pytorch_model.safetensors").rename(bad / "unet" / "part.safetensors")
+    for weight_map in (["part.safetensors"], {"x": 5}, {"x": "../vae/diffusion_pytorch_model.safetensors"}):
+        (bad / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(UnfogError, match="weight_map must map tensor names to shard file names"):
+            Pipeline.from_pretrained(bad)
 
 
 def test_single_file_checkpoint_matches_diffusers_from_single_file(sd, tmp_path):

@@ -3,7 +3,6 @@ tokenizer/, scheduler/) into unfog's own networks, through explicit key maps."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, mo
 
 from ..errors import UnfogError
 from ..nn import Autoencoder, TextEncoder, Tokenizer, TokenizerConfig, UNet
-from .folder import ModelParts
+from .folder import ModelParts, read_json_object
 from .keymaps import (
     map_text_encoder_key, map_unet_key, map_vae_key, scheduler_config_from_diffusers, stable_diffusion_defaults,
     text_encoder_config_from_transformers, unet_config_from_diffusers, vae_config_from_diffusers,
@@ -29,33 +28,21 @@ def is_diffusers_folder(path: str | Path) -> bool:
     if not index.is_file():
         return False
     try:
-        data = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = read_json_object(index)
+    except UnfogError:
         return False
     return "_diffusers_version" in data or "_class_name" in data
-
-
-def _json(path: Path) -> dict:
-    if not path.is_file():
-        raise UnfogError(f"{path} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise UnfogError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise UnfogError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def translated(fn, path: Path, *args, **kwargs):
     """fn(the JSON object in path, …): a diffusers or transformers config turned into unfog's.
     A field missing or of the wrong kind (a KeyError or TypeError inside the translation) is an
     error naming the file, not a traceback."""
-    data = _json(path)
+    data = read_json_object(path)
     try:
         return fn(data, *args, **kwargs)
-    except UnfogError:
-        raise
+    except UnfogError as e:  # a value the config dataclass refused: said with the file it came from
+        raise UnfogError(f"{path}: {e}", e.field) from None
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
         raise UnfogError(f"{path}: a field is missing or of the wrong kind ({type(e).__name__}: {str(e)[:200]}); is this config from a model unfog loads?") from None
 
@@ -69,7 +56,10 @@ def component_state(directory: Path, stem: str) -> dict:
     index = directory / f"{stem}.safetensors.index.json"
     if index.is_file():
         state = {}
-        for shard in sorted(set(_json(index).get("weight_map", {}).values())):
+        weight_map = read_json_object(index).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v and Path(v).name == v and v != ".." for v in weight_map.values()):
+            raise UnfogError(f"{index}: weight_map must map tensor names to shard file names in this folder")
+        for shard in sorted(set(weight_map.values())):
             state.update(lazy_state(directory / shard))
         return state
     pickles = [p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES]
@@ -86,7 +76,7 @@ def _clip_bpe(directory: Path) -> HFTokenizer:
     for p in (vocab_path, merges_path):
         if not p.is_file():
             raise UnfogError(f"tokenizer file {p} is missing (a CLIP tokenizer needs tokenizer.json, or vocab.json and merges.txt)")
-    vocab = _json(vocab_path)
+    vocab = read_json_object(vocab_path)
     lines = merges_path.read_text(encoding="utf-8").splitlines()
     merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<|endoftext|>", end_of_word_suffix="</w>", continuing_subword_prefix="", fuse_unk=False))
@@ -113,7 +103,7 @@ def clip_tokenizer(directory: Path, context_length: int = 77, pad: str | None = 
     pad_override, pad = pad, "<|endoftext|>"
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if (directory / name).is_file():
-            value = _json(directory / name).get("pad_token")
+            value = read_json_object(directory / name).get("pad_token")
             pad = (value.get("content") if isinstance(value, dict) else value) or pad
             if not isinstance(pad, str):
                 raise UnfogError(f"{directory / name}: pad_token must be a string, got {pad!r}")
@@ -122,7 +112,7 @@ def clip_tokenizer(directory: Path, context_length: int = 77, pad: str | None = 
     # transformers registers the special tokens, the pad token included, as whole-text matches:
     # with SD 2.x's pad "!", a "!" in a prompt becomes the pad id, not the BPE piece "!</w>".
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys([pad, "<|startoftext|>", "<|endoftext|>"])])
-    cfg = _json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
+    cfg = read_json_object(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
     length = cfg.get("model_max_length", context_length)
     if not isinstance(length, (int, float)) or isinstance(length, bool) or not length >= 1:  # (transformers writes 1e30 for "no limit")
         raise UnfogError(f"{directory / 'tokenizer_config.json'}: model_max_length must be a positive number, got {length!r}")
@@ -132,7 +122,7 @@ def clip_tokenizer(directory: Path, context_length: int = 77, pad: str | None = 
 
 def native_size(root: Path, vae_factor: int) -> int:
     """The image side a diffusers-layout model was trained at: its U-Net's sample_size × the autoencoder's factor."""
-    sample = _json(root / "unet" / "config.json").get("sample_size", 64)
+    sample = read_json_object(root / "unet" / "config.json").get("sample_size", 64)
     sample = sample[0] if isinstance(sample, (list, tuple)) and sample else sample
     if not isinstance(sample, int) or isinstance(sample, bool) or sample < 1:
         raise UnfogError(f"{root / 'unet' / 'config.json'}: sample_size must be a positive integer, got {sample!r}")
@@ -157,7 +147,7 @@ def load_text_encoder(root: Path, part: str, *, clip_skip: int, sdxl: bool, dtyp
 def load_diffusers(path: str | Path, *, clip_skip: int = 0, prediction_type: str | None = None, dtype: torch.dtype = torch.float32) -> ModelParts:
     """A Stable Diffusion 1.x / 2.x / XL (base or refiner) folder in diffusers' layout."""
     root = Path(path)
-    index = _json(root / "model_index.json")
+    index = read_json_object(root / "model_index.json")
     sdxl = _present(index, root, "text_encoder_2")
     needed = ["unet", "vae", "scheduler"] + (["tokenizer_2"] if sdxl else ["text_encoder", "tokenizer"])
     for part in needed:

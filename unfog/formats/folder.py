@@ -33,6 +33,7 @@ from .weights import SafetensorsFile, all_finite, load_checked
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
+MAX_JSON_BYTES = 64 << 20  # other JSON files: a tokenizer's vocabulary (CLIP's is 2 MB), a shard index
 MAX_PARAMETERS = 20_000_000_000  # per component; the largest published diffusion U-Nets are near 3 billion  # configs are a few hundred bytes; a bigger one is not read whole
 
 
@@ -61,18 +62,25 @@ class ModelParts:
                                      "tokens: the tokenizer does not belong to this model (a tokenizer file from another model, or edited?)")
 
 
-def read_config(path: Path, cls):
-    """A dataclass from a JSON file; unknown or malformed fields name the file."""
+def read_json_object(path: Path, limit: int = MAX_JSON_BYTES) -> dict:
+    """The JSON object in a file (a config, an index, a vocabulary): a missing, oversized,
+    malformed or non-object file is an error naming it."""
     if not path.is_file():
-        raise UnfogError(f"config file {path} is missing")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise UnfogError(f"config file {path} is {path.stat().st_size} bytes; a config is at most {MAX_CONFIG_BYTES} (is this the right file?)")
+        raise UnfogError(f"{path} is missing")
+    if path.stat().st_size > limit:
+        raise UnfogError(f"{path} is {path.stat().st_size} bytes; a config is at most {limit} (is this the right file?)")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UnfogError(f"config file {path} is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # (absurd nesting: RecursionError)
+        raise UnfogError(f"{path} is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(data, dict):
-        raise UnfogError(f"config file {path} must hold a JSON object of {cls.__name__} fields, got {type(data).__name__}")
+        raise UnfogError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_config(path: Path, cls):
+    """A dataclass from a JSON file; unknown or malformed fields name the file."""
+    data = read_json_object(path, MAX_CONFIG_BYTES)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -178,8 +186,8 @@ MODEL_ENTRIES = {"model_index.json", "scheduler", *COMPONENTS}
 
 def _is_unfog_folder(directory: Path) -> bool:
     try:
-        return json.loads((directory / "model_index.json").read_text()).get("format") == "unfog"
-    except (OSError, ValueError, AttributeError):
+        return read_json_object(directory / "model_index.json").get("format") == "unfog"
+    except (OSError, UnfogError):
         return False
 
 
@@ -195,11 +203,8 @@ def load_model(directory: str | Path, *, clip_skip: int = 0, prediction_type: st
         raise UnfogError(f"model folder {d} does not exist")
     if not is_model_folder(d):
         raise UnfogError(f"{d} is not an unfog model folder (no model_index.json); create one with Pipeline.save_pretrained or `unfog export`")
-    try:
-        index = json.loads((d / "model_index.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UnfogError(f"{d / 'model_index.json'} is not valid JSON: {e}") from None
-    if not isinstance(index, dict) or index.get("format") != "unfog" or index.get("format_version") != FORMAT_VERSION:
+    index = read_json_object(d / "model_index.json")
+    if index.get("format") != "unfog" or index.get("format_version") != FORMAT_VERSION:
         raise UnfogError(f"{d / 'model_index.json'} is not unfog format version {FORMAT_VERSION}")
     components = index.get("components", {})
     if not isinstance(components, dict) or not all(isinstance(v, bool) for v in components.values()):

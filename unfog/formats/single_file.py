@@ -17,8 +17,8 @@ import torch
 
 from ..errors import UnfogError
 from ..nn import Autoencoder, AutoencoderConfig, TextEncoder, TextEncoderConfig, UNet, UNetConfig
-from .diffusers_folder import _json, clip_tokenizer, native_size, translated
-from .folder import ModelParts
+from .diffusers_folder import clip_tokenizer, native_size, translated
+from .folder import ModelParts, read_json_object
 from .keymaps import (
     map_text_encoder_key, scheduler_config_from_diffusers, stable_diffusion_defaults, text_encoder_config_from_transformers,
     unet_config_from_diffusers, vae_config_from_diffusers,
@@ -287,7 +287,7 @@ def parts_from_state(state: dict, source: str, *, config=None, tokenizer=None, p
     file_text = [infer_text_config(state, p) for p in prefixes]
     if config is not None:
         root = Path(config)
-        index = _json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+        index = read_json_object(root / "model_index.json") if (root / "model_index.json").is_file() else {}
         folder_kind = ("an SDXL refiner" if index.get("requires_aesthetics_score") else "an SDXL base") if (root / "text_encoder_2").is_dir() else "an SD 1.x/2.x model"
         file_kind = {"sdxl": "an SDXL base", "sdxl_refiner": "an SDXL refiner"}.get(family, "an SD 1.x/2.x model")
         if folder_kind != file_kind:
