@@ -256,3 +256,21 @@ def test_serve_flags_ray_cannot_honour_are_refused(capsys):
     for flag in (["--low-memory"], ["--warmup", "64x64"], ["--compile"]):
         assert main(["serve", "--ray", *flag]) == 2
         assert "not available with --ray" in capsys.readouterr().err
+
+
+def test_convert_checks_its_output_before_loading(tmp_path, capsys, monkeypatch):
+    import unfog.formats
+
+    def no_loading(*a, **k):
+        raise AssertionError("the checkpoint was loaded before the output was checked")
+
+    monkeypatch.setattr(unfog.formats, "load_any", no_loading)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    for out, message in ((tmp_path / "afile", "is not an unfog model folder"), (tmp_path / "notes", "is not an unfog model folder")):
+        assert main(["convert", str(tmp_path / "in.safetensors"), str(out)]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "notes")
+    assert main(["convert", str(tmp_path / "in.safetensors"), "."]) == 2
+    assert "is the folder you are in" in capsys.readouterr().err and (tmp_path / "notes" / "a.txt").read_text() == "mine"

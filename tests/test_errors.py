@@ -193,6 +193,27 @@ def test_a_tokenizer_with_ids_past_the_text_encoders_table_is_refused_at_load(ti
         Pipeline.from_pretrained(d)
 
 
+def test_saving_to_the_current_folder_is_refused_and_keeps_the_users_files(tiny_pipe, tmp_path, monkeypatch):
+    """save_pretrained(".") inside a model folder had moved the user's files into a hidden folder
+    and failed ("." has no name); replacing the folder one is in would leave one in a deleted
+    folder, so it is refused. A folder of the user's named like the swap's old one was deleted."""
+    d = tmp_path / "m"
+    tiny_pipe.save_pretrained(d)
+    (d / "NOTES.md").write_text("notes")
+    (tmp_path / ".m.old").mkdir()
+    (tmp_path / ".m.old" / "mine.txt").write_text("mine")
+    monkeypatch.chdir(d)
+    for where in (".", "..", str(d)):
+        with pytest.raises(UnfogError, match="is the folder you are in"):
+            tiny_pipe.save_pretrained(where)
+    assert sorted(p.name for p in d.iterdir()) == ["NOTES.md", "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+    monkeypatch.chdir(tmp_path)
+    tiny_pipe.save_pretrained("m")
+    assert (d / "NOTES.md").read_text() == "notes" and (tmp_path / ".m.old" / "mine.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.old", "m"]  # no temporary folder left behind
+    assert Pipeline.from_pretrained("m").unet.config == tiny_pipe.unet.config
+
+
 def test_weights_of_the_wrong_kind_are_refused(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 

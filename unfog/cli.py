@@ -328,8 +328,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
     import torch
 
     from .formats import load_any, save_model
+    from .formats.folder import check_save_target
     from .formats.single_file import parts_from_state, read_pickle_checkpoint
 
+    check_save_target(args.output)  # before a load that can take minutes
     src = Path(args.input)
     options = {"config": args.config, "tokenizer": args.tokenizer, "prediction_type": args.prediction_type}
     if src.is_file() and src.suffix in (".ckpt", ".pt", ".pth", ".bin"):

@@ -117,15 +117,28 @@ def save_weights(module: nn.Module, path: Path, dtype: torch.dtype | None = None
     save_file(state, str(path))
 
 
+def check_save_target(directory: str | Path) -> Path:
+    """The folder a model may be saved to, as an absolute path ("." has no name to make siblings
+    from; links are not followed): new, empty, or an unfog model folder, and not the folder this
+    process is in. Checked by save_model, and by a command before it loads anything."""
+    target = Path(os.path.abspath(directory))
+    here = Path(os.getcwd())
+    if target.exists() and (here == target.resolve() or target.resolve() in here.parents):
+        raise UnfogError(f"{target} is the folder you are in (or holds it), and saving replaces the folder, which would leave you in a "
+                         f"deleted one; save from outside it (e.g. cd .. and save to {target.name})")
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not _is_unfog_folder(target))):
+        raise UnfogError(f"{target} exists and is not an unfog model folder; choose an empty or new directory")
+    return target
+
+
 def save_model(parts: ModelParts, directory: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write a model folder atomically: everything goes to a temporary sibling, which then
     replaces `directory`. An existing non-empty folder that is not a model is refused."""
-    target = Path(directory)
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not _is_unfog_folder(target))):
-        raise UnfogError(f"{target} exists and is not an unfog model folder; choose an empty or new directory")
+    target = check_save_target(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     kept: list[str] = []  # the user's own files in the folder being replaced, carried over
+    old = None  # where the previous model goes during the swap: a new name, so nothing of the user's is in the way
     try:
         index = {
             "format": "unfog",
@@ -150,9 +163,8 @@ def save_model(parts: ModelParts, directory: str | Path, dtype: torch.dtype | No
                 if p.name not in MODEL_ENTRIES:
                     os.replace(p, tmp / p.name)
                     kept.append(p.name)
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old)  # (onto the new empty folder)
             try:
                 os.replace(tmp, target)
             except OSError:
@@ -162,14 +174,15 @@ def save_model(parts: ModelParts, directory: str | Path, dtype: torch.dtype | No
         else:
             os.replace(tmp, target)
     except BaseException:
-        old = target.with_name(f".{target.name}.old")
-        if kept and not target.exists() and old.is_dir():  # interrupted between the two renames: the old model back first
+        if kept and not target.exists() and old is not None and old.is_dir():  # interrupted between the two renames: the old model back first
             with contextlib.suppress(OSError):
                 os.replace(old, target)
         for name in kept:  # the user's files back where they were, if the swap did not happen
             if (tmp / name).exists() and target.is_dir() and not (target / name).exists():
                 with contextlib.suppress(OSError):
                     os.replace(tmp / name, target / name)
+        if old is not None and old.is_dir() and not any(old.iterdir()):  # made, but the swap never reached it
+            old.rmdir()
         if any((tmp / name).exists() for name in kept):  # never delete the user's files: say where they are
             warnings.warn(f"saving to {target} failed, and your other files from it are in {tmp} (the previous model, if not back "
                           f"in place, is in {old}); move them back by hand", stacklevel=2)
