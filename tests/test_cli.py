@@ -68,6 +68,12 @@ def test_generate_img2img_and_inpainting(tiny_model_dir, tmp_path):
     for name in ("a.png", "b.png"):
         with Image.open(tmp_path / name) as im:
             assert im.size == (32, 32)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone photo stored 64×32, shown turned: 32 wide, 64 tall
+    Image.new("RGB", (64, 32), (200, 30, 30)).save(tmp_path / "phone.jpg", exif=exif)
+    assert main(["generate", "a blue square", "--init-image", str(tmp_path / "phone.jpg"), "--strength", "0.5", "-o", str(tmp_path / "c.png"), *common]) == 0
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.size == (32, 64)
     assert main(["generate", "x", "--mask", str(mask), "-o", str(tmp_path / "c.png"), *common]) == 2
     assert main(["generate", "x", "--init-image", str(tmp_path / "nope.png"), "-o", str(tmp_path / "c.png"), *common]) == 2
 

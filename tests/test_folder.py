@@ -57,3 +57,25 @@ def test_missing_caption_and_missing_file(tmp_path):
         ImageCaptionFolder(root, 8)
     with pytest.raises(UnfogError, match="does not exist"):
         ImageCaptionFolder(tmp_path / "nowhere", 8)
+
+
+def test_photos_are_read_as_shown_and_16_bit_images_scaled(tmp_path):
+    """A phone photo stored sideways with an EXIF orientation was trained on its side, and a 16-bit
+    grayscale PNG at mid-grey came out white (PIL's convert clips it)."""
+    import numpy as np
+
+    from unfog.data.folder import _load_image
+
+    stored = Image.new("RGB", (40, 20), (0, 0, 0))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))  # red on the stored left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90° clockwise: 20 wide, 40 tall, red on top
+    stored.save(tmp_path / "a.jpg", exif=exif, quality=95)
+    shown = _load_image(tmp_path / "a.jpg", 0, buckets=[(40, 20), (20, 40)])
+    assert shown.shape == (40, 20, 3)  # (H, W): portrait, as shown
+    assert shown[:15, :, 0].mean() > 200 and shown[25:, :, 0].mean() < 50
+    Image.fromarray(np.full((16, 16), 30000, dtype=np.uint16)).save(tmp_path / "g.png")
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.mode.startswith("I")
+    grey = _load_image(tmp_path / "g.png", 16)
+    assert abs(int(grey.mean()) - 117) <= 1  # 30000 of 65535, in 8 bits

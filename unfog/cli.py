@@ -18,12 +18,14 @@ def _open_image(path: str | None, flag: str):
         return None
     from PIL import Image
 
+    from .images import upright
+
     try:
         image = Image.open(path)
         image.load()
+        return upright(image)  # a phone photo as it is shown, so an --init-image and a --mask drawn on it line up
     except (OSError, ValueError) as e:
         raise UnfogError(f"cannot read {flag} {path}: {e}") from None
-    return image
 
 
 def _check_output(path: str | None, flag: str, images: int = 1) -> None:
@@ -237,14 +239,14 @@ def cmd_noise(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from .diffusion import SchedulerConfig, q_sample
-    from .images import from_pil, grid, save, to_pil
+    from .images import from_pil, grid, rgb, save, to_pil
 
     _check_output(args.output, "-o/--output")
     if not 2 <= args.frames <= 100:
         raise UnfogError(f"--frames must be from 2 to 100, got {args.frames}")
     if args.size is not None and not 1 <= args.size <= 4096:
         raise UnfogError(f"--size must be from 1 to 4096 pixels, got {args.size}")
-    image = _open_image(args.image, "image").convert("RGB")
+    image = rgb(_open_image(args.image, "image"))
     if args.size:
         image = image.resize((args.size, args.size), Image.BICUBIC)
     x0 = from_pil(image)

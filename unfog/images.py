@@ -10,12 +10,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+
+def rgb(image: Image.Image, mode: str = "RGB") -> Image.Image:
+    """image in 8-bit `mode` ("RGB" or "L"). PIL's own convert clips 16- and 32-bit integer
+    images (a 16-bit grayscale PNG, mode I;16) at 255, so mid-grey came out white; they are scaled
+    from their 16-bit range first."""
+    if image.mode.startswith("I"):
+        scaled = np.clip(np.asarray(image, dtype=np.float64) / 257, 0, 255).round().astype(np.uint8)
+        image = Image.fromarray(scaled, "L")
+    return image if image.mode == mode else image.convert(mode)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """A photo as it is shown: turned by its EXIF orientation (phones store pixels sideways and
+    say so there), as image viewers and diffusers' load_image do."""
+    return ImageOps.exif_transpose(image)
 
 
 def from_pil(image: Image.Image) -> torch.Tensor:
     """An RGB PIL image → (1, 3, H, W) in [-1, 1]; the inverse of to_pil."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    return torch.from_numpy(np.asarray(rgb(image), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
@@ -31,7 +47,7 @@ def resized(image: Image.Image, width: int, height: int) -> Image.Image:
 
 def mask_from_pil(mask: Image.Image, width: int, height: int) -> torch.Tensor:
     """A PIL mask → (1, 1, H, W) of 0/1 at (width, height), where 1 (white) marks pixels to repaint."""
-    gray = resized(mask.convert("L"), width, height)
+    gray = resized(rgb(mask, "L"), width, height)
     return (torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255)[None, None] >= 0.5).float()
 
 

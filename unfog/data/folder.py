@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from ..errors import UnfogError
+from ..images import rgb, upright
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -38,7 +39,7 @@ def _load_image(path: Path, resolution: int, size: tuple[int, int] | None = None
     """Resize to cover the target and center-crop, return uint8 (H, W, 3). The target is
     resolution × resolution, or with `buckets` the bucket whose aspect ratio is nearest the image's."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = rgb(upright(im))  # as the photo is shown, 16-bit images scaled
         w, h = im.size
         if buckets:
             tw, th = min(buckets, key=lambda b: abs(np.log(b[0] / b[1]) - np.log(w / h)))
