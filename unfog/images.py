@@ -25,8 +25,9 @@ def rgb(image: Image.Image, mode: str = "RGB") -> Image.Image:
 
 def upright(image: Image.Image) -> Image.Image:
     """A photo as it is shown: turned by its EXIF orientation (phones store pixels sideways and
-    say so there), as image viewers and diffusers' load_image do."""
-    return ImageOps.exif_transpose(image)
+    say so there), as image viewers and diffusers' load_image do. An image with nothing to turn
+    is returned itself, with what its file carried (a PNG's text chunks)."""
+    return image if image.getexif().get(0x0112, 1) == 1 else ImageOps.exif_transpose(image)
 
 
 def from_pil(image: Image.Image) -> torch.Tensor:
