@@ -253,3 +253,10 @@ def test_uni_pc_error_falls_with_steps_in_every_order_and_variant(order, variant
     exact = MU + (x_T - MU) * S / math.sqrt(S**2 + SIGMA_MAX**2)
     errors = [(SAMPLERS["uni_pc"](gaussian_denoiser, x_T.clone(), sigmas(n), order=order, variant=variant) - exact).abs().max().item() for n in (8, 16, 32)]
     assert errors[2] < errors[1] < errors[0] and errors[2] < 0.3 * errors[0]
+
+
+def test_dpmpp_sde_at_its_largest_r_stays_real(tiny_pipe):
+    """At r = 1 (the documented bound) the midpoint sigma rounds a hair below the next one, and a
+    negative square root had made the latents complex."""
+    out = tiny_pipe("a red circle", sampler="dpmpp_sde", sampler_options={"r": 1}, num_inference_steps=3, seed=0)
+    assert out.latents.dtype == torch.float32 and torch.isfinite(out.latents).all()

@@ -139,7 +139,8 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, generator: Generator = None, callba
             if fresh is None:
                 z_mid, z_rest = randn_like(x, generator), randn_like(x, generator)
                 noise_mid = z_mid
-                noise_next = (z_mid * (s[i] - s_mid) ** 0.5 + z_rest * (s_mid - s[i + 1]) ** 0.5) / (s[i] - s[i + 1]) ** 0.5
+                # (at r = 1, s_mid rounds to a hair below s[i + 1]: a negative root would make the latents complex)
+                noise_next = (z_mid * max(0.0, s[i] - s_mid) ** 0.5 + z_rest * max(0.0, s_mid - s[i + 1]) ** 0.5) / (s[i] - s[i + 1]) ** 0.5
             else:
                 noise_mid, noise_next = fresh(s[i], s_mid), fresh(s[i], s[i + 1])
             down, up = ancestral_split(s[i], s_mid, eta)
