@@ -79,3 +79,27 @@ def test_photos_are_read_as_shown_and_16_bit_images_scaled(tmp_path):
         assert im.mode.startswith("I")
     grey = _load_image(tmp_path / "g.png", 16)
     assert abs(int(grey.mean()) - 117) <= 1  # 30000 of 65535, in 8 bits
+
+
+def test_captions_that_are_not_utf8_are_named_and_skippable(tmp_path):
+    """A cp1252 caption or metadata line, or a file_name that is not a string, had been a raw
+    UnicodeDecodeError or TypeError, --skip-bad or not; a BOM made line 1 "not a JSON object"."""
+    d = tmp_path / "pairs"
+    d.mkdir()
+    for k, caption in enumerate([b"a red circle", b"caf\xe9 au lait", b"\xef\xbb\xbfa blue square"]):
+        Image.new("RGB", (16, 16)).save(d / f"{k}.png")
+        (d / f"{k}.txt").write_bytes(caption)
+    with pytest.raises(UnfogError, match="1.txt that is not UTF-8 text"):
+        ImageCaptionFolder(d, 16)
+    data = ImageCaptionFolder(d, 16, skip_bad=True)
+    assert data.captions([0, 1]) == ["a red circle", "a blue square"] and len(data.skipped) == 1
+    m = tmp_path / "meta"
+    m.mkdir()
+    Image.new("RGB", (16, 16)).save(m / "a.png")
+    lines = [b'\xef\xbb\xbf{"file_name": "a.png", "text": "first"}', b'{"file_name": "a.png", "text": "caf\xe9"}', b'{"file_name": 5, "text": "x"}']
+    (m / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(UnfogError, match=r"metadata.jsonl:2 is not UTF-8 text"):
+        ImageCaptionFolder(m, 16)
+    data = ImageCaptionFolder(m, 16, skip_bad=True)
+    assert data.captions([0]) == ["first"] and [p for _, p in data.skipped] == ["is not UTF-8 text (save the file as UTF-8)",
+                                                                                'is not a JSON object with "file_name" and "text"']

@@ -95,13 +95,20 @@ class ImageCaptionFolder:
 
     def _metadata_items(self):
         meta = self.root / "metadata.jsonl"
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
+        for n, raw in enumerate(meta.read_bytes().removeprefix(b"\xef\xbb\xbf").splitlines(), 1):  # (a Windows editor's BOM)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield (f"{meta}:{n}", "is not UTF-8 text (save the file as UTF-8)")
+                continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
                 name, text = row["file_name"], row["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+                if not isinstance(name, str) or not name:
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
                 yield (f"{meta}:{n}", 'is not a JSON object with "file_name" and "text"')
                 continue
             if not isinstance(text, str) or not text.strip():
@@ -116,7 +123,11 @@ class ImageCaptionFolder:
             if not txt.is_file():
                 yield (str(path), f"has no caption file {txt.name}")
                 continue
-            text = txt.read_text().strip()
+            try:
+                text = txt.read_text(encoding="utf-8-sig").strip()
+            except UnicodeDecodeError:
+                yield (str(path), f"has a caption file {txt.name} that is not UTF-8 text (save it as UTF-8)")
+                continue
             yield Item(path, text) if text else (str(path), f"has an empty caption file {txt.name}")
 
     def __len__(self) -> int:
