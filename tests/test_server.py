@@ -649,3 +649,16 @@ def test_a_client_gone_before_its_stream_starts_gives_the_slot_back(pipe):
     finally:
         jobs.cancel(job.id)
         jobs.wait(job, 30)
+
+
+def test_host_names_are_case_blind_and_ipv6_hosts_are_bracketed(pipe):
+    """A server bound to an IPv6 address refused every request (the Host header brackets it), and
+    an upper-case Host was refused."""
+    with client(pipe, host="fe80::1", token="t") as c:
+        auth = {"authorization": "Bearer t"}
+        assert c.get("/v1/health", headers={"host": "[fe80::1]:7860", **auth}).status_code == 200
+        assert c.get("/v1/health", headers={"host": "[FE80::1]", **auth}).status_code == 200
+        r = c.get("/v1/health", headers={"host": "evil.example:7860", **auth})
+        assert r.status_code == 403 and "address it as [fe80::1]" in r.json()["error"]
+    with client(pipe) as c:
+        assert c.get("/v1/health", headers={"host": "LOCALHOST:7860"}).status_code == 200

@@ -396,7 +396,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         for (h, w), s in zip(sizes or [(None, None)], pipe.warm_up(sizes)):
             print(f"warmed up {f'{w}x{h}' if h else 'the default size'} in {s:.1f} s", file=sys.stderr, flush=True)
     app = create_app(pipe, settings, model_name=Path(args.model).name if args.model else "unfog-default")
-    print(f"unfog serving on http://{args.host}:{args.port}/  (API docs at /docs)", flush=True)
+    print(f"unfog serving on http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}/  (API docs at /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **server_options(settings))
 
 
@@ -414,7 +414,7 @@ def _serve_ray(args: argparse.Namespace, settings) -> None:
     registry, _ = ray_serve.start(args.model, settings, replicas=args.replicas, ingresses=args.ingresses, address=args.ray_address,
                                   dtype=args.dtype, device=args.device, replica_gpus=gpus, model_name=name,
                                   max_batch=args.max_batch or (4 if gpus else 1), stop_event=stop)
-    print(f"unfog serving on http://{args.host}:{args.port}/ with {args.replicas} model replica(s) on Ray", flush=True)
+    print(f"unfog serving on http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}/ with {args.replicas} model replica(s) on Ray", flush=True)
     while not stop.wait(1.0):  # a timed wait, so the signal handler runs promptly
         pass
     print("draining: no new jobs; finishing the queued and running ones", flush=True)

@@ -259,14 +259,15 @@ def _add_guard(app: FastAPI, s: ServerSettings) -> None:
     middleware: it hands the request's own `receive` on, so a route still sees the client leave
     (Starlette's @app.middleware("http") wrapper hides that disconnect)."""
     loopback = {"127.0.0.1", "localhost", "[::1]"}
-    own = loopback if s.host in loopback or s.host == "::1" else loopback | {s.host}
+    name = f"[{s.host}]" if ":" in s.host else s.host  # an IPv6 address is bracketed in a Host header and a URL
+    own = loopback | {name.lower()}
 
     def refusal(request: Request) -> Refused | None:
         # DNS rebinding: the Host must be one of this server's own names.
         host_header = request.headers.get("host", "")
-        host = host_header.rsplit(":", 1)[0] if not host_header.startswith("[") else host_header.split("]")[0] + "]"
+        host = (host_header.rsplit(":", 1)[0] if not host_header.startswith("[") else host_header.split("]")[0] + "]").lower()  # names are case-blind
         if s.host not in ("0.0.0.0", "::") and host not in own:
-            return Refused(403, f"Host {host!r} is not this server's; address it as {s.host}")
+            return Refused(403, f"Host {host!r} is not this server's; address it as {name}")
         # Cross-site requests: a browser's Origin must be this server itself.
         origin = request.headers.get("origin")
         if origin is not None and origin not in (f"http://{host_header}", f"https://{host_header}"):
