@@ -63,6 +63,13 @@ def test_train_resume_and_export_a_lora(sd1, tmp_path):
     assert not (tmp_path / "a" / "unet").exists()
     # two steps, then two more after a resume: the same adapters as four in one go
     assert train(folder, data, tmp_path / "b", 2) == 0
+    # another --init on resume is refused, and leaves the run's config as it was (it had been rewritten, so the run could no longer resume)
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "other")
+    config = (tmp_path / "b" / "config.json").read_text()
+    assert train(tmp_path / "other", data, tmp_path / "b", 4, "--resume") == 2
+    assert (tmp_path / "b" / "config.json").read_text() == config
     assert train(folder, data, tmp_path / "b", 4, "--resume") == 0
     resumed = adapters(tmp_path / "b")
     assert all(torch.equal(resumed[k], state[k]) for k in state)

@@ -185,15 +185,15 @@ class Trainer:
             self.model = AutoencoderModel(AutoencoderConfig(**c.autoencoder), c.kl_weight)
             self.latent_shape = None
         elif c.lora_rank:
-            self._init_lora(init or c.init)
+            if resume and c.init and init is not None and str(Path(init).resolve()) != c.init:  # adapters fit only the model they were trained on
+                raise UnfogError(f"this run trains adapters for {c.init}; --init cannot change when resuming (leave it out to use that model)")
+            self._init_lora(c.init if resume and c.init else init)
         elif init is not None and ckpt is None:
             self._init_from_model(init)
         else:
             self._build_diffusion(vae, resume)
         if callable(self.data):
             self.data = self.data(c.resolution, self.vae.config.downsample_factor * self.model.unet.config.downsample_factor)
-        if self.rank == 0:
-            (self.out / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
         self.model.to(self.device)
         # A LoRA run keeps no EMA (and no copy of the frozen model): samples and export use the adapters as trained.
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if self.lora is None else None
@@ -214,6 +214,8 @@ class Trainer:
             state = load(ckpt, self.lora or self.model, self.ema, self.optimizer)
             self.step, self.nonfinite = state["step"], state["nonfinite"]
             self._say(f"resumed from {ckpt} at step {self.step}")
+        if self.rank == 0:  # once the run is set up (and a resumed one loaded): a failed resume leaves the run's config as it was
+            (self.out / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
         self.stop_signal = None
 
     # ---- setup --------------------------------------------------------------------------
