@@ -268,3 +268,15 @@ def test_a_vae_copy_cut_short_does_not_break_resume(ae_run, tmp_path, monkeypatc
     assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
     again, _ = load_autoencoder(d)
     assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), again.state_dict().values()))
+
+
+@pytest.mark.parametrize("flag, value, field", [("--batch-size", "0", "batch_size"), ("--grad-accum", "-1", "grad_accum"), ("--max-steps", "0", "max_steps"),
+                                                ("--checkpoint-every", "0", "checkpoint_every"), ("--lr", "inf", "lr"), ("--lr", "-1", "lr"),
+                                                ("--resolution", "3", "resolution")])
+def test_a_recipe_number_out_of_range_is_refused_before_training(tmp_path, capsys, flag, value, field):
+    """These had been a ZeroDivisionError or IndexError mid-run, or a run that trained nothing or
+    wrote a NaN model with exit status 0."""
+    from unfog.cli import main
+
+    assert main(["train", "--data", "shapes", "--preset", "tiny-ae", "--out", str(tmp_path / "run"), flag, value, "-q"]) == 2
+    assert field in capsys.readouterr().err and not (tmp_path / "run" / "checkpoints").exists()

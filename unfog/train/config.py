@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UnfogError
+from ..nn.checks import check_ints, check_number
 
 SHAPES_PROMPTS = [
     "a red circle", "a big blue square on the left", "a small green triangle at the top", "a yellow circle in the center",
@@ -82,8 +83,23 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or not 0 <= self.lora_rank <= 1024:
             raise UnfogError(f"lora_rank must be an integer from 0 (no LoRA) to 1024, got {self.lora_rank!r}")
-        if not isinstance(self.resolution, int) or isinstance(self.resolution, bool) or not 0 <= self.resolution <= 4096:
+        if not isinstance(self.resolution, int) or isinstance(self.resolution, bool) or not (self.resolution == 0 or 8 <= self.resolution <= 4096):
             raise UnfogError(f"resolution must be an integer from 8 to 4096 (0: the model's own, with --init), got {self.resolution!r}")
+        # The recipe's numbers: a zero batch or interval had been a ZeroDivisionError or IndexError
+        # mid-run, and a negative or infinite learning rate a silent no-op or a NaN model.
+        many = 10**9
+        check_ints(self, {"batch_size": (1, 1 << 20), "grad_accum": (1, 1 << 16), "max_steps": (1, many), "warmup_steps": (0, many),
+                          "seed": (0, 2**63 - 1), "tokenizer_context_length": (1, 4096), "log_every": (1, many), "checkpoint_every": (1, many),
+                          "sample_every": (1, many), "keep_checkpoints": (1, 10**6), "max_nonfinite": (1, many)})
+        if self.data_pool is not None:
+            check_ints(self, {"data_pool": (1, many)})
+        for name, lo, hi in (("lr", 1e-12, 1e3), ("min_lr_ratio", 0, 1), ("weight_decay", 0, 1e3), ("grad_clip", 0, 1e9), ("ema_decay", 0, 1),
+                             ("caption_dropout", 0, 1), ("snr_gamma", 1e-6, 1e6), ("kl_weight", 0, 1e6)):
+            check_number(self, name, lo, hi)
+        if self.lora_alpha is not None:
+            check_number(self, "lora_alpha", 1e-6, 1e6)
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas):
+            raise UnfogError(f"TrainConfig.betas must be two numbers from 0 to below 1, got {self.betas!r}")
 
 
 SHAPES_AE = dict(block_channels=[32, 64, 128], layers_per_block=1, latent_channels=4, norm_groups=16, mid_attention=False)
