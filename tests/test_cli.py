@@ -130,6 +130,11 @@ def test_bad_output_device_and_port_are_refused_before_any_work(tmp_path, capsys
         assert "sees no CUDA GPU" in capsys.readouterr().err
     assert main(["serve", "--port", "99999"]) == 2
     assert "--port must be from 1 to 65535" in capsys.readouterr().err
+    pytest = __import__("pytest")
+    pytest.importorskip("fastapi")
+    for warmup, message in (("abc", "--warmup takes sizes as WIDTHxHEIGHT"), ("99999x99999", "--warmup 99999x99999: each side must be from 1 to --max-side")):
+        assert main(["serve", "--warmup", warmup]) == 2  # before the model loads (it had been after)
+        assert message in capsys.readouterr().err
 
 
 def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, tmp_path, capsys):

@@ -359,6 +359,15 @@ def _sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
+def _warmup_sizes(text: str | None, max_side: int) -> list[tuple[int, int]]:
+    """--warmup's sizes, checked before the model loads (a bad one had failed only after it)."""
+    sizes = _sizes(text) if text else []
+    for h, w in sizes:
+        if not (1 <= h <= max_side and 1 <= w <= max_side):
+            raise UnfogError(f"--warmup {w}x{h}: each side must be from 1 to --max-side {max_side} (a larger size the server would refuse)")
+    return sizes
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
@@ -382,16 +391,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UnfogError("--replicas, --ingresses, --max-batch and --ray-address apply with --ray")
     import torch
 
+    sizes = _warmup_sizes(args.warmup, settings.max_side)
+    if args.lora_dir and not Path(args.lora_dir).is_dir():
+        raise UnfogError(f"--lora-dir {args.lora_dir} is not a folder")
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     pipe = _placed(Pipeline.from_pretrained(args.model, dtype=dtype), args)
     _adapters(pipe, args)
-    if args.lora_dir and not Path(args.lora_dir).is_dir():
-        raise UnfogError(f"--lora-dir {args.lora_dir} is not a folder")
+    for h, w in sizes:  # the model's own constraint (a multiple of its downsampling factor), named as --warmup's
+        try:
+            pipe.request("", height=h, width=w)
+        except UnfogError as e:
+            raise UnfogError(f"--warmup {w}x{h}: {e}") from None
     if args.optimize:
         pipe.optimize(compile=args.compile)
     if args.low_memory:  # (after _placed's offload on CUDA, a no-op)
         pipe.enable_low_memory()
-    sizes = _sizes(args.warmup) if args.warmup else []
     if sizes or (args.optimize and args.compile):  # a compiled U-Net's first call of a shape compiles it: do that before listening
         for (h, w), s in zip(sizes or [(None, None)], pipe.warm_up(sizes)):
             print(f"warmed up {f'{w}x{h}' if h else 'the default size'} in {s:.1f} s", file=sys.stderr, flush=True)
