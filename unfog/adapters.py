@@ -164,7 +164,9 @@ class LoraMixin:
     def prompt_loras(self, request):
         """The request's <lora:NAME:w> tags applied for the length of the block: NAME (a loaded
         adapter, or NAME.safetensors from the request's lora_dir, loaded for the call) at weight w
-        beside the adapters already active; afterwards the adapters are as they were."""
+        beside the adapters already active; afterwards the adapters are as they were. The weights are
+        the pipeline's own for that time, so a call from another thread meanwhile sees them too:
+        such calls are not run beside others on one pipeline (the server runs one job at a time)."""
         if not request.loras:
             yield
             return
