@@ -223,6 +223,9 @@ def test_bad_lora_files_leave_the_pipeline_as_it_was(sd1, tmp_path):
         ours.load_lora_weights(tmp_path / "extra.safetensors")
     with pytest.raises(UnfogError, match="no adapter named"):
         ours.set_adapters("nope")
+    with pytest.raises(UnfogError, match="no adapter named"):  # had been accepted silently
+        ours.delete_adapters(["extra", "nope"])
+    assert "extra" in ours.get_list_adapters()["unet"]  # and nothing was deleted
 
 
 def test_malformed_lora_files_are_clear_errors_and_never_hang(sd1, tmp_path):

@@ -143,8 +143,8 @@ class LoraMixin:
         self._adapters_changed()
 
     def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
+        names = set(self._check_loaded(adapter_names))  # an unknown name is refused, as set_adapters (and PEFT) refuse it
         self._resident(changing=True)
-        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
         for _, _, layer in list(self._adapted_layers()):
             if names & set(layer.fused):
                 layer.unfuse()

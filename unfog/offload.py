@@ -125,7 +125,7 @@ class DiskRest:
             if not isinstance(directory, (str, os.PathLike)):
                 raise UnfogError(f"directory must be a folder path, got {type(directory).__name__}", "directory")
             if not Path(directory).is_dir():
-                raise UnfogError(f"low-memory mode's folder {directory} does not exist", "directory")
+                raise UnfogError(f"low-memory mode's folder {directory} {'is not a folder' if Path(directory).exists() else 'does not exist'}", "directory")
             directory = str(directory)
         self.directory = directory
 
