@@ -33,6 +33,11 @@ def test_numpy_integers_are_taken_as_the_ints_they_are(tiny_pipe):
     assert a.seeds == [5, 6] and all(type(s) is int for s in a.seeds) and type(a.request.height) is int
     assert all(np.array_equal(pixels(x), pixels(y)) for x, y in zip(a.images, b.images))
     assert tiny_pipe.request("a", seed=[np.int64(1)]).seeds == [1]
+    r = tiny_pipe.request("a", deep_cache=np.int64(2), cfg_truncation=np.float32(0.5), sampler="dpmpp_sde", sampler_options={"r": np.float64(0.5)})
+    assert (r.deep_cache, r.cfg_truncation, r.sampler_options) == (2, 0.5, {"r": 0.5}) and type(r.deep_cache) is int
+    from PIL import Image
+
+    assert tiny_pipe.request("a", image=Image.new("RGB", (32, 32)), strength=np.float32(0.5)).strength == 0.5
     for bad in (np.float64(5.0), np.bool_(True), True, -1):
         with pytest.raises(ValueError, match="seed"):
             tiny_pipe.request("a", seed=bad)

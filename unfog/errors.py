@@ -18,8 +18,14 @@ def integer(v) -> int | None:
     return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else None
 
 
+def real(v) -> float | None:
+    """v as a float if it is one real number (numpy's included, not a bool; NaN and infinities
+    too, for the caller's range check to refuse), else None."""
+    return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
+
+
 def finite_number(name: str, v) -> float:
     """v as a float, if it is one finite real number (numpy's included, not a bool)."""
-    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+    if real(v) is None or not math.isfinite(v):
         raise UnfogError(f"{name} must be a finite number, got {v!r}", name)
     return float(v)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .adapters import LoraMixin
 from .embeddings import EmbeddingMixin
 from .diffusion import DiscreteDenoiser, SamplingDefaults, SchedulerConfig, classifier_free_guidance, make_sigmas
-from .errors import UnfogError
+from .errors import UnfogError, integer
 from .formats import ModelParts, check_dtype, load_any, save_model
 from .graphs import DenoiserGraph
 from .images import from_pil, mask_from_pil, resized, to_pil
@@ -566,9 +566,9 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
 
     @decode_tile.setter
     def decode_tile(self, tile: int | None) -> None:
-        if tile is not None and (not isinstance(tile, int) or isinstance(tile, bool) or tile < 8):
+        if tile is not None and (integer(tile) is None or tile < 8):
             raise UnfogError(f"decode_tile must be None (decode whole) or a latent tile size of at least 8, got {tile!r}", "decode_tile")
-        self._decode_tile = tile
+        self._decode_tile = None if tile is None else int(tile)
 
     def _decode_tiled(self, vae: Autoencoder, z: torch.Tensor) -> torch.Tensor:
         tile = self.decode_tile

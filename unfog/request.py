@@ -23,7 +23,7 @@ from PIL import Image
 
 from .diffusion import SIGMA_SCHEDULES, SamplingDefaults
 from .diffusion.schedules import DIFFUSERS_DEFAULT_SPACING, DIFFUSERS_FIXED_SCHEDULE
-from .errors import UnfogError, finite_number, integer
+from .errors import UnfogError, finite_number, integer, real
 from .prompts import BREAK, MAX_WINDOWS, extract_loras, parse_attention
 from .samplers import OPTION_CHOICES, OPTION_RANGES, get_sampler
 
@@ -183,10 +183,10 @@ def _option(sampler: str, key: str, value: Any, default: Any) -> Any:
         return value
     lo, hi = OPTION_RANGES.get(key, (-math.inf, math.inf))
     if isinstance(default, int) and not isinstance(default, bool):
-        if not isinstance(value, int) or isinstance(value, bool) or value < max(1, lo) or value > hi:
+        if integer(value) is None or value < max(1, lo) or value > hi:
             raise UnfogError(f"{where} of {sampler} must be an integer from {max(1, lo)} to {hi}, got {value!r}", "sampler_options")
-        return value
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or (math.isinf(value) and not math.isinf(default)):
+        return integer(value)
+    if real(value) is None or math.isnan(value) or (math.isinf(value) and not math.isinf(default)):
         raise UnfogError(f"{where} must be a finite number, got {value!r}", "sampler_options")
     if not lo <= value <= hi:
         raise UnfogError(f"{where} must be from {lo:g} to {hi:g}, got {value!r}", "sampler_options")
@@ -217,9 +217,9 @@ def _image_inputs(image: Any, mask_image: Any, strength: Any, steps: int, inpain
     for name, im in (("image", image), ("mask_image", mask_image)):
         if isinstance(im, Image.Image) and min(im.size) < 1:
             raise UnfogError(f"{name} is empty ({im.size[0]}×{im.size[1]} pixels)", name)
-    strength = (1.0 if mask_image is not None else 0.8) if strength is None else strength
-    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
-        raise UnfogError(f"strength must be in (0, 1], got {strength!r}", "strength")
+    given, strength = strength, real((1.0 if mask_image is not None else 0.8) if strength is None else strength)
+    if strength is None or not 0 < strength <= 1:
+        raise UnfogError(f"strength must be in (0, 1], got {given!r}", "strength")
     if image is not None and int(steps * strength) < 1:
         raise UnfogError(f"strength {strength} with {steps} steps leaves no step to run; raise strength or num_inference_steps", "strength")
     return float(strength)
@@ -282,13 +282,13 @@ def make_request(
     sampler_name, options = _sampler(d.sampler if sampler is None else sampler, sampler_options)
     strength = _image_inputs(image, mask_image, strength, steps, model.inpainting)
     for name, v in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1):
+        if v is not None and (real(v) is None or not 0 < v < 1):
             raise UnfogError(f"{name} must be a fraction strictly between 0 and 1, got {v!r}", name)
     if denoising_start is not None and image is None:
         raise UnfogError("denoising_start needs image= (the partly denoised latents or image to continue from)", "denoising_start")
-    if cfg_truncation is not None and (not isinstance(cfg_truncation, (int, float)) or isinstance(cfg_truncation, bool) or not 0 <= cfg_truncation <= 1):
+    if cfg_truncation is not None and (real(cfg_truncation) is None or not 0 <= cfg_truncation <= 1):
         raise UnfogError(f"cfg_truncation must be a fraction from 0 to 1 (of the steps run with guidance), got {cfg_truncation!r}", "cfg_truncation")
-    if deep_cache is not None and (not isinstance(deep_cache, int) or isinstance(deep_cache, bool) or not 1 <= deep_cache <= 100):
+    if deep_cache is not None and (integer(deep_cache) is None or not 1 <= deep_cache <= 100):
         raise UnfogError(f"deep_cache must be an integer from 1 (every call whole) to 100, got {deep_cache!r}", "deep_cache")
     if output_type not in OUTPUT_TYPES:
         raise UnfogError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}", "output_type")
@@ -349,7 +349,7 @@ def make_request(
         match_diffusers=matching, denoising_start=None if denoising_start is None else float(denoising_start),
         denoising_end=None if denoising_end is None else float(denoising_end), output_type=output_type,
         prompt_syntax=prompt_syntax, loras=loras, lora_dir=None if lora_dir is None else str(lora_dir),
-        cfg_truncation=None if cfg_truncation is None else float(cfg_truncation), deep_cache=deep_cache,
+        cfg_truncation=None if cfg_truncation is None else float(cfg_truncation), deep_cache=None if deep_cache is None else integer(deep_cache),
         **(_sdxl_conditioning(model, sdxl, prompt, negative_prompt, prompts, negatives, n, height, width) if model.sdxl else {}),
     )
 
@@ -397,7 +397,7 @@ SDXL_OPTIONS = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_
 
 def _pair(name: str, v: Any) -> tuple[float, float]:
     if (not isinstance(v, (list, tuple)) or len(v) != 2
-            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0 <= x <= 1 << 20 for x in v)):
+            or not all(real(x) is not None and math.isfinite(x) and 0 <= x <= 1 << 20 for x in v)):
         raise UnfogError(f"{name} must be a pair of non-negative numbers (height, width) or (top, left), got {v!r}", name)
     return float(v[0]), float(v[1])
 

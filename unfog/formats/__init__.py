@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from ..diffusion import PREDICTION_TYPES
-from ..errors import UnfogError
+from ..errors import UnfogError, integer
 from .folder import ModelParts, is_model_folder, load_model, save_model
 from .weights import check_dtype, load_checked, read_safetensors
 
@@ -22,8 +22,9 @@ def load_any(path: str | Path, *, config: str | Path | None = None, tokenizer: s
     from .diffusers_folder import is_diffusers_folder, load_diffusers
     from .single_file import load_single_file
 
-    if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 0:
+    if integer(clip_skip) is None or clip_skip < 0:
         raise UnfogError(f"clip_skip must be a non-negative integer, got {clip_skip!r}")
+    clip_skip = int(clip_skip)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise UnfogError(f"unknown prediction type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
     dtype = check_dtype(torch.float32 if dtype is None else dtype)
