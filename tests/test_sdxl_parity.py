@@ -337,3 +337,27 @@ def test_cli_base_then_refiner(xl, tmp_path):
     expected = ours_r("a photo of a cat", image=latents, denoising_start=0.7, **common).images[0]
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
     assert main(["generate", "a cat", "--model", str(root / "refiner"), "--refiner", str(root / "base"), "-q", "-o", str(tmp_path / "y.png")]) == 2
+
+
+def test_a1111_prompts_reach_both_encoders_and_the_refiner_as_parsed(xl, tmp_path):
+    """The CLI's refiner step had read an A1111 prompt as plain text, and a <lora:> tag's text
+    reached SDXL's second encoder (prompt_2 defaulted to the prompt as given)."""
+    from PIL import Image
+
+    from unfog.cli import main
+
+    _, _, ours, ours_r, root = xl
+    (tmp_path / "ink.safetensors").write_bytes(b"")  # the request only checks that the file is there
+    r = ours.request("a cat <lora:ink:0.6>", negative_prompt="ugly <lora:ink:0.5>", prompt_2=["oil <lora:ink:0.6>"], prompt_syntax="a1111",
+                     lora_dir=tmp_path)
+    assert r.prompts == ["a cat "] and r.prompts_2 == ["oil "] and r.negative_prompts_2 == ["ugly "]
+    r = ours.request("a cat <lora:ink:0.6>", prompt_syntax="a1111", lora_dir=tmp_path)
+    assert r.prompts_2 == ["a cat "]
+    out = tmp_path / "x.png"
+    prompt = "a (photo:1.4) of a [cat]"
+    assert main(["generate", prompt, "--model", str(root / "base"), "--refiner", str(root / "refiner"), "--refiner-start", "0.7",
+                 "--steps", "10", "--seed", "4", "--sampler", "euler", "-q", "-o", str(out)]) == 0
+    common = dict(num_inference_steps=10, seed=4, sampler="euler", prompt_syntax="a1111")
+    latents = ours(prompt, denoising_end=0.7, output_type="latent", **common).latents
+    expected = ours_r(prompt, image=latents, denoising_start=0.7, **common).images[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))

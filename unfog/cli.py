@@ -214,7 +214,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         r = result.request
         result = refiner(r.prompts[:: args.num_images], image=result.latents, denoising_start=args.refiner_start, negative_prompt=r.negative_prompts[:: args.num_images],
                          num_inference_steps=r.num_inference_steps, guidance_scale=r.guidance_scale, sampler=r.sampler, sigma_schedule=r.sigma_schedule,
-                         sampler_options=r.sampler_options or None, num_images_per_prompt=args.num_images, seed=r.seeds, progress=not args.quiet)
+                         sampler_options=r.sampler_options or None, num_images_per_prompt=args.num_images, seed=r.seeds, progress=not args.quiet,
+                         prompt_syntax=args.prompt_syntax)  # parsed as the base parsed them (its <lora:> tags are already out)
     if not args.quiet:
         for g in pipe.denoiser_graphs.values():
             if g.graph is not None:

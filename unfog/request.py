@@ -270,6 +270,10 @@ def make_request(
                              ("negative_prompt_2", sdxl.get("negative_prompt_2"))):  # SDXL's second prompts, when given
             for text in [texts] if isinstance(texts, str) else texts if isinstance(texts, (list, tuple)) else []:
                 _check_a1111(text, field)
+        for key in ("prompt_2", "negative_prompt_2"):  # a tag sets the adapters; its text reaches no encoder
+            v = sdxl.get(key)
+            if isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(t, str) for t in v)):
+                sdxl[key] = extract_loras(v, key)[0] if isinstance(v, str) else [extract_loras(t, key)[0] for t in v]
     unknown = sorted(set(sdxl) - set(SDXL_OPTIONS))
     if unknown:
         raise UnfogError(f"unknown generation option(s) {unknown}", unknown[0])
@@ -408,8 +412,9 @@ def _sdxl_conditioning(model: ModelFacts, o: dict, prompt: Any, negative_prompt:
     (height, width), the crop to (0, 0); each negative_* defaults to its positive counterpart.
     The base takes original size, crop and target size; the refiner original size, crop and
     aesthetic score (default 6.0, negative 2.5)."""
-    prompts_2, negatives_2 = _prompts(prompt if o.get("prompt_2") is None else o["prompt_2"],
-                                      negative_prompt if o.get("negative_prompt_2") is None else o["negative_prompt_2"])
+    # by default the second encoder reads the first's prompts, as given less their <lora:> tags
+    prompts_2, negatives_2 = _prompts(prompts if o.get("prompt_2") is None else o["prompt_2"],
+                                      (negatives if negative_prompt is not None else None) if o.get("negative_prompt_2") is None else o["negative_prompt_2"])
     if len(prompts_2) != len(prompts):
         raise UnfogError(f"prompt_2 must be one string or a list of {len(prompts)} strings, one per prompt", "prompt_2")
     size = (float(height), float(width))
