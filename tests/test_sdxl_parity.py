@@ -361,3 +361,16 @@ def test_a1111_prompts_reach_both_encoders_and_the_refiner_as_parsed(xl, tmp_pat
     latents = ours(prompt, denoising_end=0.7, output_type="latent", **common).latents
     expected = ours_r(prompt, image=latents, denoising_start=0.7, **common).images[0]
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
+
+
+def test_each_sdxl_encoder_reads_its_own_prompts_emphasis(xl):
+    """Token weights had come from the first prompt alone and been applied to both encoders:
+    prompt_2's emphasis was ignored, and the prompt's was put on prompt_2's tokens."""
+    _, _, ours, _, _ = xl
+    width = ours.text_encoder.config.width
+
+    def second(prompt, prompt_2):  # the second encoder's states
+        return ours.encode_text([prompt], "truncate", prompts_2=[prompt_2], syntax="a1111")[0][..., width:]
+
+    assert not torch.equal(second("a cat", "(oil painting:1.5)"), second("a cat", "oil painting"))
+    torch.testing.assert_close(second("(a cat:1.5)", "oil painting"), second("a cat", "oil painting"), rtol=0, atol=0)

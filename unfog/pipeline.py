@@ -467,12 +467,12 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
             encoders.append((self.tokenizer_2, self.text_encoder_2, texts if prompts_2 is None else [self.expand_embeddings(p) for p in prompts_2]))
         framed, weights = frame([(tok, t) for tok, _, t in encoders], long_prompts, syntax)
         states = []
-        for (_, encoder, _), ids in zip(encoders, framed):
+        for (_, encoder, _), ids, w in zip(encoders, framed, weights or [None] * len(framed)):
             b, windows, length = ids.shape
             with self._encoding_with(encoder):  # low-memory mode: from disk for this encoding only
                 s, pooled = encoder(ids.reshape(b * windows, length).to(self.device))
-            if weights is not None:
-                s = apply_emphasis(s, weights.reshape(b * windows, length))
+            if w is not None:  # each encoder's own prompt's emphasis
+                s = apply_emphasis(s, w.reshape(b * windows, length))
             states.append(s.reshape(b, windows * length, -1))
             pooled = pooled.reshape(b, windows, -1)[:, 0]
         return torch.cat(states, dim=-1) if len(states) > 1 else states[0], pooled

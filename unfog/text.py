@@ -26,8 +26,9 @@ def _check_windows(count: int) -> None:
 
 
 def frame(encoders: Sequence[tuple[Tokenizer, list[str]]], long_prompts: str = "chunk", syntax: str = "plain"
-          ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """(ids per encoder, each (B, W, L); token weights (B, W, L) with the "a1111" syntax, else None)."""
+          ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """(ids per encoder, each (B, W, L); with the "a1111" syntax each encoder's token weights
+    (B, W, L), from its own texts (SDXL's prompt_2 has its own emphasis), else None)."""
     if long_prompts not in ("chunk", "truncate"):
         raise UnfogError(f"long_prompts must be 'chunk' or 'truncate', got {long_prompts!r}", "long_prompts")
     if syntax not in SYNTAXES:
@@ -36,13 +37,11 @@ def frame(encoders: Sequence[tuple[Tokenizer, list[str]]], long_prompts: str = "
         per_encoder = [[tok.weighted_windows(parse_attention(t)) for t in texts] for tok, texts in encoders]
         count = max(len(ids) for rows in per_encoder for ids, _ in rows)
         _check_windows(count)
-        framed, weights = [], None
+        framed, weights = [], []
         for (tok, _), rows in zip(encoders, per_encoder):
             empty_ids, empty_w = tok.weighted_windows([("", 1.0)])
-            ids = [r[0] + empty_ids * (count - len(r[0])) for r in rows]
-            framed.append(torch.tensor(ids, dtype=torch.long))
-            if weights is None:  # the same fragments and vocabulary in every encoder: the same weights
-                weights = torch.tensor([r[1] + empty_w * (count - len(r[1])) for r in rows])
+            framed.append(torch.tensor([r[0] + empty_ids * (count - len(r[0])) for r in rows], dtype=torch.long))
+            weights.append(torch.tensor([r[1] + empty_w * (count - len(r[1])) for r in rows]))
         return framed, weights
     if long_prompts == "truncate":
         framed = []
