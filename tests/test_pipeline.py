@@ -343,3 +343,13 @@ def test_warm_up_runs_the_unet_at_each_size(tiny_model_dir):
     pipe.warm_up()
     default = pipe.defaults
     assert set(shapes) == {(2, c, default.height // f, default.width // f)}
+
+
+def test_encode_prompt_takes_one_string_as_one_prompt(tiny_pipe):
+    """A string had been taken as a list of one-character prompts, silently (diffusers takes a string)."""
+    import pytest as _pytest
+
+    assert torch.equal(tiny_pipe.encode_prompt("a red circle"), tiny_pipe.encode_prompt(["a red circle"]))
+    for bad in ([], [None], 5):
+        with _pytest.raises(ValueError, match="prompts must be a string or a non-empty list of strings"):
+            tiny_pipe.encode_prompt(bad)

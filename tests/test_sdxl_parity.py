@@ -374,3 +374,17 @@ def test_each_sdxl_encoder_reads_its_own_prompts_emphasis(xl):
 
     assert not torch.equal(second("a cat", "(oil painting:1.5)"), second("a cat", "oil painting"))
     torch.testing.assert_close(second("(a cat:1.5)", "oil painting"), second("a cat", "oil painting"), rtol=0, atol=0)
+
+
+def test_refiner_numbers_are_checked_in_the_request(xl):
+    """A huge aesthetic score had run every step, then ended in NaN latents; a denoising_end before
+    denoising_start had failed only in the sampler set-up with advice that could not help."""
+    from unfog import UnfogError
+
+    _, _, ours, ours_r, _ = xl
+    side = 16 // ours.vae_factor  # the tiny models' 16² images
+    latents = torch.zeros(1, 4, side, side)
+    with pytest.raises(UnfogError, match="aesthetic_score must be from 0 to 100"):
+        ours_r.request("a cat", image=latents, denoising_start=0.5, aesthetic_score=1e300)
+    with pytest.raises(UnfogError, match=r"denoising_end \(0.3\) must come after denoising_start \(0.7\)"):
+        ours.request("a cat", image=latents, denoising_start=0.7, denoising_end=0.3)

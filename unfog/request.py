@@ -288,6 +288,8 @@ def make_request(
     for name, v in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
         if v is not None and (real(v) is None or not 0 < v < 1):
             raise UnfogError(f"{name} must be a fraction strictly between 0 and 1, got {v!r}", name)
+    if denoising_start is not None and denoising_end is not None and real(denoising_end) is not None and denoising_end <= denoising_start:
+        raise UnfogError(f"denoising_end ({denoising_end}) must come after denoising_start ({denoising_start})", "denoising_end")
     if denoising_start is not None and image is None:
         raise UnfogError("denoising_start needs image= (the partly denoised latents or image to continue from)", "denoising_start")
     if cfg_truncation is not None and (real(cfg_truncation) is None or not 0 <= cfg_truncation <= 1):
@@ -426,6 +428,8 @@ def _sdxl_conditioning(model: ModelFacts, o: dict, prompt: Any, negative_prompt:
     scores = {}
     for name, default in (("aesthetic_score", 6.0), ("negative_aesthetic_score", 2.5)):
         scores[name] = default if o.get(name) is None else finite_number(name, o[name])
+        if not 0 <= scores[name] <= 100:  # trained on 0–10; a huge one ended in NaN latents after every step had run
+            raise UnfogError(f"{name} must be from 0 to 100 (the refiner was trained on scores of 0 to 10), got {o[name]!r}", name)
     if model.sdxl == "refiner":
         ids = [*original, *crop, scores["aesthetic_score"]]
         neg_ids = [*neg["original_size"], *neg["crops_coords_top_left"], scores["negative_aesthetic_score"]]
