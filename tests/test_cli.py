@@ -285,3 +285,17 @@ def test_convert_checks_its_output_before_loading(tmp_path, capsys, monkeypatch)
     monkeypatch.chdir(tmp_path / "notes")
     assert main(["convert", str(tmp_path / "in.safetensors"), "."]) == 2
     assert "is the folder you are in" in capsys.readouterr().err and (tmp_path / "notes" / "a.txt").read_text() == "mine"
+
+
+def test_eval_checks_its_outputs_and_device_before_evaluating(tmp_path, capsys, monkeypatch):
+    """A bad --grid or --json had failed after the whole evaluation (minutes), a bad --device with a raw error."""
+    import unfog.pipeline
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(unfog.pipeline.Pipeline, "from_pretrained", no_loading)
+    for extra, message in ((["--grid", str(tmp_path / "g.txt")], "no image extension"), (["--json", str(tmp_path / "nope" / "s.json")], "its folder does not exist"),
+                           (["--device", "warp9"], "not a device name")):
+        assert main(["eval", "shapes", "--prompts", "2", *extra]) == 2
+        assert message in capsys.readouterr().err

@@ -53,7 +53,7 @@ def adapters(run):
     return load_file(str(ckpt / "model.safetensors"))
 
 
-def test_train_resume_and_export_a_lora(sd1, tmp_path):
+def test_train_resume_and_export_a_lora(sd1, tmp_path, capsys):
     ref, folder = sd1
     data = picture_folder(tmp_path / "data")
     assert train(folder, data, tmp_path / "a", 4) == 0
@@ -90,6 +90,9 @@ def test_train_resume_and_export_a_lora(sd1, tmp_path):
         ref.unload_lora_weights()
     assert np.abs(got - expected).max() <= 1e-3 + 0.5 / 255
     assert main(["export", "--lora", str(tmp_path / "a"), str(tmp_path / "x.bin")]) == 2
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "a"), str(tmp_path / "model")]) == 2  # a LoRA run without --lora: said so (it had been "tokenizer ... is missing")
+    assert "export them with unfog export --lora" in capsys.readouterr().err
 
 
 def test_text_encoder_adapters_buckets_and_gradient_checkpointing(sd1, tmp_path):

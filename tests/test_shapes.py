@@ -120,4 +120,12 @@ def test_data_shapes_cli_writes_a_dataset(tmp_path):
         assert (tmp_path / "a" / r["file_name"]).read_bytes() == (tmp_path / "b" / r["file_name"]).read_bytes()
         scene = Scene.from_json(r["scene"])
         assert scene.background in BACKGROUNDS
+    for _ in range(2):  # over an earlier dataset: fine
+        assert main(["data", "shapes", str(tmp_path / "c"), "--count", "2"]) == 0
+    photos = tmp_path / "photos"  # anything else of the user's: refused, nothing overwritten (it had been, silently)
+    photos.mkdir()
+    (photos / "0000000.png").write_bytes(b"mine")
+    (photos / "metadata.jsonl").write_text('{"file_name": "0000000.png", "text": "my cat"}\n')
+    assert main(["data", "shapes", str(photos), "--count", "1"]) == 2
+    assert (photos / "0000000.png").read_bytes() == b"mine"
     assert (tmp_path / "a" / "metadata.jsonl").read_text() == (tmp_path / "b" / "metadata.jsonl").read_text()

@@ -447,6 +447,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     world = importlib.import_module(f".eval.{args.suite}", __package__)
     if args.prompts < 1:
         raise UnfogError("--prompts must be at least 1")
+    _check_output(args.grid, "--grid")  # before minutes of evaluation, not after
+    if args.json and not Path(os.path.abspath(args.json)).parent.is_dir():
+        raise UnfogError(f"--json {args.json}: its folder does not exist")
+    if not getattr(args, "images", None):
+        _check_device(args.device)
     if getattr(args, "images", None):  # emoji: score images generated elsewhere (scripts/train_default.py --world emoji)
         if args.model:
             raise UnfogError("pass a MODEL or --images, not both")

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import UnfogError
+
 SIZE = 64
 SUPERSAMPLE = 4
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
@@ -200,6 +202,15 @@ def scene_for_index(seed: int, index: int) -> Scene:
     return sample_scene(random.Random(f"shapes-v1/{seed}/{index}"))
 
 
+def _is_world_dataset(folder: Path) -> bool:
+    """Whether a folder holds a procedural world's dataset (its metadata lines carry a scene)."""
+    try:
+        with open(folder / "metadata.jsonl", encoding="utf-8") as f:
+            return "scene" in json.loads(f.readline())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def write_dataset(out_dir: str | Path, count: int, seed: int = 0, *, progress: bool = True, world=None) -> Path:
     """Write `count` PNGs plus metadata.jsonl ({file_name, text, scene} per line). `world` is
     the module of another procedural world with the same functions (unfog.data.emoji)."""
@@ -209,6 +220,8 @@ def write_dataset(out_dir: str | Path, count: int, seed: int = 0, *, progress: b
     scene_for_index, render, caption, training_prompt = w.scene_for_index, w.render, w.caption, w.training_prompt
 
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_world_dataset(out))):  # the user's files would be overwritten
+        raise UnfogError(f"{out} exists and is not a dataset written by unfog data; choose an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "metadata.jsonl.tmp"
     with tmp.open("w") as f:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion import DiscreteDenoiser, SamplingDefaults, SchedulerConfig
 from ..errors import UnfogError
-from ..formats.folder import load_weights, read_config, save_weights
+from ..formats.folder import check_save_target, load_weights, read_config, save_weights
 from ..formats.weights import load_checked
 from ..images import grid, to_pil
 from ..nn import Autoencoder, AutoencoderConfig, TextEncoder, TextEncoderConfig, Tokenizer, TokenizerConfig, UNet, UNetConfig
@@ -560,6 +560,9 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None =
 
     run = Path(run_dir)
     c, ckpt = read_run(run, "diffusion", "an autoencoder run goes to the diffusion stage with --vae instead of being exported")
+    if c.lora_rank:
+        raise UnfogError(f"{run} trained LoRA adapters, not a model: export them with unfog export --lora {run} FILE.safetensors")
+    check_save_target(out_dir)  # before anything is read
     tokenizer = Tokenizer.load(run / "tokenizer")
     vae, _ = load_autoencoder(run / "vae")
     te_cfg = text_encoder_config(c, tokenizer)
