@@ -353,3 +353,13 @@ def test_encode_prompt_takes_one_string_as_one_prompt(tiny_pipe):
     for bad in ([], [None], 5):
         with _pytest.raises(ValueError, match="prompts must be a string or a non-empty list of strings"):
             tiny_pipe.encode_prompt(bad)
+
+
+def test_warm_up_takes_a_list_of_sizes(tiny_pipe):
+    """One (height, width) pair given bare, or a string, had been a raw TypeError or ValueError."""
+    import pytest as _pytest
+
+    assert len(tiny_pipe.warm_up([(32, 32)])) == 1
+    for bad in ((32, 32), "32x32", [(32,)]):
+        with _pytest.raises(ValueError, match=r"sizes must be a list of \(height, width\) pairs"):
+            tiny_pipe.warm_up(bad)

@@ -38,7 +38,7 @@ from .nn.optimize import cpu_has_bf16, optimize_unet  # bench scripts import opt
 from .nn.packed import prepack
 from .nn.unet import DeepCache
 from .offload import LowMemoryMixin
-from .request import GenerationRequest, ModelFacts, make_request
+from .request import GenerationRequest, ModelFacts, make_request, size_pairs
 from .samplers import Step, get_sampler, iterate
 from .text import apply_emphasis, as_texts, frame
 from .threads import fit_threads
@@ -415,7 +415,7 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         user's first request; `options` as for a call (e.g. `num_images_per_prompt`, a different
         batch being a different shape). Returns the seconds each took."""
         times = []
-        for height, width in sizes or [(None, None)]:
+        for height, width in size_pairs(sizes) or [(None, None)]:
             t = time.perf_counter()
             self("", **{"num_inference_steps": 2, "seed": 0, **options, "height": height, "width": width})
             times.append(time.perf_counter() - t)

@@ -193,6 +193,13 @@ def _option(sampler: str, key: str, value: Any, default: Any) -> Any:
     return float(value)
 
 
+def size_pairs(sizes: Any) -> list[tuple[Any, Any]]:
+    """A list of (height, width) pairs, each side checked later by the request it makes."""
+    if not isinstance(sizes, (list, tuple)) or not all(isinstance(s, (list, tuple)) and len(s) == 2 for s in sizes):
+        raise UnfogError(f"sizes must be a list of (height, width) pairs, e.g. [(512, 512), (768, 512)], got {sizes!r}"[:300], "sizes")
+    return [tuple(s) for s in sizes]
+
+
 def _size(name: str, v: Any, factor: int) -> int:
     n = integer(v)
     if n is None or n <= 0 or n % factor:
