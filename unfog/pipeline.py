@@ -40,7 +40,7 @@ from .nn.unet import DeepCache
 from .offload import LowMemoryMixin
 from .request import GenerationRequest, ModelFacts, make_request, size_pairs
 from .samplers import Step, get_sampler, iterate
-from .text import apply_emphasis, as_texts, frame
+from .text import apply_emphasis, as_texts, frame  # (as_texts is unfog.prompts', which text imports)
 from .threads import fit_threads
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
@@ -461,7 +461,7 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         """(states (B, L, D), pooled (B, P)): `encode_prompt`'s states and the last text
         encoder's pooled output of each prompt's first window (SDXL's pooled conditioning).
         `syntax="a1111"` reads A1111's emphasis, BREAK and windows (see unfog.prompts)."""
-        texts, prompts_2 = [self.expand_embeddings(p) for p in as_texts("prompts", prompts)], as_texts("prompts_2", prompts_2)  # (one string: one prompt)
+        texts, prompts_2 = [self.expand_embeddings(p) for p in as_texts("prompts", prompts)], None if prompts_2 is None else as_texts("prompts_2", prompts_2)
         encoders = [(self.tokenizer, self.text_encoder, texts)]
         if self.text_encoder_2 is not None:
             encoders.append((self.tokenizer_2, self.text_encoder_2, texts if prompts_2 is None else [self.expand_embeddings(p) for p in prompts_2]))

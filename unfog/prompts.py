@@ -45,6 +45,16 @@ MAX_WINDOWS = 64
 MAX_NESTING = 100
 
 
+def as_texts(name: str, texts) -> list[str]:
+    """Prompts as a list: one string is one prompt (not one per character); anything but a string
+    or a non-empty list of strings is an error naming `name`."""
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+        raise UnfogError(f"{name} must be a string or a non-empty list of strings, got {texts!r}"[:300], name)
+    return list(texts)
+
+
 def parse_attention(text: str, field: str = "prompt") -> list[tuple[str, float]]:
     """(fragment, weight) pairs of a prompt in A1111's syntax, neighbours of equal weight merged;
     a BREAK is the pair (BREAK, -1). A weight beyond ±MAX_WEIGHT raises an UnfogError naming

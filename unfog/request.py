@@ -24,7 +24,7 @@ from PIL import Image
 from .diffusion import SIGMA_SCHEDULES, SamplingDefaults
 from .diffusion.schedules import DIFFUSERS_DEFAULT_SPACING, DIFFUSERS_FIXED_SCHEDULE
 from .errors import UnfogError, finite_number, integer, real
-from .prompts import BREAK, MAX_WINDOWS, extract_loras, parse_attention
+from .prompts import BREAK, MAX_WINDOWS, as_texts, extract_loras, parse_attention
 from .samplers import OPTION_CHOICES, OPTION_RANGES, get_sampler
 
 LONG_PROMPTS = ("chunk", "truncate")
@@ -124,12 +124,7 @@ def _text(name: str, v: Any) -> str:
 
 
 def _prompts(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str]]:
-    if isinstance(prompt, str):
-        prompts = [_text("prompt", prompt)]
-    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = [_text("prompt", p) for p in prompt]
-    else:
-        raise UnfogError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}", "prompt")
+    prompts = [_text("prompt", p) for p in as_texts("prompt", prompt)]
     if isinstance(negative_prompt, (list, tuple)):
         if len(negative_prompt) != len(prompts) or not all(isinstance(n, str) for n in negative_prompt):
             raise UnfogError(f"negative_prompt must be one string or a list of {len(prompts)} strings, one per prompt", "negative_prompt")

@@ -15,7 +15,7 @@ import torch
 
 from .errors import UnfogError
 from .nn import Tokenizer
-from .prompts import MAX_WINDOWS, parse_attention
+from .prompts import MAX_WINDOWS, as_texts, parse_attention  # noqa: F401 (as_texts: for the pipeline, which imports prompts through text)
 
 SYNTAXES = ("plain", "a1111")
 
@@ -23,16 +23,6 @@ SYNTAXES = ("plain", "a1111")
 def _check_windows(count: int) -> None:
     if count > MAX_WINDOWS:
         raise UnfogError(f"the prompt takes {count} windows of 75 tokens (each BREAK starts one); at most {MAX_WINDOWS}: shorten it", "prompt")
-
-
-def as_texts(name: str, texts) -> list[str] | None:
-    """Prompts as a list: one string is one prompt (not one per character), None stays None;
-    anything else is an error naming `name`."""
-    if texts is None or isinstance(texts, str):
-        return texts if texts is None else [texts]
-    if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
-        raise UnfogError(f"{name} must be a string or a non-empty list of strings, got {texts!r}"[:300], name)
-    return list(texts)
 
 
 def frame(encoders: Sequence[tuple[Tokenizer, list[str]]], long_prompts: str = "chunk", syntax: str = "plain"

@@ -68,7 +68,8 @@ def read_json_object(path: Path, limit: int = MAX_JSON_BYTES) -> dict:
     if not path.is_file():
         raise UnfogError(f"{path} is missing")
     if path.stat().st_size > limit:
-        raise UnfogError(f"{path} is {path.stat().st_size} bytes; a config is at most {limit} (is this the right file?)")
+        kind = "a config" if limit <= MAX_CONFIG_BYTES else "such a file"
+        raise UnfogError(f"{path} is {path.stat().st_size} bytes; {kind} is at most {limit} (is this the right file?)")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # (absurd nesting: RecursionError)
