@@ -37,6 +37,7 @@ from unfog import Pipeline, UnfogError
         ({"sampler": "euler", "sampler_options": {"s_churn": -5.0}}, "must be from 0"),
         ({"sampler": "euler_ancestral", "sampler_options": {"s_noise": 1e30}}, "must be from 0 to 10"),
         ({"sampler": "lms", "sampler_options": {"order": 50}}, "integer from 1 to 4"),
+        ({"sampler": "uni_pc", "sampler_options": {"order": 4}}, "uni_pc must be an integer from 1 to 3"),
         ({"width": 100000, "height": 64}, "width is 100000; at most 8192 per side"),
         ({"num_inference_steps": 10**9, "sigma_schedule": "karras"}, "at most 1000"),
         ({"latents": torch.full((1, 4, 8, 8), float("nan"))}, "latents holds NaN"),
@@ -422,3 +423,13 @@ def test_saving_an_image_keeps_a_links_target_an_old_files_mode_and_fits_long_na
     long = tmp_path / ("x" * 246 + ".png")  # 250 bytes: a legal name, with no room for a long temporary one
     save(Image.new("RGB", (4, 4)), long)
     assert long.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".part")) == []
+
+
+def test_encode_takes_one_generator_per_image(tiny_pipe):
+    # One generator for two images had been broadcast: both got the same posterior noise.
+    pixels = torch.zeros(2, 3, 32, 32)
+    with pytest.raises(UnfogError, match="got 1 generators for a batch of 2"):
+        tiny_pipe.encode(pixels, [torch.Generator().manual_seed(0)])
+    a = tiny_pipe.encode(pixels, [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
+    b = tiny_pipe.encode(pixels[:1], [torch.Generator().manual_seed(1)])
+    torch.testing.assert_close(a[1:], b)  # image k's noise comes from generator k alone

@@ -39,7 +39,7 @@ from .nn.packed import prepack
 from .nn.unet import DeepCache
 from .offload import LowMemoryMixin
 from .request import GenerationRequest, ModelFacts, make_request, size_pairs
-from .samplers import Step, get_sampler, iterate
+from .samplers import Step, get_sampler, iterate, randn_like
 from .text import apply_emphasis, as_texts, frame  # (as_texts is unfog.prompts', which text imports)
 from .threads import fit_threads
 
@@ -506,8 +506,7 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         vae_dtype = next(self.vae.parameters()).dtype
         with self._on_device(self.vae):
             mean, logvar = self.vae.encode(pixels.to(self.device, vae_dtype))
-        noise = torch.stack([torch.randn(mean.shape[1:], generator=g, device=g.device) for g in generators]).to(mean.device)
-        z = mean.float() + (0.5 * logvar.float()).exp() * noise
+        z = mean.float() + (0.5 * logvar.float()).exp() * randn_like(mean.float(), generators)  # checks one per image
         c = self.vae.config
         return (z - c.shift_factor) * c.scaling_factor
 

@@ -176,7 +176,7 @@ def _option(sampler: str, key: str, value: Any, default: Any) -> Any:
         if value == "brownian" and importlib.util.find_spec("torchsde") is None:
             raise UnfogError("noise='brownian' needs torchsde: pip install 'unfog[brownian]' (or pip install torchsde)", "sampler_options")
         return value
-    lo, hi = OPTION_RANGES.get(key, (-math.inf, math.inf))
+    lo, hi = OPTION_RANGES.get(f"{sampler}.{key}", OPTION_RANGES.get(key, (-math.inf, math.inf)))
     if isinstance(default, int) and not isinstance(default, bool):
         if integer(value) is None or value < max(1, lo) or value > hi:
             raise UnfogError(f"{where} of {sampler} must be an integer from {max(1, lo)} to {hi}, got {value!r}", "sampler_options")

@@ -19,7 +19,8 @@ OPTION_CHOICES = {"noise": NOISE_KINDS, "solver_type": SOLVER_TYPES, "variant": 
 # Sampler options that take a number, and the closed range each accepts (a negative eta or
 # s_churn, or r = 0, divides by zero or takes the root of a negative number; 1e308 overflows).
 OPTION_RANGES = {"eta": (0.0, 10.0), "s_noise": (0.0, 10.0), "s_churn": (0.0, 1e4), "s_tmin": (0.0, float("inf")),
-                 "s_tmax": (0.0, float("inf")), "r": (1e-3, 1.0), "order": (1, 4)}
+                 "s_tmax": (0.0, float("inf")), "r": (1e-3, 1.0), "order": (1, 4),
+                 "uni_pc.order": (1, 3)}  # "sampler.option" where one sampler's range is narrower
 
 
 def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
