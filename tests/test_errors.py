@@ -433,3 +433,16 @@ def test_encode_takes_one_generator_per_image(tiny_pipe):
     a = tiny_pipe.encode(pixels, [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
     b = tiny_pipe.encode(pixels[:1], [torch.Generator().manual_seed(1)])
     torch.testing.assert_close(a[1:], b)  # image k's noise comes from generator k alone
+
+
+def test_a_pickle_with_objects_is_refused_in_one_line(tmp_path):
+    import pickle
+
+    from unfog.formats.single_file import read_pickle_checkpoint
+
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(pickle.dumps({"state_dict": {"w": torch.zeros(1)}, "callback": math.sqrt}))
+    with pytest.raises(UnfogError) as e:
+        read_pickle_checkpoint(path)
+    # torch's own message is a paragraph that ends by suggesting weights_only=False
+    assert "objects other than tensors" in str(e.value) and "\n" not in str(e.value) and "weights_only" not in str(e.value)

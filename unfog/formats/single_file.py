@@ -11,6 +11,7 @@ read from the weights' shapes, or taken from a diffusers-layout config folder.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -268,9 +269,17 @@ def read_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a .ckpt/.pt through torch.load(weights_only=True), which refuses to build
     anything but tensors and plain containers; only `unfog convert --allow-pickle` calls this."""
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of any pickle protocol but 2; a failure is reported below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError and others here
-        raise UnfogError(f"{path} could not be read as a weights-only pickle: {e}") from None
+        # torch's message is a paragraph that ends by suggesting weights_only=False; keep only its cause.
+        msg = str(e)
+        cause = msg.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0] if "WeightsUnpickler error:" in msg else msg
+        cause = " ".join(cause.split())[:300] or type(e).__name__
+        raise UnfogError(f"{path} could not be read as a weights-only pickle ({cause}): the file is damaged, is not a "
+                         "checkpoint, or holds objects other than tensors and plain containers, which unfog does not "
+                         "build because unpickling them can run code") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
