@@ -129,3 +129,28 @@ def test_data_shapes_cli_writes_a_dataset(tmp_path):
     assert main(["data", "shapes", str(photos), "--count", "1"]) == 2
     assert (photos / "0000000.png").read_bytes() == b"mine"
     assert (tmp_path / "a" / "metadata.jsonl").read_text() == (tmp_path / "b" / "metadata.jsonl").read_text()
+
+
+def test_an_interrupted_rewrite_never_leaves_old_captions_beside_new_images(tmp_path, monkeypatch):
+    from unfog.data import shapes
+
+    out = tmp_path / "d"
+    shapes.write_dataset(out, 6, seed=0, progress=False)
+    real_render, calls = shapes.render, []
+
+    def stops_after_two(scene):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(scene)
+        return real_render(scene)
+
+    monkeypatch.setattr(shapes, "render", stops_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        shapes.write_dataset(out, 4, seed=7, progress=False)
+    # the seed-0 captions are gone rather than describing seed-7 images
+    assert not (out / "metadata.jsonl").exists()
+    monkeypatch.setattr(shapes, "render", real_render)
+    shapes.write_dataset(out, 3, seed=7, progress=False)  # the interrupted folder is still unfog's to write
+    assert sorted(p.name for p in out.iterdir()) == ["0000000.png", "0000001.png", "0000002.png", "metadata.jsonl"]
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["scene"] for r in rows] == [shapes.scene_for_index(7, i).to_json() for i in range(3)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -202,11 +203,25 @@ def scene_for_index(seed: int, index: int) -> Scene:
     return sample_scene(random.Random(f"shapes-v1/{seed}/{index}"))
 
 
+_DATASET_ENTRY = re.compile(r"\d{7}\.png|metadata\.jsonl(\.tmp)?")
+
+
 def _is_world_dataset(folder: Path) -> bool:
-    """Whether a folder holds a procedural world's dataset (its metadata lines carry a scene)."""
+    """Whether a folder holds what `write_dataset` writes, finished or interrupted: numbered PNGs
+    and its metadata (metadata.jsonl.tmp while unfinished), whose first line names image 0 and
+    carries a scene (a user's own metadata.jsonl with a "scene" key is not enough), and nothing else."""
+    if not all(_DATASET_ENTRY.fullmatch(p.name) for p in folder.iterdir()):
+        return False
+    meta = folder / "metadata.jsonl"
+    if not meta.exists():
+        meta = folder / "metadata.jsonl.tmp"
     try:
-        with open(folder / "metadata.jsonl", encoding="utf-8") as f:
-            return "scene" in json.loads(f.readline())
+        with open(meta, encoding="utf-8") as f:
+            line = f.readline()
+        if not line and meta.name.endswith(".tmp"):
+            return True  # interrupted before its first caption
+        first = json.loads(line)
+        return isinstance(first, dict) and first.get("file_name") == "0000000.png" and isinstance(first.get("scene"), dict)
     except (OSError, ValueError, TypeError):
         return False
 
@@ -223,14 +238,20 @@ def write_dataset(out_dir: str | Path, count: int, seed: int = 0, *, progress: b
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_world_dataset(out))):  # the user's files would be overwritten
         raise UnfogError(f"{out} exists and is not a dataset written by unfog data; choose an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "metadata.jsonl.tmp"
-    with tmp.open("w") as f:
+    # The previous dataset's captions go first, so that no moment leaves its captions beside new
+    # images; the new ones appear only once every image is written, and images past `count` go.
+    (out / "metadata.jsonl").unlink(missing_ok=True)
+    tmp = out / "metadata.jsonl.tmp"  # if interrupted, it keeps the captions so far and marks the folder as unfog's
+    with tmp.open("w", encoding="utf-8") as f:
         for i in tqdm(range(count), desc="rendering", disable=not progress):
             scene = scene_for_index(seed, i)
             name = f"{i:07d}.png"
             render(scene).save(out / name)
             text = caption(training_prompt(scene, random.Random(f"caption/{seed}/{i}"), p_paraphrase=0.0))
             f.write(json.dumps({"file_name": name, "text": text, "scene": scene.to_json()}) + "\n")
+    for p in out.glob("*.png"):
+        if _DATASET_ENTRY.fullmatch(p.name) and int(p.stem) >= count:
+            p.unlink()
     tmp.replace(out / "metadata.jsonl")
     return out
 
