@@ -27,7 +27,7 @@ from ..data.emoji import (
 )
 from ..data.shapes import POSITION_PHRASES, RELATIONS
 from ..errors import UnfogError
-from .shapes import generate
+from .shapes import check_world_model, generate, unknown_words
 
 FOREGROUND_DISTANCE = 40  # RGB distance from the background above which a pixel is an object's
 MERGE_GAP = 2  # parts with at most this many empty pixels between them are one object
@@ -489,34 +489,15 @@ def grammar_words() -> list[str]:
     return sorted(set(words.split()))
 
 
-def unknown_words(pipe) -> list[str]:
-    """The grammar's words the model's tokenizer(s) map to the unknown token."""
-    missing = set()
-    words = grammar_words()
-    for tok in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)):
-        if tok is None:
-            continue
-        unk_token = getattr(tok.backend.model, "unk_token", None)
-        unk = tok.backend.token_to_id(unk_token) if unk_token else None
-        if unk is None:
-            continue
-        missing |= {w for w, ids in zip(words, tok.encode(words)) if not ids or unk in ids}
-    return sorted(missing)
-
-
 def is_emoji_model(pipe) -> bool:
     """Whether the model's tokenizer knows every word of the emoji-scenes captions."""
-    return not unknown_words(pipe)
+    return not unknown_words(pipe, grammar_words())
 
 
 def evaluate(pipe, n: int = 500, seed: int = 0, batch_size: int = 25, progress: bool = True, **generate_kwargs) -> dict:
     """Generate one image per evaluation prompt (image k seeded with seed + k) and score them.
     Refuses a model whose tokenizer does not know the emoji-scenes words."""
-    missing = unknown_words(pipe)
-    if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise UnfogError(f"this model is not an emoji-scenes model: its tokenizer does not know {len(missing)} of the words of the "
-                         f"emoji-scenes captions ({shown}); evaluate a model trained on emoji-scenes (unfog train --data emoji)")
+    check_world_model(pipe, grammar_words(), "emoji-scenes")
     load_classifier()  # fail before generating, if the classifier is missing
     prompts = eval_prompts(n, seed)
     texts = [caption(p) for p in prompts]

@@ -8,7 +8,8 @@ from collections import deque
 import numpy as np
 from PIL import Image
 
-from ..data.shapes import BACKGROUNDS, COLOURS, Prompt, caption, random_prompt
+from ..data.shapes import BACKGROUNDS, COLOURS, POSITION_PHRASES, RELATIONS, SHAPES, SIZES, Prompt, caption, random_prompt
+from ..errors import UnfogError
 
 COLOUR_DISTANCE = 60
 MIN_PIXELS = 20
@@ -72,7 +73,10 @@ def _relation_holds(relation: str, a: dict, b: dict, gap: float = 6) -> bool:
 def check(image: Image.Image, prompt: Prompt) -> dict[str, bool]:
     """Each attribute the prompt states → whether the image shows it. Keys: exists, shape,
     size, position, relation, background (per object, suffixed .0/.1 for two objects)."""
-    pixels = np.asarray(image.convert("RGB"))
+    image = image.convert("RGB")
+    if image.size != (64, 64):  # the thresholds below are in the 64×64 world's pixels
+        image = image.resize((64, 64), Image.BOX if image.width > 64 else Image.BICUBIC)
+    pixels = np.asarray(image)
     results: dict[str, bool] = {}
     found = []
     for k, o in enumerate(prompt.objects):
@@ -123,8 +127,40 @@ def format_table(scores: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def grammar_words() -> list[str]:
+    """Every word of the canonical shapes-v1 captions."""
+    words = " ".join([*COLOURS, *SHAPES, *SIZES, *BACKGROUNDS, *POSITION_PHRASES.values(), *RELATIONS, "a an on and background"])
+    return sorted(set(words.split()))
+
+
+def unknown_words(pipe, words: list[str]) -> list[str]:
+    """The words that the model's tokenizer(s) map to the unknown token."""
+    missing = set()
+    for tok in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)):
+        if tok is None:
+            continue
+        unk_token = getattr(tok.backend.model, "unk_token", None)
+        unk = tok.backend.token_to_id(unk_token) if unk_token else None
+        if unk is None:
+            continue
+        missing |= {w for w, ids in zip(words, tok.encode(words)) if not ids or unk in ids}
+    return sorted(missing)
+
+
+def check_world_model(pipe, words: list[str], world: str) -> None:
+    """Refuse, before any generation, a model whose tokenizer does not know the world's words:
+    it cannot read the evaluation prompts, so its scores would say nothing."""
+    missing = unknown_words(pipe, words)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise UnfogError(f"this model is not {'an' if world[0] in 'aeiou' else 'a'} {world} model: its tokenizer does not know {len(missing)} of the words of the "
+                         f"{world} captions ({shown}); evaluate a model trained on {world} (unfog train --data {world.split('-')[0]})")
+
+
 def evaluate(pipe, n: int = 500, seed: int = 0, batch_size: int = 25, progress: bool = True, **generate_kwargs) -> dict:
-    """Generate one image per evaluation prompt (image k seeded with seed + k) and score them."""
+    """Generate one image per evaluation prompt (image k seeded with seed + k) and score them.
+    Refuses a model whose tokenizer does not know the shapes-v1 words."""
+    check_world_model(pipe, grammar_words(), "shapes-v1")
     prompts = eval_prompts(n, seed)
     texts = [caption(p) for p in prompts]
     images = generate(pipe, texts, seed, batch_size, progress, **generate_kwargs)
