@@ -446,3 +446,21 @@ def test_a_pickle_with_objects_is_refused_in_one_line(tmp_path):
         read_pickle_checkpoint(path)
     # torch's own message is a paragraph that ends by suggesting weights_only=False
     assert "objects other than tensors" in str(e.value) and "\n" not in str(e.value) and "weights_only" not in str(e.value)
+
+
+def test_device_dtype_and_flag_arguments_are_checked(tiny_pipe):
+    # Each had been a raw TypeError/RuntimeError/AssertionError, or (a string flag) silently truthy.
+    for call, match in ((lambda: tiny_pipe.to("gpu"), "device 'gpu' is not a device name"),
+                        (lambda: tiny_pipe.enable_low_memory(device="gpu"), "device 'gpu' is not a device name"),
+                        (lambda: tiny_pipe.enable_model_cpu_offload(gpu_id="x"), "gpu_id must be"),
+                        (lambda: tiny_pipe.optimize(compile="no"), "compile must be True or False"),
+                        (lambda: tiny_pipe.optimize(channels_last=1), "channels_last must be True or False"),
+                        (lambda: tiny_pipe.optimize(cuda_graphs="yes"), "cuda_graphs must be True or False or None")):
+        with pytest.raises(UnfogError, match=match):
+            call()
+    if not torch.cuda.is_available():
+        with pytest.raises(UnfogError, match="sees no CUDA GPU"):
+            tiny_pipe.to("cuda")
+    assert tiny_pipe.unet._compiled_call_impl is None  # nothing was changed by the refused calls
+    pipe = Pipeline.from_pretrained()  # (not the shared tiny_pipe: a round trip through float16 rounds its weights)
+    assert next(pipe.to(torch.float16).unet.parameters()).dtype == torch.float16  # diffusers' idiom: a dtype on its own

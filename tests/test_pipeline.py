@@ -323,9 +323,21 @@ def test_deep_cache_runs_the_deep_blocks_every_k_calls(tiny_pipe):
     assert torch.equal(same, full)  # every call whole: exactly the plain computation
     assert len(calls) == 6 and len(deep) == 2  # calls 0 and 3 whole, the others shallow
     assert not torch.equal(cached, full) and torch.isfinite(cached).all()
-    assert tiny_pipe.unet.deep_cache is None  # nothing left behind on the network
     with pytest.raises(__import__("unfog.errors", fromlist=["UnfogError"]).UnfogError, match="deep_cache"):
         tiny_pipe("a red circle", deep_cache=0)
+
+
+def test_generations_sharing_a_pipeline_keep_their_own_deep_cache(tiny_pipe):
+    # The cache had been an attribute of the shared U-Net: a generation interleaved with one
+    # using deep_cache (two threads, or two of denoise's generators) took the other's features.
+    kw = dict(num_inference_steps=6, sampler="euler", guidance_scale=3.0)
+    alone = [tiny_pipe(p, seed=s, deep_cache=d, **kw).latents for p, s, d in (("a red circle", 1, 3), ("a blue square", 7, None))]
+    requests = [tiny_pipe.request("a red circle", seed=1, deep_cache=3, **kw), tiny_pipe.request("a blue square", seed=7, **kw)]
+    states = [tiny_pipe.initial_state(r) for r in requests]
+    for _ in __import__("itertools").zip_longest(*(tiny_pipe.denoise(r, st) for r, st in zip(requests, states))):
+        pass  # (to the end of both: a generation's latents are set when its sampler returns)
+    for st, lone in zip(states, alone):
+        torch.testing.assert_close(st.x, lone, rtol=0, atol=0)
 
 
 def test_warm_up_runs_the_unet_at_each_size(tiny_model_dir):

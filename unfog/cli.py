@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+from . import errors
 from .errors import UnfogError
 
 
@@ -78,20 +79,8 @@ def _placed(pipe, args):
 
 def _check_device(device: str | None) -> None:
     """Refuse a device this torch cannot use, before the model is loaded."""
-    if device is None:
-        return
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise UnfogError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, mps …): {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UnfogError(f"--device {device}: this torch build sees no CUDA GPU (install a CUDA build of torch, or use --device cpu)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UnfogError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UnfogError(f"--device {device}: MPS is not available on this machine")
+    if device is not None:
+        errors.device(device, "--device")
 
 
 def _sampler_options(pairs: list[str]) -> dict | None:

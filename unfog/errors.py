@@ -29,3 +29,30 @@ def finite_number(name: str, v) -> float:
     if real(v) is None or not math.isfinite(v):
         raise UnfogError(f"{name} must be a finite number, got {v!r}", name)
     return float(v)
+
+
+def device(value, name: str = "device", usable: bool = True):
+    """value as a torch.device (one this torch can use, unless not `usable`), or an UnfogError naming `name`."""
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError) as e:
+        raise UnfogError(f"{name} {value!r} is not a device name (cpu, cuda, cuda:1, mps …): {e}", name.lstrip("-")) from None
+    if not usable:
+        return dev
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UnfogError(f"{name} {value}: this torch build sees no CUDA GPU (install a CUDA build of torch, or use cpu)", name.lstrip("-"))
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UnfogError(f"{name} {value}: there are only {torch.cuda.device_count()} CUDA devices", name.lstrip("-"))
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UnfogError(f"{name} {value}: MPS is not available on this machine", name.lstrip("-"))
+    return dev
+
+
+def flag(value, name: str, none: bool = False):
+    """value if it is True or False (or None, where `none`), else an UnfogError naming `name`
+    (a string such as "no" is truthy, and had switched the option on)."""
+    if isinstance(value, bool) or (none and value is None):
+        return value
+    raise UnfogError(f"{name} must be True or False{' or None' if none else ''}, got {value!r}", name)

@@ -40,7 +40,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import UnfogError
+from . import errors
+from .errors import UnfogError, integer
 from .formats import load_checked
 from .formats.weights import SafetensorsFile
 
@@ -261,7 +262,7 @@ class LowMemoryMixin:
         holds the whole model on the GPU): every network rests in CPU memory and is copied to the
         GPU only for the stage that runs it, diffusers' model CPU offload (unfog.offload). CUDA
         graphs are off in this mode, since each stage's weights land at new addresses."""
-        target = torch.device(device) if device is not None else self.device
+        target = errors.device(device, usable=False) if device is not None else self.device  # (_enable_offload checks CUDA)
         if target.type == "cuda":
             return self._enable_offload(target)
         if device is not None and target.type != "cpu":
@@ -282,7 +283,9 @@ class LowMemoryMixin:
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> "LowMemoryMixin":
         """diffusers' name for low-memory mode on CUDA: `enable_low_memory(device=...)`."""
         if gpu_id is not None:
-            device = torch.device(torch.device(device).type, gpu_id)
+            if integer(gpu_id) is None or gpu_id < 0:
+                raise UnfogError(f"gpu_id must be a GPU's index (0, 1 …), got {gpu_id!r}", "gpu_id")
+            device = f"{errors.device(device, usable=False).type}:{integer(gpu_id)}"
         return self.enable_low_memory(device=device)
 
     def _enable_offload(self, device: torch.device) -> "LowMemoryMixin":
@@ -322,8 +325,12 @@ class LowMemoryMixin:
         if self.offload is not None and device is not None:
             raise UnfogError(f"this pipeline is in low-memory mode on {self.offload.device} (each network on the GPU only while it runs); "
                              f"call disable_low_memory() before .to({str(device)!r})")
-        if self.disk_rest is not None and device is not None and torch.device(device).type != "cpu":
+        if self.disk_rest is not None and device is not None and errors.device(device, usable=False).type != "cpu":
             raise UnfogError(f"low-memory mode (text encoders resting on disk) is for CPU pipelines; call disable_low_memory() before .to({str(device)!r})")
+
+    def _check_graphs(self, cuda_graphs: bool | None) -> None:
+        if cuda_graphs and self.offload is not None:
+            raise UnfogError("CUDA graphs need the weights to stay on the GPU; in low-memory mode they move each stage (cuda_graphs=False)", "cuda_graphs")
 
     def _on_device(self, module: nn.Module | None):
         """A context in which `module` is on the pipeline's device (low-memory mode on CUDA

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .adapters import LoraMixin
 from .embeddings import EmbeddingMixin
 from .diffusion import DiscreteDenoiser, SamplingDefaults, SchedulerConfig, classifier_free_guidance, make_sigmas
-from .errors import UnfogError, integer
+from .errors import UnfogError, flag, integer, device as checked_device
 from .formats import ModelParts, check_dtype, load_any, save_model
 from .graphs import DenoiserGraph
 from .images import from_pil, mask_from_pil, resized, to_pil
@@ -198,8 +198,10 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         self._rest()
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
-        """Move the networks to a device and/or cast them to a dtype; returns self."""
+        """Move the networks to a device and/or cast them to a dtype (`.to(torch.float16)` too); returns self."""
+        device, dtype = (None, device) if isinstance(device, torch.dtype) else (device, dtype)
         self._check_move(device)
+        device = None if device is None else checked_device(device)
         if check_dtype(dtype) is not None:
             self._resident(changing=True)  # low-memory mode: cast the encoders, then write them again
         for m in (self.text_encoder, self.text_encoder_2, self.unet, self.vae):
@@ -232,6 +234,8 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         processes such as the server, after a warm-up of tens of seconds per shape; shapes are
         specialised, so past torch._dynamo's recompile limit (8 by default) further shapes run
         uncompiled. With graphs on, one pipeline serves one thread at a time. Returns self."""
+        channels_last, compile, cuda_graphs = flag(channels_last, "channels_last"), flag(compile, "compile"), flag(cuda_graphs, "cuda_graphs", none=True)
+        self._check_graphs(cuda_graphs)  # before anything is changed
         dtype = check_dtype(dtype or (torch.bfloat16 if self.device.type == "cuda" else None))
         if self.device.type == "cuda":
             for m in (self.text_encoder, self.text_encoder_2, self.vae):
@@ -244,8 +248,6 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         optimize_unet(self.unet, dtype, channels_last, compile, self.device)
         if self.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and self.vae is not None:  # see the docstring
             prepack(self.vae.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.preserve_format))
-        if cuda_graphs and self.offload is not None:
-            raise UnfogError("CUDA graphs need the weights to stay on the GPU; in low-memory mode they move each stage (cuda_graphs=False)", "cuda_graphs")
         self.cuda_graphs = self.device.type == "cuda" and self.offload is None if cuda_graphs is None else cuda_graphs
         self.denoiser_graphs.clear()
         return self
@@ -332,8 +334,6 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         if self.device.type == "cpu" and not compiled:
             fit_threads()
         sample = get_sampler(request.sampler)
-        if request.deep_cache is not None:  # opt-in, eager: the cached calls compute less than a captured graph would
-            self.unet.deep_cache = DeepCache(request.deep_cache)
         denoiser = self._guided_denoiser(request, state)
         hooks = []
         # Not with graphs (a replay runs whole) or torch.compile (new hooks would recompile the U-Net).
@@ -347,7 +347,6 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
                 state.x = yield from iterate(sample, denoiser, state.x, state.sigmas, generator=state.generators,
                                              callback=state.keep_known, **request.sampler_options)
         finally:
-            self.unet.deep_cache = None
             self.unet.release_context()  # the text context's kept cross-attention keys and values
             for hook in hooks:
                 hook.remove()
@@ -513,11 +512,13 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
     def _guided_denoiser(self, r: GenerationRequest, state: DenoisingState) -> Callable:
         """D_cfg(x, σ) for this request: the cached CUDA graph of it when graphs are on, else eager.
         With `cfg_truncation` f, calls at σ at or below that of step round(f·steps) run the
-        conditional half alone (one U-Net batch instead of two)."""
-        full = self._denoiser_for(r, state)
+        conditional half alone (one U-Net batch instead of two). DeepCache's features are this
+        generation's own, passed to each U-Net call (eager: a captured graph would compute more)."""
+        cache = DeepCache(r.deep_cache) if r.deep_cache is not None else None
+        full = self._denoiser_for(r, state, cache)
         if state.uncond is None or r.cfg_truncation is None:
             return full
-        cond_only = self._denoiser_for(r, dataclasses.replace(state, uncond=None))
+        cond_only = self._denoiser_for(r, dataclasses.replace(state, uncond=None), cache)
         steps = len(state.sigmas) - 1
         cut = float(state.sigmas[min(steps, round(r.cfg_truncation * steps))])
 
@@ -526,8 +527,8 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
 
         return truncated
 
-    def _denoiser_for(self, r: GenerationRequest, state: DenoisingState) -> Callable:
-        base = functools.partial(self.denoiser, round_timesteps=True) if r.round_timesteps else self.denoiser
+    def _denoiser_for(self, r: GenerationRequest, state: DenoisingState, cache: DeepCache | None = None) -> Callable:
+        base = functools.partial(self.denoiser, round_timesteps=r.round_timesteps, **({} if cache is None else {"deep_cache": cache}))
         if self.cuda_graphs and r.deep_cache is None and self.offload is None:
             graph = self._denoiser_graph(base, r, state)
             if graph is not None:

@@ -177,8 +177,6 @@ class UNet(nn.Module):
         # Training: recompute each block's activations in the backward pass instead of keeping
         # them (torch.utils.checkpoint), trading about a third more compute for far less memory.
         self.gradient_checkpointing = False
-        # Inference, opt-in per generation (Pipeline's deep_cache=k): reuse deep features (DeepCache).
-        self.deep_cache: DeepCache | None = None
 
     def _run(self, block: nn.Module, *args) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -186,9 +184,11 @@ class UNet(nn.Module):
         return block(*args)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None = None,
-                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+                time_ids: torch.Tensor | None = None, deep_cache: DeepCache | None = None) -> torch.Tensor:
         """`pooled` (B, P) and `time_ids` (B, N) are SDXL's added conditioning: required when the
-        config has it, refused otherwise."""
+        config has it, refused otherwise. `deep_cache`: one generation's DeepCache (inference,
+        opt-in: Pipeline's deep_cache=k), passed per call so that generations sharing the network
+        never share features."""
         c = self.config
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
@@ -203,7 +203,7 @@ class UNet(nn.Module):
 
         h = self.conv_in(x)
         skips = [h]
-        cache = self.deep_cache
+        cache = deep_cache
         reuse = cache is not None and cache.reusable(x.shape[0])
         for level, block in enumerate(self.down_blocks):
             if reuse and level > 0:
