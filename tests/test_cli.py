@@ -296,6 +296,7 @@ def test_eval_checks_its_outputs_and_device_before_evaluating(tmp_path, capsys, 
 
     monkeypatch.setattr(unfog.pipeline.Pipeline, "from_pretrained", no_loading)
     for extra, message in ((["--grid", str(tmp_path / "g.txt")], "no image extension"), (["--json", str(tmp_path / "nope" / "s.json")], "its folder does not exist"),
-                           (["--device", "warp9"], "not a device name")):
+                           (["--device", "warp9"], "not a device name"), (["--json", str(tmp_path)], "is a folder"),
+                           (["--seed", str(2**63 - 2)], "--seed must be from 0"), (["--seed", "-1"], "--seed must be from 0")):
         assert main(["eval", "shapes", "--prompts", "2", *extra]) == 2
         assert message in capsys.readouterr().err

@@ -190,6 +190,14 @@ def test_score_file_checks_the_captions_against_the_seed(tmp_path):
     np.savez_compressed(path, images=_images(prompts)[:5], prompts=np.array([caption(p) for p in prompts]))
     with pytest.raises(UnfogError, match="one caption per image"):
         E.score_file(path, seed=3)
+    # empty or degenerate files had scored nothing, or crashed later in the table or grid
+    first = caption(prompts[0])
+    for images, texts, match in ((np.zeros((0, 64, 64, 3), np.uint8), np.array([], dtype=str), "at least 1"),
+                                 (np.zeros((1, 0, 64, 3), np.uint8), np.array([first]), "at least 1"),
+                                 (np.zeros((1, 64, 64, 3), np.uint8), np.array(first), "must be a list of captions")):
+        np.savez_compressed(path, images=images, prompts=texts)
+        with pytest.raises(UnfogError, match=match):
+            E.score_file(path, seed=3)
 
 
 def test_evaluate_refuses_the_bundled_shapes_model():

@@ -431,7 +431,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
     from .images import grid, save
-    from .pipeline import Pipeline
+    from .pipeline import BUNDLED_MODELS, Pipeline
 
     world = importlib.import_module(f".eval.{args.suite}", __package__)
     if args.prompts < 1:
@@ -439,6 +439,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _check_output(args.grid, "--grid")  # before minutes of evaluation, not after
     if args.json and not Path(os.path.abspath(args.json)).parent.is_dir():
         raise UnfogError(f"--json {args.json}: its folder does not exist")
+    if args.json and Path(args.json).is_dir():
+        raise UnfogError(f"--json {args.json} is a folder; name a file (e.g. scores.json)")
+    if not 0 <= args.seed <= 2**63 - 1 - args.prompts:  # image k uses seed + k
+        raise UnfogError(f"--seed must be from 0 to 2^63 - 1 - --prompts ({2**63 - 1 - args.prompts}), got {args.seed}")
     if not getattr(args, "images", None):
         _check_device(args.device)
     if getattr(args, "images", None):  # emoji: score images generated elsewhere (scripts/train_default.py --world emoji)
@@ -446,7 +450,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise UnfogError("pass a MODEL or --images, not both")
         result = world.score_file(args.images, args.seed)
     else:
-        pipe = Pipeline.from_pretrained(args.model or ("emoji" if args.suite == "emoji" else None)).to(args.device)
+        pipe = Pipeline.from_pretrained(args.model or (BUNDLED_MODELS["emoji"] if args.suite == "emoji" else None)).to(args.device)
         result = world.evaluate(pipe, args.prompts, args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
                                 progress=not args.quiet)
     print(world.format_table(result["scores"]))

@@ -512,11 +512,14 @@ def score_file(path: str | Path, seed: int) -> dict:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
-            images, texts = data["images"], [str(t) for t in data["prompts"]]
+            images, prompts = data["images"], data["prompts"]
     except (OSError, ValueError, KeyError) as e:
         raise UnfogError(f"cannot read evaluation images from {path} (an .npz with 'images' and 'prompts'): {e}") from None
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or len(images) != len(texts):
-        raise UnfogError(f"{path}: 'images' must be (N, H, W, 3) uint8 with one caption per image in 'prompts'; got {images.shape} "
+    if prompts.ndim != 1:
+        raise UnfogError(f"{path}: 'prompts' must be a list of captions, one per image; got an array of shape {prompts.shape}")
+    texts = [str(t) for t in prompts]
+    if images.ndim != 4 or min(images.shape[:3], default=0) < 1 or images.shape[-1] != 3 or images.dtype != np.uint8 or len(images) != len(texts):
+        raise UnfogError(f"{path}: 'images' must be (N, H, W, 3) uint8, N, H and W at least 1, with one caption per image in 'prompts'; got {images.shape} "
                          f"{images.dtype} and {len(texts)} captions")
     prompts = eval_prompts(len(texts), seed)
     for k, (p, t) in enumerate(zip(prompts, texts)):
