@@ -103,3 +103,21 @@ def test_captions_that_are_not_utf8_are_named_and_skippable(tmp_path):
     data = ImageCaptionFolder(m, 16, skip_bad=True)
     assert data.captions([0]) == ["first"] and [p for _, p in data.skipped] == ["is not UTF-8 text (save the file as UTF-8)",
                                                                                 'is not a JSON object with "file_name" and "text"']
+
+
+def test_an_extreme_aspect_ratio_is_cropped_before_it_is_resized(tmp_path):
+    # A 372-byte 100000×1 strip had been resized to 6.4 M × 64 pixels (2 GB) before the crop.
+    import subprocess
+    import sys
+
+    (tmp_path / "d").mkdir()
+    strip = Image.new("RGB", (100000, 1), (255, 0, 0))
+    strip.paste((0, 0, 255), (49999, 0, 50001, 1))  # the centre is blue
+    strip.save(tmp_path / "d" / "a.png")
+    (tmp_path / "d" / "a.txt").write_text("a strip")
+    code = ("import resource, sys; from unfog.data.folder import ImageCaptionFolder; "
+            "image = ImageCaptionFolder(sys.argv[1], 64).images([0])[0]; "
+            "assert image.shape == (3, 64, 64) and image[2].min() > 200 and image[0].max() < 50, image; "  # the centre, blue
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    peak_kb = int(subprocess.run([sys.executable, "-c", code, str(tmp_path / "d")], check=True, capture_output=True, text=True).stdout)
+    assert peak_kb < 1024 * 1024, f"{peak_kb / 1024:.0f} MB"

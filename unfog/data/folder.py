@@ -45,12 +45,13 @@ def _load_image(path: Path, resolution: int, size: tuple[int, int] | None = None
             tw, th = min(buckets, key=lambda b: abs(np.log(b[0] / b[1]) - np.log(w / h)))
         else:
             tw, th = resolution, resolution
-        scale = max(tw / w, th / h)
-        if scale != 1:
-            im = im.resize((max(tw, round(w * scale)), max(th, round(h * scale))), Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - tw) // 2, (h - th) // 2
-        return np.asarray(im.crop((left, top, left + tw, top + th)), dtype=np.uint8)
+        # The centred region of the target's aspect ratio, resized straight to the target: resizing
+        # the whole image to cover it first made a 100000×1 strip 6.4 M × 64 pixels (2 GB).
+        cw, ch = min(w, h * tw / th), min(h, w * th / tw)
+        left, top = (w - cw) / 2, (h - ch) / 2
+        if (cw, ch) == (tw, th) and left == int(left) and top == int(top):
+            return np.asarray(im.crop((int(left), int(top), int(left) + tw, int(top) + th)), dtype=np.uint8)
+        return np.asarray(im.resize((tw, th), Image.BICUBIC, box=(left, top, left + cw, top + ch)), dtype=np.uint8)
 
 
 class ImageCaptionFolder:
