@@ -300,3 +300,20 @@ def test_eval_checks_its_outputs_and_device_before_evaluating(tmp_path, capsys, 
                            (["--seed", str(2**63 - 2)], "--seed must be from 0"), (["--seed", "-1"], "--seed must be from 0")):
         assert main(["eval", "shapes", "--prompts", "2", *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_eval_emoji_loads_the_bundled_model_by_its_path(tmp_path, monkeypatch):
+    """A folder named emoji in the current directory had been loaded instead of the bundled model."""
+    import unfog.pipeline
+
+    asked = []
+
+    def record(cls, path=None, **kw):
+        asked.append(path)
+        raise UnfogError("stop here")
+
+    monkeypatch.setattr(unfog.pipeline.Pipeline, "from_pretrained", classmethod(record))
+    (tmp_path / "emoji").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "emoji", "--prompts", "1", "-q"]) == 2
+    assert asked == [unfog.pipeline.BUNDLED_MODELS["emoji"]]

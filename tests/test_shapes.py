@@ -169,3 +169,13 @@ def test_an_interrupted_rewrite_never_leaves_old_captions_beside_new_images(tmp_
     assert sorted(p.name for p in out.iterdir()) == ["0000000.png", "0000001.png", "0000002.png", "metadata.jsonl"]
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert [r["scene"] for r in rows] == [shapes.scene_for_index(7, i).to_json() for i in range(3)]
+
+
+def test_a_users_metadata_with_a_scene_key_is_not_taken_for_a_dataset_of_ours(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "cat.png").write_bytes(b"my cat")
+    meta = '{"file_name": "cat.png", "text": "my cat", "scene": "kitchen"}\n'
+    (mine / "metadata.jsonl").write_text(meta)
+    assert main(["data", "shapes", str(mine), "--count", "1"]) == 2
+    assert (mine / "metadata.jsonl").read_text() == meta and (mine / "cat.png").read_bytes() == b"my cat"
