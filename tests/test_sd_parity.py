@@ -132,6 +132,36 @@ def test_pipeline_images_match(sd, scheduler_cls, sampler):
     assert np.abs(got - expected).max() <= 1e-3 + 0.5 / 255  # ours is rounded to 8 bits
 
 
+def test_sizes_are_multiples_of_the_autoencoders_factor_as_in_diffusers(sd, tmp_path):
+    # Sizes had had to be multiples of the autoencoder's factor times the U-Net's (64 for SD),
+    # so 600×400 was refused; diffusers takes multiples of 8, and the U-Net meets odd-sized skips.
+    # SD's shape in small: an autoencoder of factor 8 and a U-Net of four levels (factor 8).
+    _, _, folder = sd
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)  # (a fresh copy: other tests change the fixture's)
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=2,
+        cross_attention_dim=ref.text_encoder.config.hidden_size,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, sample_size=64)
+    deep = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=ref.text_encoder, tokenizer=ref.tokenizer, unet=unet,
+                                             scheduler=scheduler,
+                                             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    deep.set_progress_bar_config(disable=True)
+    deep.save_pretrained(tmp_path / "deep", safe_serialization=True)
+    ours = Pipeline.from_pretrained(tmp_path / "deep")
+    assert ours.downsample_factor == 8 == deep.vae_scale_factor and ours.unet.config.downsample_factor == 8
+    latents = torch.randn(1, 4, 9, 7, generator=torch.Generator().manual_seed(3))  # odd in both directions
+    kwargs = dict(height=72, width=56, num_inference_steps=3, guidance_scale=6.0)
+    expected = deep("a photo of a cat", latents=latents.clone(), output_type="np", **kwargs).images[0]
+    got = ours("a photo of a cat", latents=latents, sampler="ddim", **kwargs).images[0]
+    assert got.size == (56, 72)
+    assert np.abs(np.asarray(got, dtype=np.float32) / 255 - expected).max() <= 1e-3 + 0.5 / 255
+
+
 def test_dpmpp_2m_with_karras_sigmas_matches(sd):
     ref, ours, _ = sd
     ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(ref.scheduler.config, use_karras_sigmas=True, timestep_spacing="trailing")

@@ -278,8 +278,8 @@ def test_bad_sdxl_input(xl, tiny_pipe, tmp_path):
         tiny_pipe("a cat", prompt_2="a dog")
     with pytest.raises(UnfogError, match="aesthetic_score applies to the SDXL refiner"):
         ours("a cat", aesthetic_score=6.0)
-    with pytest.raises(UnfogError, match="height must be a positive multiple of 8"):
-        ours("a cat", height=20)
+    with pytest.raises(UnfogError, match=f"height must be a positive multiple of {ours.downsample_factor}"):
+        ours("a cat", height=2 * ours.downsample_factor + 1)
     with pytest.raises(UnfogError, match="original_size must be a pair"):
         ours("a cat", original_size=(1024,))
     with pytest.raises(UnfogError, match="denoising_end must be a fraction"):
@@ -314,7 +314,7 @@ def test_server_takes_sdxl_prompts(xl, tiny_pipe):
     with TestClient(create_app(ours, ServerSettings(), model_name="xl"), base_url="http://127.0.0.1:7860") as api:
         r = api.post("/v1/images/generate", json={"prompt": "a cat", "prompt_2": "oil painting", "negative_prompt_2": "blurry", "steps": 3, "seed": 2})
         assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
-        assert api.post("/v1/jobs", json={"prompt": "a cat", "width": 20}).json()["field"] == "width"  # not a multiple of the factor
+        assert api.post("/v1/jobs", json={"prompt": "a cat", "width": 21}).json()["field"] == "width"  # not a multiple of the factor
         assert api.post("/v1/jobs", json={"prompt": "a cat", "prompt_2": 5}).json()["field"] == "prompt_2"
     with TestClient(create_app(tiny_pipe, ServerSettings(), model_name="tiny"), base_url="http://127.0.0.1:7860") as api:
         r = api.post("/v1/jobs", json={"prompt": "a cat", "prompt_2": "a dog"})

@@ -87,7 +87,7 @@ def test_info_routes(api):
     ({"prompt": "a", "guidance_scale": -1}, "guidance_scale"),
     ({"prompt": "a", "guidance_scale": "nan"}, "guidance_scale"),
     ({"prompt": "a", "sampler": "plms"}, "sampler"),
-    ({"prompt": "a", "width": 30}, "width"),
+    ({"prompt": "a", "width": 31}, "width"),  # not a multiple of the factor
     ({"prompt": "a", "width": 100000, "height": 100000}, "width"),
     ({"prompt": "a", "width": 2048, "height": 2048}, "width"),
     ({"prompt": "a", "num_images": 9}, "num_images"),

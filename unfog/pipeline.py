@@ -266,8 +266,8 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
 
     @property
     def downsample_factor(self) -> int:
-        """Pixel size must be a multiple of this: autoencoder factor × U-Net factor."""
-        return self.vae_factor * self.unet.config.downsample_factor
+        """Sizes are multiples of this, the autoencoder's factor (8 for SD) as in diffusers (the U-Net meets odd-sized skips)."""
+        return self.vae_factor
 
     # ---- the four steps of a generation -------------------------------------------------
 

@@ -92,7 +92,7 @@ class ModelFacts:
 
     defaults: SamplingDefaults
     sigma_schedule: str
-    downsample_factor: int  # pixels per latent cell × U-Net factor: sizes must be multiples of it
+    downsample_factor: int  # sizes must be multiples of it (the autoencoder's factor: Pipeline.downsample_factor)
     vae_factor: int
     latent_channels: int
     inpainting: bool
