@@ -497,3 +497,21 @@ def test_every_sampler_and_schedule_runs_on_a_stable_diffusion_folder(shipped):
         assert ours("a cat", sampler=sampler, **kwargs).images[0].size == (16, 16)
     for schedule in SIGMA_SCHEDULES:
         assert ours("a cat", sampler="dpmpp_2m", sigma_schedule=schedule, **kwargs).images[0].size == (16, 16)
+
+
+def test_inpainting_keeps_the_clean_image_after_the_last_step_on_the_shipped_configs(shipped):
+    # With SD 1.5/2.1's DDIM config (set_alpha_to_one false) the last sigma is σ(0) = 0.029, not
+    # 0: the known region had been re-noised to it, where diffusers puts the image back (7 levels).
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+
+    ref, ours, config = shipped
+    pipe = StableDiffusionInpaintPipeline(**{k: getattr(ref, k) for k in ("vae", "text_encoder", "tokenizer", "unet")}, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False, scheduler=DDIMScheduler.from_config(config))
+    init, mask = _picture(1), _mask()
+    kwargs = dict(num_inference_steps=8, guidance_scale=4.0, strength=0.6, height=16, width=16, output_type="latent")
+    expected = pipe("a blue square", image=init, mask_image=mask, generator=torch.Generator().manual_seed(3), **kwargs).images
+    got = ours("a blue square", image=init, mask_image=mask, sampler="ddim", generator=torch.Generator().manual_seed(3), **kwargs).latents
+    known = torch.nn.functional.interpolate(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)[None, None], size=got.shape[-2:])[0, 0] < 0.5
+    assert known.any() and (~known).any()
+    torch.testing.assert_close(got[..., known], expected[..., known], rtol=0, atol=1e-5)
+    assert (got - expected)[..., ~known].abs().max() < 0.01  # the repainted region as before

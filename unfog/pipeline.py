@@ -595,6 +595,6 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
 
 
 def _keep_known(init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, sigmas: torch.Tensor, i: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """After step i, the known region (mask 0) is the original image noised to σ_{i+1}."""
-    known = init + noise * sigmas[i + 1]
+    """After step i, the known region (mask 0) is the original image noised to σ_{i+1}, and the image itself after the last step (as diffusers)."""
+    known = init + noise * sigmas[i + 1] if i + 2 < len(sigmas) else init
     return (1 - mask) * known + mask * x
