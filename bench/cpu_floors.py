@@ -25,22 +25,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import timer  # noqa: E402
 
-def median_seconds(fn, repeats: int, warm: int = 2) -> float:
-    for _ in range(warm):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+CPU = torch.device("cpu")
+
+
+def median_seconds(fn, repeats: int) -> float:
+    return timer(CPU, fn, repeats) / 1000  # speed.py's timer: median ms after two warm-up calls
 
 
 def packed(w: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,8 @@ from unfog import Pipeline, UnfogError
         ({"sampler": "euler_ancestral", "sampler_options": {"s_noise": 1e30}}, "must be from 0 to 10"),
         ({"sampler": "lms", "sampler_options": {"order": 50}}, "integer from 1 to 4"),
         ({"sampler": "uni_pc", "sampler_options": {"order": 4}}, "uni_pc must be an integer from 1 to 3"),
+        ({"round_timesteps": "yes"}, "round_timesteps must be True or False"),
+        ({"match_diffusers": 1}, "match_diffusers must be True or False or None"),
         ({"width": 100000, "height": 64}, "width is 100000; at most 8192 per side"),
         ({"num_inference_steps": 10**9, "sigma_schedule": "karras"}, "at most 1000"),
         ({"latents": torch.full((1, 4, 8, 8), float("nan"))}, "latents holds NaN"),

@@ -26,6 +26,21 @@ def raw_scope(path: str, method: str = "GET", headers: tuple = ()) -> dict:
             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 7860)}
 
 
+def request_then_leave(leave: asyncio.Event):
+    """An ASGI receive: an empty request once, then a disconnect when `leave` is set."""
+    requested = False
+
+    async def receive():
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
 @contextlib.contextmanager
 def running_job(pipe, **settings):
     """(app, job): an app with one long job submitted, cancelled at the end."""
@@ -44,14 +59,7 @@ def test_event_streams_are_capped_per_job_and_freed_on_close(pipe):
 
     async def open_stream(app, job, leave: asyncio.Event):
         sent, started = [], asyncio.Event()
-        requested = [False]
-
-        async def receive():
-            if not requested[0]:
-                requested[0] = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await leave.wait()
-            return {"type": "http.disconnect"}
+        receive = request_then_leave(leave)
 
         async def send(message):
             sent.append(message)
@@ -130,14 +138,7 @@ def test_head_sends_no_body_bytes_and_frees_an_event_stream(pipe):
         """The messages the app sends. The client stays until the response is complete, as a server
         reports it (stay), or leaves once the first body message has come."""
         sent, left = [], asyncio.Event()
-        requested = [False]
-
-        async def receive():
-            if not requested[0]:
-                requested[0] = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await left.wait()
-            return {"type": "http.disconnect"}
+        receive = request_then_leave(left)
 
         async def send(message):
             sent.append(message)

@@ -35,18 +35,19 @@ def device(value, name: str = "device", usable: bool = True):
     """value as a torch.device (one this torch can use, unless not `usable`), or an UnfogError naming `name`."""
     import torch
 
+    field = name.lstrip("-")
     try:
         dev = torch.device(value)
     except (RuntimeError, TypeError) as e:
-        raise UnfogError(f"{name} {value!r} is not a device name (cpu, cuda, cuda:1, mps …): {e}", name.lstrip("-")) from None
+        raise UnfogError(f"{name} {value!r} is not a device name (cpu, cuda, cuda:1, mps …): {e}", field) from None
     if not usable:
         return dev
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UnfogError(f"{name} {value}: this torch build sees no CUDA GPU (install a CUDA build of torch, or use cpu)", name.lstrip("-"))
+        raise UnfogError(f"{name} {value}: this torch build sees no CUDA GPU (install a CUDA build of torch, or use cpu)", field)
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UnfogError(f"{name} {value}: there are only {torch.cuda.device_count()} CUDA devices", name.lstrip("-"))
+        raise UnfogError(f"{name} {value}: there are only {torch.cuda.device_count()} CUDA devices", field)
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UnfogError(f"{name} {value}: MPS is not available on this machine", name.lstrip("-"))
+        raise UnfogError(f"{name} {value}: MPS is not available on this machine", field)
     return dev
 
 

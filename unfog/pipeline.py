@@ -160,9 +160,7 @@ class Pipeline(LoraMixin, EmbeddingMixin, LowMemoryMixin):
         the networks are loaded straight into it, e.g. torch.bfloat16 for SDXL on a CPU),
         `clip_skip`, `prediction_type`, and for single files `config` (a diffusers-layout config
         folder) and `tokenizer`; `low_memory=True` calls `enable_low_memory()` on the result."""
-        low_memory = options.pop("low_memory", False)
-        if not isinstance(low_memory, bool):
-            raise UnfogError(f"low_memory must be True or False, got {low_memory!r}", "low_memory")
+        low_memory = flag(options.pop("low_memory", False), "low_memory")
         if "torch_dtype" in options:
             alias = options.pop("torch_dtype")
             if options.get("dtype") not in (None, alias):

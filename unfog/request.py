@@ -23,7 +23,7 @@ from PIL import Image
 
 from .diffusion import SIGMA_SCHEDULES, SamplingDefaults
 from .diffusion.schedules import DIFFUSERS_DEFAULT_SPACING, DIFFUSERS_FIXED_SCHEDULE
-from .errors import UnfogError, finite_number, integer, real
+from .errors import UnfogError, finite_number, flag, integer, real
 from .prompts import BREAK, MAX_WINDOWS, as_texts, extract_loras, parse_attention
 from .samplers import OPTION_CHOICES, OPTION_RANGES, get_sampler
 
@@ -322,9 +322,7 @@ def make_request(
         schedule = DIFFUSERS_DEFAULT_SPACING.get(sampler_name, model.sigma_schedule) if matching and not model.spacing_given else model.sigma_schedule
     if schedule not in SIGMA_SCHEDULES:
         raise UnfogError(f"unknown sigma schedule {schedule!r}; choose one of {', '.join(SIGMA_SCHEDULES)}", "sigma_schedule")
-    for name, flag in (("round_timesteps", round_timesteps), ("match_diffusers", match_diffusers)):
-        if not isinstance(flag, bool) and not (name == "match_diffusers" and flag is None):
-            raise UnfogError(f"{name} must be True or False, got {flag!r}", name)
+    flag(round_timesteps, "round_timesteps"), flag(match_diffusers, "match_diffusers", none=True)
     if long_prompts not in LONG_PROMPTS:
         raise UnfogError(f"long_prompts must be 'chunk' or 'truncate', got {long_prompts!r}", "long_prompts")
     total = len(prompts) * n

@@ -27,7 +27,7 @@ from ..data.emoji import (
 )
 from ..data.shapes import POSITION_PHRASES, RELATIONS
 from ..errors import UnfogError
-from .shapes import check_world_model, generate, unknown_words
+from .shapes import check_world_model, generate, unknown_words, world_pixels
 
 FOREGROUND_DISTANCE = 40  # RGB distance from the background above which a pixel is an object's
 MERGE_GAP = 2  # parts with at most this many empty pixels between them are one object
@@ -112,23 +112,13 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _to_pixels(image) -> np.ndarray:
-    """uint8 (64, 64, 3) pixels of a PIL image or an array; other sizes are resized to 64×64."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
-    image = image.convert("RGB")
-    if image.size != (SIZE, SIZE):
-        image = image.resize((SIZE, SIZE), Image.BOX if image.width > SIZE else Image.BICUBIC)
-    return np.asarray(image)
-
-
 def segment(image, parts: bool = True) -> tuple[np.ndarray, list[Found]]:
     """The background colour (the median of the 1-px border, float RGB) and the objects on it,
     largest first. Objects are foreground pixels (RGB distance from the background above
     FOREGROUND_DISTANCE), 8-connected, with parts at most MERGE_GAP empty pixels apart joined
     (sprites such as cherries have separate parts); objects under MIN_PIXELS are dropped.
     `parts=False` skips finding each object's 8-connected parts (Found.parts is then [mask])."""
-    pixels = _to_pixels(image).astype(np.float32)
+    pixels = world_pixels(image, SIZE).astype(np.float32)
     border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
     background = np.median(border, axis=0)
     fg = ((pixels - background) ** 2).sum(-1) > FOREGROUND_DISTANCE**2
@@ -351,7 +341,7 @@ def _distance_map(mask: np.ndarray) -> np.ndarray:
 
 def _prepare(image, prompt: Prompt) -> dict:
     """Segment the image and crop every candidate for the prompt's objects."""
-    pixels = _to_pixels(image)
+    pixels = world_pixels(image, SIZE)
     background, found = segment(pixels)
     cands = _candidates(found, split=len(prompt.objects) > 1)
     everything = np.logical_or.reduce([f.mask for f in found]) if found else np.zeros(pixels.shape[:2], bool)

@@ -70,13 +70,21 @@ def _relation_holds(relation: str, a: dict, b: dict, gap: float = 6) -> bool:
     return {"left of": dx >= gap, "right of": -dx >= gap, "above": dy >= gap, "below": -dy >= gap}[relation]
 
 
+def world_pixels(image, size: int = 64) -> np.ndarray:
+    """uint8 (size, size, 3) pixels of a PIL image or an array, resized when it has another size
+    (every world's checker measures in its own pixels)."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BOX if image.width > size else Image.BICUBIC)
+    return np.asarray(image)
+
+
 def check(image: Image.Image, prompt: Prompt) -> dict[str, bool]:
     """Each attribute the prompt states → whether the image shows it. Keys: exists, shape,
     size, position, relation, background (per object, suffixed .0/.1 for two objects)."""
-    image = image.convert("RGB")
-    if image.size != (64, 64):  # the thresholds below are in the 64×64 world's pixels
-        image = image.resize((64, 64), Image.BOX if image.width > 64 else Image.BICUBIC)
-    pixels = np.asarray(image)
+    pixels = world_pixels(image)  # the thresholds below are in the 64×64 world's pixels
     results: dict[str, bool] = {}
     found = []
     for k, o in enumerate(prompt.objects):
